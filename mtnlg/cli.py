@@ -1,0 +1,63 @@
+"""The `mtnlg` command. Each subcommand lives with its feature; this file only wires them up.
+
+A user error (``UserError``) prints one line on stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mtnlg.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.iters=100 (repeatable)")
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from mtnlg.config import load_config, resolve, to_dict
+    from mtnlg.model.flops import describe
+
+    cfg = resolve(load_config(args.config, args.overrides), args.world_size)
+    print(describe(cfg))
+    if args.verbose:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtnlg import __version__
+
+    parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
+    _add_config_args(p, required=False)
+    p.add_argument("--world-size", type=int, default=1, help="ranks to resolve the layout for (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the resolved config")
+    p.set_defaults(func=_cmd_model_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""The run config: one typed tree of dataclasses, loaded strictly from YAML.
+
+    cfg = load_config("examples/tiny_3d.yaml", overrides=["train.iters=20"])
+    cfg = resolve(cfg, world_size=8)       # derives data size, grad accumulation, padded vocab
+
+Every number has one source of truth. Values that follow from others (``parallel.data``,
+``train.grad_accum_steps``, ``model.padded_vocab_size``, ...) are derived by ``resolve``;
+if a user states one anyway it must agree, or ``resolve`` says which keys disagree.
+Any problem is a ``ConfigError`` whose message is one line: what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtnlg.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user error in a run config; its message is one line."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["gpt2", "llama"] = "gpt2"
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_kv_heads: int | None = None  # default: num_attention_heads (MHA); 1 = MQA
+    ffn_hidden_size: int | None = None  # default: 4h (gpt2), 8h/3 rounded up to 64 (llama)
+    seq_length: int = 1024
+    max_position_embeddings: int | None = None  # learned positions (gpt2); default seq_length
+    vocab_size: int = 50257  # the tokenizer's vocabulary; padded for TP by resolve()
+    make_vocab_size_divisible_by: int = 128  # Megatron: padded to a multiple of this * tp
+    padded_vocab_size: int | None = None  # derived
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool | None = None  # default: True for gpt2, False for llama
+    activation_checkpointing: bool = False  # full recompute of every block in backward
+
+    # Preset-defined architecture; derived, not set by users.
+    @property
+    def position_embedding(self) -> str:
+        return "learned" if self.preset == "gpt2" else "rope"
+
+    @property
+    def norm(self) -> str:
+        return "layernorm" if self.preset == "gpt2" else "rmsnorm"
+
+    @property
+    def activation(self) -> str:
+        return "gelu" if self.preset == "gpt2" else "swiglu"
+
+    @property
+    def bias(self) -> bool:
+        return self.preset == "gpt2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int | None = None  # derived: world_size / (tensor * pipeline)
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None  # default: micro_batch_size * data * grad_accum_steps
+    grad_accum_steps: int | None = None  # derived from the two above
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    warmup_iters: int = 0
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_iters: int | None = None  # default: iters
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0  # 0 disables clipping
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: no validation during training
+    eval_iters: int = 10
+    peak_tflops: float | None = None  # for MFU; default: measured GEMM peak (CPU) or nominal (GPU)
+
+
+@dataclass
+class BlendItem:
+    prefix: str
+    weight: float = 1.0
+
+
+@dataclass
+class SyntheticConfig:
+    """A fixed random Markov chain over ``vocab_size`` tokens (see mtnlg.data.synthetic)."""
+
+    vocab_size: int | None = None  # default: model.vocab_size
+    branching: int = 4  # successors per token; the chain's entropy is at most log(branching)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    prefix: str | None = None  # PREFIX of PREFIX.bin / PREFIX.idx
+    blend: list[BlendItem] | None = None
+    synthetic: SyntheticConfig | None = None
+    tokenizer: str | None = None  # an HF tokenizer directory
+    vocab_file: str | None = None  # GPT-2 style encoder.json (with merge_file)
+    merge_file: str | None = None  # GPT-2 style vocab.bpe
+    split: str = "98,1,1"  # train,valid,test proportions, by documents
+    cache_dir: str | None = None  # sample-index cache; default: next to the data
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    interval: int = 0  # 0: only at the end of training
+    keep_last: int | None = None  # prune older checkpoints once a newer one is complete
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: str | None = None  # directory for TensorBoard event files
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed_config: str | None = None  # path to a DeepSpeed JSON (ZeRO, precision details)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults) and apply ``a.b=c`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: malformed YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a run config must be a YAML mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b=c`` override to a raw config dict (value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.iters=100")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (for YAML/JSON next to checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the config as YAML atomically (temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    name = where or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} must be a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"unknown key '{full}'; valid keys in {name}: {valid}")
+        kwargs[key] = _convert(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} = {_show(value)} is not one of: {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {_show(value)}")
+        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - a field type this loader does not know is a bug
+        raise TypeError(f"unsupported config type {tp} at {where}")
+    raise ConfigError(f"{where} must be {tp.__name__}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}..." if len(text) > 60 else text
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
+    """Derive the dependent values for ``world_size`` ranks and check every constraint."""
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model),
+        parallel=dataclasses.replace(cfg.parallel),
+        train=dataclasses.replace(cfg.train),
+    )
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+
+    for where, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.seq_length", m.seq_length),
+        ("model.vocab_size", m.vocab_size),
+        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+        ("parallel.tensor", par.tensor),
+        ("parallel.pipeline", par.pipeline),
+        ("train.iters", t.iters),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.log_interval", t.log_interval),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{where} = {value} must be a positive integer")
+    for where, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where} = {value} must be in [0, 1)")
+
+    # --- parallel layout
+    tp, pp = par.tensor, par.pipeline
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline = {tp * pp}; "
+            f"launch a multiple of {tp * pp} ranks or change the layout"
+        )
+    dp = world_size // (tp * pp)
+    if par.data is not None and par.data != dp:
+        raise ConfigError(
+            f"parallel.data = {par.data} but world size {world_size} / (tensor {tp} * pipeline {pp}) = {dp}; "
+            "remove parallel.data (it is derived) or launch a matching number of ranks"
+        )
+    par.data = dp
+
+    # --- model shapes
+    if m.num_layers % pp:
+        raise ConfigError(
+            f"model.num_layers = {m.num_layers} is not divisible by parallel.pipeline = {pp}; "
+            "every pipeline stage holds the same number of layers"
+        )
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size = {m.hidden_size} is not divisible by "
+            f"model.num_attention_heads = {m.num_attention_heads}"
+        )
+    if m.num_kv_heads is None:
+        m.num_kv_heads = m.num_attention_heads
+    if m.num_kv_heads < 1 or m.num_attention_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads = {m.num_kv_heads} must divide model.num_attention_heads = "
+            f"{m.num_attention_heads} (query heads are shared in equal groups)"
+        )
+    if m.preset == "gpt2" and m.num_kv_heads != m.num_attention_heads:
+        raise ConfigError("model.num_kv_heads applies to the llama preset only; remove it for gpt2")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads = {m.num_attention_heads} is not divisible by parallel.tensor = {tp}"
+        )
+    if m.num_kv_heads % tp:
+        raise ConfigError(
+            f"model.num_kv_heads = {m.num_kv_heads} is not divisible by parallel.tensor = {tp}; "
+            "use more kv heads or a smaller tensor-parallel size"
+        )
+    if m.preset == "llama" and m.head_dim % 2:
+        raise ConfigError(f"head dim {m.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
+    if m.ffn_hidden_size is None:
+        if m.preset == "gpt2":
+            m.ffn_hidden_size = 4 * m.hidden_size
+        else:
+            m.ffn_hidden_size = _round_up(int(8 * m.hidden_size / 3), 64)
+    if m.ffn_hidden_size < 1 or m.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"model.ffn_hidden_size = {m.ffn_hidden_size} is not divisible by parallel.tensor = {tp}"
+        )
+    if m.tie_embeddings is None:
+        m.tie_embeddings = m.preset == "gpt2"
+    if m.position_embedding == "learned":
+        if m.max_position_embeddings is None:
+            m.max_position_embeddings = m.seq_length
+        if m.seq_length > m.max_position_embeddings:
+            raise ConfigError(
+                f"model.seq_length = {m.seq_length} exceeds model.max_position_embeddings = "
+                f"{m.max_position_embeddings}"
+            )
+    elif m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    padded = _round_up(m.vocab_size, m.make_vocab_size_divisible_by * tp)
+    if m.padded_vocab_size is not None and m.padded_vocab_size != padded:
+        raise ConfigError(
+            f"model.padded_vocab_size = {m.padded_vocab_size} but vocab {m.vocab_size} padded to a multiple of "
+            f"{m.make_vocab_size_divisible_by} * tensor {tp} is {padded}; remove it (it is derived)"
+        )
+    m.padded_vocab_size = padded
+
+    # --- batch
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size is None:
+        t.global_batch_size = per_step * (t.grad_accum_steps or 1)
+    if t.global_batch_size < 1 or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} is not a multiple of micro_batch_size "
+            f"{t.micro_batch_size} * data-parallel size {dp} = {per_step}"
+        )
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+        raise ConfigError(
+            f"train.grad_accum_steps = {t.grad_accum_steps} but global_batch_size {t.global_batch_size} / "
+            f"(micro_batch_size {t.micro_batch_size} * data {dp}) = {accum}; state only one of them"
+        )
+    t.grad_accum_steps = accum
+
+    # --- schedule
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"need 0 <= train.min_lr ({t.min_lr}) <= train.lr ({t.lr}) and lr > 0")
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.iters
+    if t.warmup_iters < 0 or t.warmup_iters > t.lr_decay_iters:
+        raise ConfigError(
+            f"train.warmup_iters = {t.warmup_iters} must be between 0 and lr_decay_iters = {t.lr_decay_iters}"
+        )
+    if t.eval_interval < 0 or t.eval_iters < 0:
+        raise ConfigError("train.eval_interval and train.eval_iters must be >= 0")
+
+    _check_data(cfg.data)
+    if cfg.checkpoint.interval < 0:
+        raise ConfigError(f"checkpoint.interval = {cfg.checkpoint.interval} must be >= 0")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
+    return cfg
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """'98,1,1' -> normalised (train, valid, test) fractions."""
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"data.split = {split!r} must be up to three non-negative numbers, e.g. '98,1,1'")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+def _check_data(d: DataConfig) -> None:
+    sources = [k for k in ("prefix", "blend", "synthetic") if getattr(d, k) is not None]
+    if len(sources) > 1:
+        raise ConfigError(f"data: give one of prefix, blend or synthetic, not {' and '.join(sources)}")
+    if d.blend is not None:
+        if not d.blend:
+            raise ConfigError("data.blend is empty; list at least one {prefix, weight}")
+        for i, item in enumerate(d.blend):
+            if item.weight <= 0:
+                raise ConfigError(f"data.blend[{i}].weight = {item.weight} must be positive")
+    if (d.vocab_file is None) != (d.merge_file is None):
+        raise ConfigError("data.vocab_file and data.merge_file go together (GPT-2 BPE); give both or neither")
+    if d.tokenizer is not None and d.vocab_file is not None:
+        raise ConfigError("data: give either tokenizer (an HF directory) or vocab_file + merge_file, not both")
+    if d.synthetic is not None:
+        s = d.synthetic
+        if s.branching < 1 or (s.vocab_size is not None and s.vocab_size < 2):
+            raise ConfigError("data.synthetic needs branching >= 1 and vocab_size >= 2")
+    parse_split(d.split)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple

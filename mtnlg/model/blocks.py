@@ -1,0 +1,142 @@
+"""A transformer block with tensor-parallel attention and MLP.
+
+    x = x + dropout(attn(norm1(x)))
+    x = x + dropout(mlp(norm2(x)))
+
+Shapes are batch-first: x is (B, T, C). Inside attention each tp rank holds
+``nh / tp`` query heads and ``nkv / tp`` key/value heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnlg.config import ModelConfig
+from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, hd) in the rotate-half layout used by Hugging Face Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd). Rotates the pairs (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class ParallelAttention(nn.Module):
+    """Causal self-attention; heads split across tp ranks; GQA when num_kv_heads < heads."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, name: str):
+        super().__init__()
+        tp = ps.tp_size
+        self.cfg, self.rng = cfg, rng
+        hd = cfg.head_dim
+        self.n_heads = cfg.num_attention_heads // tp  # local query heads
+        self.n_kv = cfg.num_kv_heads // tp  # local key/value heads
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size,
+            [cfg.num_attention_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd],
+            tp_group=ps.tp_group, init=init, name=f"{name}.qkv", bias=cfg.bias,
+        )
+        self.proj = RowParallelLinear(
+            cfg.num_attention_heads * hd, cfg.hidden_size,
+            tp_group=ps.tp_group, init=init, name=f"{name}.proj", bias=cfg.bias,
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+        )
+        self._rope_cache: tuple | None = None
+
+    def _rope(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._rope_cache
+        if c is None or c[0].size(0) < T or c[0].device != device or c[0].dtype != dtype:
+            c = rope_cos_sin(max(T, self.cfg.seq_length), self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
+            self._rope_cache = c
+        return c[0][:T], c[1][:T]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.cfg.position_embedding == "rope":
+            cos, sin = self._rope(T, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.cfg.attention_dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_heads
+        if p > 0:  # attention probabilities are sharded by head: use the tp stream
+            with self.rng.fork(x.device):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, C/tp)
+        return self.proj(y)
+
+
+class ParallelMLP(nn.Module):
+    """GELU(tanh) MLP (gpt2) or SwiGLU with a fused [gate; up] projection (llama)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, name: str):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        ffn = cfg.ffn_hidden_size
+        self.fc = ColumnParallelLinear(
+            cfg.hidden_size, [ffn, ffn] if self.swiglu else [ffn],
+            tp_group=ps.tp_group, init=init, name=f"{name}.fc", bias=cfg.bias,
+        )
+        self.proj = RowParallelLinear(
+            ffn, cfg.hidden_size, tp_group=ps.tp_group, init=init, name=f"{name}.proj", bias=cfg.bias,
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, ffn/tp) or (B, T, 2*ffn/tp)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, layer_number: int):
+        super().__init__()
+        name = f"layers.{layer_number}"
+        self.layer_number = layer_number
+        self.dropout = cfg.hidden_dropout
+        self.norm1 = make_norm(cfg)
+        self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn")
+        self.norm2 = make_norm(cfg)
+        self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.norm1(x)), self.dropout, self.training)
+        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        return x

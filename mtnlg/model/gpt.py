@@ -1,0 +1,196 @@
+"""One GPT definition for every layout: a list of DeepSpeed LayerSpecs.
+
+    [embedding] + [TransformerBlock] * num_layers + [final norm] + [LM head]
+
+For pp > 1 the list goes into DeepSpeed's ``PipelineModule`` (see ``pipeline_module``); for
+pp = 1, ``GPTModel`` builds the same list in one module whose parameters have exactly the
+names the PipelineModule gives them (``"<index>.<name>"``, tied ones under
+``tied_modules.embed``), so checkpoints, converters and DeepSpeed's universal checkpoints
+see one naming scheme whatever the layout.
+
+Python API (one process, no launcher):
+
+    model = GPTModel.from_config({"preset": "llama", "num_layers": 2, "hidden_size": 64,
+                                  "num_attention_heads": 4, "vocab_size": 1000, "seq_length": 128})
+    model = model.to("cpu", torch.bfloat16)
+    logits = model(input_ids)              # (B, T, vocab_size)
+    loss = model(input_ids, labels=labels) # scalar
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch import nn
+
+from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
+from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
+from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+TIED_KEY = "embed"
+TIED_ATTR = "word_embeddings.weight"
+
+
+class Embedding(nn.Module):
+    """Token embeddings (vocab-parallel) plus learned positions (gpt2) and dropout."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, with_positions: bool = True):
+        super().__init__()
+        self.dropout = cfg.hidden_dropout
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word"
+        )
+        self.position_embeddings = None
+        if with_positions and cfg.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            with torch.no_grad():
+                shape = (cfg.max_position_embeddings, cfg.hidden_size)
+                self.position_embeddings.weight.copy_(init.normal("embed.position", shape))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)  # (B, T, C)
+        if self.position_embeddings is not None:
+            pos = torch.arange(input_ids.size(1), device=input_ids.device)
+            x = x + self.position_embeddings(pos)
+        return F.dropout(x, self.dropout, self.training)
+
+
+def tied_lm_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer of a tied model: logits from the input embedding matrix."""
+    return embedding.word_embeddings.logits(hidden)
+
+
+class LMHead(nn.Module):
+    """Untied output layer: this rank's slice of the padded-vocabulary logits."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
+        super().__init__()
+        self.head = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="head"
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden)  # (B, T, V_padded / tp)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class GPTLoss:
+    """Mean next-token loss over tokens whose label is not ``ignore_index``."""
+
+    def __init__(self, tp_group, vocab_size: int, ignore_index: int = -100):
+        self.tp_group, self.vocab_size, self.ignore_index = tp_group, vocab_size, ignore_index
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, self.vocab_size, self.ignore_index)
+        count = (labels != self.ignore_index).sum().clamp(min=1)
+        return per_token.sum() / count
+
+
+def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) -> list[LayerSpec]:
+    """The model as a list of LayerSpecs (cfg must be resolved)."""
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec(TIED_KEY, Embedding, cfg, ps, init, tied_weight_attr=TIED_ATTR)
+        last = TiedLayerSpec(
+            TIED_KEY, Embedding, cfg, ps, init, with_positions=False, forward_fn=tied_lm_head,
+            tied_weight_attr=TIED_ATTR,
+        )
+    else:
+        first, last = LayerSpec(Embedding, cfg, ps, init), LayerSpec(LMHead, cfg, ps, init)
+    blocks = [LayerSpec(TransformerBlock, cfg, ps, rng, init, i) for i in range(cfg.num_layers)]
+    return [first, *blocks, LayerSpec(FinalNorm, cfg), last]
+
+
+def block_index(spec_index: int) -> int | None:
+    """The transformer-layer number of a spec index, or None for embedding/norm/head."""
+    return spec_index - 1 if spec_index >= 1 else None
+
+
+class GPTModel(nn.Module):
+    """The layer specs built into one module (pp = 1), named as DeepSpeed's PipelineModule names them."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
+                 rng: TPRandom | None = None):
+        super().__init__()
+        if cfg.padded_vocab_size is None:
+            raise ValueError("GPTModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
+        self.cfg = cfg
+        self.ps = ps or ParallelState.single()
+        if self.ps.pp_size != 1:
+            raise ValueError("GPTModel is the pp=1 form; use pipeline_module() for pp > 1")
+        self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
+        self.loss_fn = GPTLoss(self.ps.tp_group, cfg.vocab_size)
+        self.tied_modules = nn.ModuleDict()
+        self._funcs: list = []
+        for idx, spec in enumerate(layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))):
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in self.tied_modules:
+                    self.tied_modules[spec.key] = spec.build()
+                module = self.tied_modules[spec.key]
+                self._funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+            else:
+                module = spec.build()
+                self.add_module(str(idx), module)
+                self._funcs.append(module)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | str | Path | ModelConfig | RunConfig, seed: int = 1234,
+                    **overrides: Any) -> GPTModel:
+        """Build a single-process model from a model dict, a YAML run config, or a config object."""
+        if isinstance(config, (str, Path)):
+            config = load_config(config)
+        if isinstance(config, dict):
+            config, overrides = from_dict({"model": {**config, **overrides}}), {}
+        if isinstance(config, ModelConfig):
+            config = RunConfig(model=config)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, **overrides),
+                                     parallel=dataclasses.replace(config.parallel, tensor=1, pipeline=1, data=None))
+        return cls(resolve(config, world_size=1).model, seed=seed)
+
+    def hidden_and_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run every spec; returns this rank's vocab slice of the logits (B, T, V_padded / tp)."""
+        x = input_ids
+        checkpoint = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for f in self._funcs:
+            if checkpoint and isinstance(f, TransformerBlock):
+                x = self.rng.checkpoint(f, x)
+            else:
+                x = f(x)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss (scalar) when ``labels`` is given, else full-vocabulary logits (B, T, vocab_size)."""
+        logits = self.hidden_and_logits(input_ids)
+        if labels is not None:
+            return self.loss_fn(logits, labels)
+        return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size]
+
+
+def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int):
+    """The same layer specs as a DeepSpeed PipelineModule (pp >= 1), TP inside every stage."""
+    from deepspeed.pipe import PipelineModule
+
+    rng = TPRandom(seed, ps.tp_rank, ps.pp_rank)
+    return PipelineModule(
+        layers=layer_specs(cfg, ps, rng, Init(seed, cfg.init_std)),
+        topology=ps.dims.topology(),
+        loss_fn=GPTLoss(ps.tp_group, cfg.vocab_size),
+        partition_method="type:TransformerBlock",
+        activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
+        activation_checkpoint_func=rng.checkpoint,
+        checkpointable_layers=["TransformerBlock"],
+    )

@@ -1,0 +1,186 @@
+"""Megatron tensor-parallel layers: column/row-parallel linear and the vocab-parallel embedding.
+
+Weights are initialised layout-independently: each *full* logical tensor is drawn from a
+generator seeded by (seed, parameter name) on the CPU, and every rank keeps its slice. A model
+built at tp=1 therefore equals the concatenation of the same model built at tp=2, whatever
+the pipeline split or device.
+
+Sliced parameters carry ``tensor_model_parallel = True`` and ``partition_dim`` (DeepSpeed's
+gradient-norm code reads the first), plus ``partition_sizes``: the logical blocks that were
+sliced separately (a fused [q; k; v] has three), for checkpoint tools and converters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnlg.parallel.mappings import (
+    copy_to_tp,
+    gather_from_tp,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+    scatter_to_tp,
+)
+
+
+@dataclass(frozen=True)
+class Init:
+    """Layout-independent weight init: the full tensor is a function of (seed, name) only."""
+
+    seed: int = 1234
+    std: float = 0.02
+
+    def normal(self, name: str, shape: Sequence[int], std: float | None = None) -> torch.Tensor:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        return torch.randn(*shape, generator=gen) * (self.std if std is None else std)
+
+
+def mark_tp(param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int] | None = None) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+    param.partition_sizes = tuple(partition_sizes) if partition_sizes else None
+
+
+def _shard(full: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return full.chunk(group_size(group), dim=dim)[group_rank(group)].clone()
+
+
+def shard_tensor(full: torch.Tensor, dim: int, sizes: Sequence[int] | None, rank: int, size: int) -> torch.Tensor:
+    """The slice rank ``rank`` of ``size`` holds of a full tensor split along ``dim``.
+
+    With ``sizes`` (logical blocks along ``dim``, e.g. [q, k, v]) each block is split
+    separately and the local pieces concatenated, as ColumnParallelLinear stores them.
+    """
+    blocks = full.split(list(sizes), dim=dim) if sizes else [full]
+    return torch.cat([b.chunk(size, dim=dim)[rank] for b in blocks], dim=dim)
+
+
+def merge_shards(shards: Sequence[torch.Tensor], dim: int, sizes: Sequence[int] | None) -> torch.Tensor:
+    """Inverse of ``shard_tensor``: the full tensor from every rank's slice, in rank order."""
+    if not sizes:
+        return torch.cat(list(shards), dim=dim)
+    n = len(shards)
+    local = [s // n for s in sizes]
+    pieces = [sh.split(local, dim=dim) for sh in shards]  # pieces[rank][block]
+    return torch.cat([torch.cat([p[b] for p in pieces], dim=dim) for b in range(len(sizes))], dim=dim)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by rows (output features) across the tp group.
+
+    ``out_sizes`` lists logical output blocks that are each split across ranks, e.g.
+    [q, k, v] or [gate, up]: the local weight is [block0_r; block1_r; ...].
+    The output stays sharded unless ``gather_output``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        *,
+        tp_group,
+        init: Init,
+        name: str,
+        bias: bool = True,
+        std: float | None = None,
+        gather_output: bool = False,
+    ):
+        super().__init__()
+        tp = group_size(tp_group)
+        if any(s % tp for s in out_sizes):
+            raise ValueError(f"{name}: output blocks {list(out_sizes)} not divisible by tp={tp}")
+        self.tp_group = tp_group
+        self.gather_output = gather_output
+        self.local_sizes = [s // tp for s in out_sizes]
+        names = [f"{name}.weight.{i}" for i in range(len(out_sizes))] if len(out_sizes) > 1 else [f"{name}.weight"]
+        shards = [_shard(init.normal(n, (s, in_features), std), 0, tp_group) for n, s in zip(names, out_sizes)]
+        self.weight = nn.Parameter(torch.cat(shards, dim=0))
+        mark_tp(self.weight, 0, out_sizes)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes)))
+            mark_tp(self.bias, 0, out_sizes)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        return gather_from_tp(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by columns (input features); outputs summed over the tp group.
+
+    The input is normally already sharded on its last dim (``input_is_parallel``), e.g. the
+    output of a ColumnParallelLinear. The bias is replicated and added once, after the sum.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        tp_group,
+        init: Init,
+        name: str,
+        bias: bool = True,
+        std: float | None = None,
+        input_is_parallel: bool = True,
+    ):
+        super().__init__()
+        if in_features % group_size(tp_group):
+            raise ValueError(f"{name}: in_features {in_features} not divisible by tp={group_size(tp_group)}")
+        self.tp_group = tp_group
+        self.input_is_parallel = input_is_parallel
+        self.weight = nn.Parameter(_shard(init.normal(f"{name}.weight", (out_features, in_features), std), 1, tp_group))
+        mark_tp(self.weight, 1)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.tp_group)
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the padded vocabulary) are split across the tp group.
+
+    Rows past ``vocab_size`` (padding) start at zero; ids are looked up on the rank owning
+    them and the partial results summed over the group.
+    """
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, dim: int, *, tp_group, init: Init, name: str):
+        super().__init__()
+        tp = group_size(tp_group)
+        if padded_vocab_size % tp or padded_vocab_size < vocab_size:
+            raise ValueError(f"{name}: padded vocab {padded_vocab_size} invalid for vocab {vocab_size}, tp={tp}")
+        self.tp_group = tp_group
+        self.vocab_size = vocab_size
+        self.per_rank = padded_vocab_size // tp
+        self.start = group_rank(tp_group) * self.per_rank
+        full = torch.zeros(padded_vocab_size, dim)
+        full[:vocab_size] = init.normal(f"{name}.weight", (vocab_size, dim))
+        self.weight = nn.Parameter(_shard(full, 0, tp_group))
+        mark_tp(self.weight, 0, (padded_vocab_size,))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.tp_group)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden @ weight^T: this rank's slice of the (padded) vocabulary logits."""
+        return F.linear(copy_to_tp(hidden, self.tp_group), self.weight)
