@@ -30,6 +30,14 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtnlg.config import load_config
+    from mtnlg.training.loop import train
+
+    summary = train(load_config(args.config, args.overrides))
+    return 0 if summary.iterations else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mtnlg import __version__
 
@@ -37,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("train", help="train a model (also under deepspeed/torchrun launchers)")
+    _add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)
@@ -46,17 +59,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _select_accelerator() -> None:
+    """Tell DeepSpeed to use the CPU when torch sees no accelerator (instead of a warning per rank)."""
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.accelerator.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    # DeepSpeed's pipeline engine sends activations with broadcast_ on tensors that require grad
+    # (harmless on the sending side) and uses a collective torch has renamed.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _select_accelerator()
+    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+        if not _quiet_rank(e):
+            print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_rank(e: UserError) -> bool:
+    """Config errors are the same on every rank of a launch: let rank 0 alone report them."""
+    import os
+
+    from mtnlg.config import ConfigError
+
+    return isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"
 
 
 if __name__ == "__main__":

@@ -180,11 +180,11 @@ class GPTModel(nn.Module):
         return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
 
-def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int):
+def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int, rng: TPRandom | None = None):
     """The same layer specs as a DeepSpeed PipelineModule (pp >= 1), TP inside every stage."""
     from deepspeed.pipe import PipelineModule
 
-    rng = TPRandom(seed, ps.tp_rank, ps.pp_rank)
+    rng = rng or TPRandom(seed, ps.tp_rank, ps.pp_rank)
     return PipelineModule(
         layers=layer_specs(cfg, ps, rng, Init(seed, cfg.init_std)),
         topology=ps.dims.topology(),

@@ -19,6 +19,7 @@ import torch
 
 TP_SEED_OFFSET = 2718  # Megatron's offset between the default and the tp stream
 PP_SEED_STRIDE = 100  # pipeline stages get different default streams
+ITERATION_STRIDE = 1_000_003  # per-iteration re-seeding
 
 
 def _get_state(device: torch.device) -> torch.Tensor:
@@ -41,10 +42,17 @@ class TPRandom:
         self.default_seed = seed + PP_SEED_STRIDE * pp_rank
         self.tp_seed = seed + TP_SEED_OFFSET + tp_rank + PP_SEED_STRIDE * pp_rank
         self._tp_states: dict[torch.device, torch.Tensor] = {}
+        self._iteration = 0
 
     def seed_default(self) -> None:
         """Seed the default generators (CPU and every device) for this rank."""
         torch.manual_seed(self.default_seed)
+
+    def seed_iteration(self, iteration: int) -> None:
+        """Re-seed both streams from (seed, iteration): a resumed run draws what an uninterrupted one would."""
+        torch.manual_seed(self.default_seed + ITERATION_STRIDE * iteration)
+        self._tp_states.clear()
+        self._iteration = iteration
 
     @contextlib.contextmanager
     def fork(self, device: torch.device | str = "cpu"):
@@ -52,7 +60,7 @@ class TPRandom:
         device = torch.device(device)
         if device not in self._tp_states:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.tp_seed)
+            gen.manual_seed(self.tp_seed + ITERATION_STRIDE * self._iteration)
             self._tp_states[device] = gen.get_state()
         saved = _get_state(device)
         _set_state(self._tp_states[device], device)

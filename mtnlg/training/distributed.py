@@ -1,0 +1,81 @@
+"""Start torch.distributed the way the launchers expect, or as a single process.
+
+- ``deepspeed --num_gpus N script`` and ``torchrun --nproc_per_node N script`` set RANK,
+  LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the former also passes --local_rank);
+- a plain ``mtnlg train`` is world size 1 on a free local port.
+The backend is the accelerator's (NCCL on NVIDIA GPUs, gloo on CPU), chosen by DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_world_size() -> int:
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def allow_cpu_fp16() -> None:
+    """Let DeepSpeed's CPU accelerator run fp16 on CPUs without oneDNN fp16 kernels.
+
+    DeepSpeed refuses fp16 on such CPUs, yet torch computes fp16 on any CPU (slowly, by
+    conversion). mtnlg installs a CPU accelerator that says so, so fp16 runs (loss scaling,
+    skipped steps) can be trained and tested on any machine. Nothing changes on GPUs.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if get_accelerator().device_name() != "cpu" or get_accelerator().is_fp16_supported():
+        return
+
+    class CPUAcceleratorFP16(CPU_Accelerator):
+        def is_fp16_supported(self) -> bool:
+            return True
+
+        def supported_dtypes(self) -> list:
+            return [torch.float, torch.bfloat16, torch.float16]
+
+    set_accelerator(CPUAcceleratorFP16())
+
+
+def init_distributed(timeout_s: float = 1800) -> torch.device:
+    """Initialise the default process group (once) and return this rank's device."""
+    if "RANK" not in os.environ:  # not under a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(os.environ.get("MTNLG_DS_LOG_LEVEL", "WARNING"))  # mtnlg does the logging
+
+    accel = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(), 1)))
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device

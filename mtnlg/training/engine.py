@@ -1,0 +1,118 @@
+"""DeepSpeed engine setup: the same model under DeepSpeed's pipeline engine (pp > 1) or its
+plain engine with ZeRO 0-3 (pp = 1), and one train/eval step interface over both.
+
+- pp > 1: the layer specs in a ``PipelineModule`` on the topology of our ParallelState,
+  trained by ``PipelineEngine.train_batch`` (1F1B), TP inside each stage, ZeRO 0/1 across dp,
+  tied embeddings synchronised across the first and last stage by DeepSpeed.
+- pp = 1: ``GPTModel`` (same specs, same parameter names) with our ParallelState as ``mpu``,
+  so ZeRO, gradient clipping and checkpoint names see the tp groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from mtnlg.config import RunConfig
+from mtnlg.model import GPTModel, pipeline_module
+from mtnlg.parallel import ParallelState, TPRandom
+from mtnlg.training.distributed import allow_cpu_fp16
+from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, zero_stage
+from mtnlg.training.schedule import LRSchedule, param_groups
+from mtnlg.training.universal import universal_checkpoint_info
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_length)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch (all micro batches, all dp ranks)
+    grad_norm: float | None
+    skipped: bool  # fp16 overflow: no update was applied
+    lr: float
+    loss_scale: float | None
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device):
+        self.cfg, self.ps, self.device = cfg, ps, device
+        self.ds_config = build_ds_config(cfg)
+        if cfg.train.precision == "fp16" and device.type == "cpu":
+            allow_cpu_fp16()
+        self.zero_stage = zero_stage(self.ds_config)
+        seed = cfg.train.seed
+        self.rng = TPRandom(seed, ps.tp_rank, ps.pp_rank)
+        self.pipelined = ps.pp_size > 1
+        if self.pipelined:
+            module = pipeline_module(cfg.model, ps, seed, self.rng)
+        else:
+            module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
+        module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)
+
+        ds_cfg = dict(self.ds_config)
+        ds_cfg.pop("optimizer", None)  # built here, from the JSON's betas/eps and the YAML's lr/decay
+        optimizer = torch.optim.AdamW(
+            param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr, **adam_hyperparams(self.ds_config)
+        )
+        schedule = LRSchedule(optimizer, cfg.train)
+        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg,
+            mpu=None if self.pipelined else ps,
+        )
+        self.module = self.engine.module
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        self.engine.train()
+        skipped_before = self.engine.skipped_steps
+        lr = self.schedule.get_last_lr()[0]
+        if self.pipelined:
+            loss = float(self.engine.train_batch(iter(micro_batches)))
+        else:
+            total = torch.zeros((), device=self.device)
+            for ids, labels in micro_batches:
+                loss_t = self.engine(ids, labels)
+                self.engine.backward(loss_t)
+                self.engine.step()
+                total += loss_t.detach().float()
+            loss = self._dp_mean(total / len(micro_batches))
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(
+            loss=loss,
+            grad_norm=None if norm is None else float(norm),
+            skipped=self.engine.skipped_steps > skipped_before,
+            lr=lr,
+            loss_scale=self.loss_scale(),
+        )
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        """Mean loss over the micro batches of every dp rank, no update."""
+        if self.pipelined:
+            loss = self.engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
+            return float(loss)
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for ids, labels in micro_batches:
+            total += self.engine(ids, labels).float()
+        self.engine.train()
+        return self._dp_mean(total / len(micro_batches))
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.ps.dp_size > 1:
+            dist.all_reduce(value, group=self.ps.dp_group)
+            value = value / self.ps.dp_size
+        return float(value)
+
+    def loss_scale(self) -> float | None:
+        """The current dynamic loss scale (fp16), else None."""
+        if self.cfg.train.precision != "fp16":
+            return None
+        return float(self.engine._get_optimizer_loss_scale())
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)

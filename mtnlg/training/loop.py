@@ -1,0 +1,142 @@
+"""The training run: every rank calls ``train(cfg)``.
+
+Batches are addressed by global sample index: iteration ``i`` consumes samples
+[i * G, (i + 1) * G) of the training stream (G = global batch), and data-parallel rank d
+reads, for micro batch m, the ``micro_batch_size`` samples starting at
+i * G + m * (micro * dp) + d * micro. The loss of a global batch is therefore the same for
+every layout, and resuming at any iteration (under any dp size) continues the stream exactly.
+Randomness (dropout) is re-seeded from (seed, iteration) at every step, so a resumed run
+draws the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtnlg.config import RunConfig, resolve
+from mtnlg.errors import UserError
+from mtnlg.model.flops import describe, flops_per_token
+from mtnlg.parallel import ParallelState
+from mtnlg.training import checkpoint
+from mtnlg.training.distributed import init_distributed, local_world_size
+from mtnlg.training.engine import Batch, Engine
+from mtnlg.training.metrics import Metrics
+from mtnlg.training.peak import total_peak_tflops
+from mtnlg.training.sources import build_sources
+
+
+@dataclass
+class RunSummary:
+    iterations: int = 0
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    val_losses: dict[int, float] = field(default_factory=dict)
+    skipped: int = 0
+    last_record: dict | None = None
+    checkpoint: str | None = None
+
+
+def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device: torch.device,
+                  count: int | None = None) -> list[Batch]:
+    """This dp rank's micro batches of the global batch starting at sample ``start``."""
+    mbs, dp = cfg.train.micro_batch_size, ps.dp_size
+    out = []
+    for m in range(count or cfg.train.grad_accum_steps):
+        first = start + m * mbs * dp + ps.dp_rank * mbs
+        tokens = torch.from_numpy(np.stack([source[i] for i in range(first, first + mbs)]).astype(np.int64))
+        out.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device)))
+    return out
+
+
+def _load(engine: Engine, cfg: RunConfig) -> tuple[int, int]:
+    """Resume from checkpoint.load if it holds a complete checkpoint: (iteration, consumed samples)."""
+    load = cfg.checkpoint.load
+    if not load:
+        return 0, 0
+    tag = checkpoint.latest_tag(load)
+    if tag is None:
+        if cfg.checkpoint.save and Path(load).resolve() == Path(cfg.checkpoint.save).resolve():
+            return 0, 0  # resuming into the save directory: nothing saved yet
+        raise UserError(f"checkpoint.load = {load} holds no complete checkpoint (no global_step*/complete)")
+    _, state = engine.engine.load_checkpoint(load, tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if state is None:
+        raise UserError(f"could not load checkpoint {load}/{tag}; it is not a checkpoint of this model/layout")
+    return int(state["iteration"]), int(state["consumed_samples"])
+
+
+def train(cfg: RunConfig) -> RunSummary:
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = resolve(cfg, world)
+    ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline)
+    is_logger = rank == 0
+    t = cfg.train
+    if is_logger:
+        print(describe(cfg), flush=True)
+
+    train_src, valid_src = build_sources(cfg, ps)
+    engine = Engine(cfg, ps, device)
+    start_iter, consumed = _load(engine, cfg)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+    peak = total_peak_tflops(device, dtype, world, local_world_size(), t.peak_tflops) if is_logger else None
+    metrics = Metrics(
+        enabled=is_logger, save_dir=cfg.checkpoint.save, total_iters=t.iters,
+        tokens_per_step=t.global_batch_size * cfg.model.seq_length,
+        flops_per_token=flops_per_token(cfg.model), peak_tflops_total=peak, device=device,
+        tensorboard_dir=cfg.logging.tensorboard, start_iteration=start_iter,
+    )
+    if start_iter:
+        metrics.message(f"resumed from iteration {start_iter} ({consumed} samples consumed)")
+
+    summary = RunSummary(iterations=start_iter)
+    valid_batches = None
+    if valid_src is not None and t.eval_interval and t.eval_iters:
+        valid_batches = micro_batches(valid_src, 0, cfg, ps, device, count=t.eval_iters)
+
+    for iteration in range(start_iter + 1, t.iters + 1):
+        engine.rng.seed_iteration(iteration)
+        batches = micro_batches(train_src, consumed, cfg, ps, device)
+        t0 = time.perf_counter()
+        result = engine.train_step(batches)
+        seconds = time.perf_counter() - t0
+        consumed += t.global_batch_size
+        summary.losses[iteration] = result.loss
+        val_loss = None
+        if valid_batches and (iteration % t.eval_interval == 0 or iteration == t.iters):
+            val_loss = engine.eval_loss(valid_batches)
+            summary.val_losses[iteration] = val_loss
+        record = metrics.step(
+            iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
+            loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
+            log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1,
+            val_loss=val_loss,
+        )
+        summary.last_record = record or summary.last_record
+        summary.iterations = iteration
+        if not math.isfinite(result.loss) and not result.skipped:
+            raise RuntimeError(f"iteration {iteration}: loss is {result.loss}")
+        if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
+                and iteration != t.iters:
+            checkpoint.save(engine.engine, cfg, iteration, _client_state(iteration, consumed), rank)
+
+    summary.skipped = engine.skipped_steps
+    if cfg.checkpoint.save and summary.iterations > start_iter:
+        state = _client_state(summary.iterations, consumed)
+        path = checkpoint.save(engine.engine, cfg, summary.iterations, state, rank)
+        summary.checkpoint = str(path)
+        metrics.message(f"saved checkpoint {path}")
+    metrics.close()
+    return summary
+
+
+def _client_state(iteration: int, consumed: int) -> dict:
+    return {"iteration": iteration, "consumed_samples": consumed}
+

@@ -1,0 +1,73 @@
+"""The peak matmul throughput MFU is measured against.
+
+On CPU it is measured: the best of repeated single GEMMs at a few sizes, with the threads
+this process uses. On an accelerator it is the device's nominal dense bf16/fp16 peak.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+# Nominal dense bf16 (fp16 for V100) TFLOP/s per device, by a substring of the device name.
+NOMINAL_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10", 125.0), ("L4", 121.0),
+    ("V100", 125.0), ("MI300X", 1307.0), ("MI250", 362.0),
+]
+
+
+def measure_gemm(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+    """TFLOP/s of single square GEMMs: best and median over repeats, at each size."""
+    result: dict[str, float] = {}
+    best_all = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        (a @ b).sum().item()  # warm up (and sync)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            (a @ b).sum().item()
+            rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e12)
+        result[f"best_{n}"] = max(rates)
+        result[f"median_{n}"] = statistics.median(rates)
+        best_all = max(best_all, max(rates))
+    result["best"] = best_all
+    return result
+
+
+def nominal_peak_tflops(device: torch.device) -> float | None:
+    try:
+        name = torch.get_device_module(device.type).get_device_name(device)
+    except Exception:  # a backend without device names
+        return None
+    for key, tflops in NOMINAL_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+def peak_tflops_per_rank(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak TFLOP/s one rank can reach: measured on CPU, nominal on an accelerator."""
+    if device.type == "cpu":
+        return measure_gemm(dtype, sizes=(1024, 2048), repeats=4)["best"]
+    return nominal_peak_tflops(device)
+
+
+def total_peak_tflops(device: torch.device, dtype: torch.dtype, world: int, local_world: int,
+                      per_rank: float | None = None) -> float | None:
+    """Peak of the whole job: per-rank peak (given, or measured/nominal) times the ranks that can
+    run at once. On CPU, ranks of one host share its cores: at most cores // threads run at full speed."""
+    per_rank = per_rank if per_rank is not None else peak_tflops_per_rank(device, dtype)
+    if per_rank is None:
+        return None
+    if device.type != "cpu":
+        return per_rank * world
+    local_world = max(local_world, 1)
+    concurrent = min(local_world, max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
+    return per_rank * concurrent * max(world // local_world, 1)

@@ -1,0 +1,93 @@
+"""Each launcher starts a real 2-process run of scripts/pretrain_gpt.py on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist_helper import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+CONFIG = """
+model: {preset: llama, num_layers: 2, hidden_size: 32, num_attention_heads: 4, num_kv_heads: 2,
+        vocab_size: 64, seq_length: 16}
+parallel: {tensor: 2}
+train: {iters: 3, micro_batch_size: 2, global_batch_size: 4, log_interval: 1, peak_tflops: 1.0}
+data: {synthetic: {branching: 2}}
+deepspeed_config: %s
+""" % (ROOT / "ds_configs" / "zero1.json")
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(cmd: list[str], tmp_path: Path, extra: list[str] = ()) -> list[dict]:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONFIG)
+    save = tmp_path / "ckpt"
+    full = [*cmd, str(ROOT / "scripts" / "pretrain_gpt.py"), "--config", str(cfg), "--set", f"checkpoint.save={save}",
+            *extra]
+    proc = subprocess.run(full, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert (save / "global_step3" / "complete").is_file()
+    assert (save / "global_step3" / "mp_rank_01_model_states.pt").is_file()  # tp=2: two model shards
+    return records
+
+
+def test_deepspeed_launcher(tmp_path):
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], tmp_path)
+
+
+def test_torchrun(tmp_path):
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], tmp_path)
+
+
+def test_deepspeed_hostfile_on_localhost(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    _run([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+          "--master_port", str(free_port())], tmp_path)
+
+
+def test_single_process_cli_and_losses_match_launchers(tmp_path):
+    """`mtnlg train` at tp=1 (one process) gives the same first loss as the 2-rank tp=2 launch."""
+    (tmp_path / "a").mkdir()
+    cfg = tmp_path / "a" / "run.yaml"
+    cfg.write_text(CONFIG)
+    save = tmp_path / "a" / "ckpt"
+    proc = subprocess.run([str(BIN / "mtnlg"), "train", "--config", str(cfg), "--set", "parallel.tensor=1",
+                           "--set", f"checkpoint.save={save}"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+    (tmp_path / "b").mkdir()
+    two = [r["loss"] for r in _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                                     str(free_port())], tmp_path / "b")]
+    assert max(abs(a - b) / b for a, b in zip(single, two)) < 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "parallel.pipeline=2"], "world size 1 is not divisible by parallel.tensor * parallel.pipeline = 2"),
+    (["--set", "deepspeed_config=/nonexistent.json"], "deepspeed_config /nonexistent.json not found"),
+    (["--set", "data.synthetic.vocab_size=100"], "data.synthetic.vocab_size = 100 exceeds model.vocab_size = 64"),
+    (["--set", "train.precision=bf16", "--set", "deepspeed_config=ds_configs/zero0.json"],
+     "bf16 needs ZeRO stage >= 1"),
+    (["--set", "trian.iters=3"], "unknown key 'trian'"),
+])
+def test_train_bad_input_one_line(tmp_path, args, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONFIG.replace("parallel: {tensor: 2}", "parallel: {tensor: 1}"))
+    proc = subprocess.run([str(BIN / "mtnlg"), "train", "--config", str(cfg), *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], proc.stderr
