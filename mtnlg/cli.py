@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
+    from mtnlg.data.commands import add_commands as add_data_commands
+
+    add_data_commands(sub)
+
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)
     p.add_argument("--world-size", type=int, default=1, help="ranks to resolve the layout for (default 1)")

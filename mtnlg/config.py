@@ -40,7 +40,7 @@ class ModelConfig:
     ffn_hidden_size: int | None = None  # default: 4h (gpt2), 8h/3 rounded up to 64 (llama)
     seq_length: int = 1024
     max_position_embeddings: int | None = None  # learned positions (gpt2); default seq_length
-    vocab_size: int = 50257  # the tokenizer's vocabulary; padded for TP by resolve()
+    vocab_size: int | None = None  # default: the tokenizer's (or the synthetic source's); padded for TP
     make_vocab_size_divisible_by: int = 128  # Megatron: padded to a multiple of this * tp
     padded_vocab_size: int | None = None  # derived
     rope_theta: float = 10000.0
@@ -294,6 +294,8 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     )
     m, par, t = cfg.model, cfg.parallel, cfg.train
 
+    if m.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set and the data has no tokenizer to take it from; set it")
     for where, value in [
         ("model.num_layers", m.num_layers),
         ("model.hidden_size", m.hidden_size),

@@ -89,11 +89,23 @@ BAD = [
     ("train: {precision: fp8}", 1, "train.precision = 'fp8' is not one of: fp32, bf16, fp16"),
     ("model: {num_layers: 2\n", 1, "malformed YAML"),
     ("- just a list", 1, "a run config must be a YAML mapping"),
+    ("model: {vocab_size: null}", 1, "model.vocab_size is not set and the data has no tokenizer"),
 ]
+
+
+def _with_vocab(text: str) -> str:
+    """Give the model a vocabulary unless the case is about it (or has no model mapping)."""
+    about_vocab = "vocab_size" in text.replace("padded_vocab_size", "")
+    if about_vocab or "model: [" in text or text.startswith("-") or text.endswith("\n"):
+        return text
+    if text.startswith("model: {"):
+        return text.replace("model: {", "model: {vocab_size: 50257, ", 1)
+    return text + "\nmodel: {vocab_size: 50257}"
 
 
 @pytest.mark.parametrize("text,world,message", BAD, ids=[m[:40] for _, _, m in BAD])
 def test_bad_config_gives_one_clear_line(tmp_path, text, world, message):
+    text = _with_vocab(text)
     with pytest.raises(ConfigError) as err:
         resolve(load_config(write(tmp_path, text)), world)
     text = str(err.value)

@@ -1,0 +1,9 @@
+"""Data: tokenizers, Megatron indexed datasets, preprocessing, the default corpus, GPT samples.
+
+- ``tokenizer``: ``load_tokenizer``, ``train_tokenizer`` (byte-level BPE with <|endoftext|>)
+- ``indexed``: ``IndexedDataset`` / ``IndexedDatasetWriter`` (PREFIX.bin + PREFIX.idx)
+- ``preprocess``: ``preprocess`` (.jsonl/.txt/.parquet -> indexed, K workers), ``merge``
+- ``corpus``: ``ensure_default_data`` (Python stdlib docstrings, offline)
+- ``gpt_dataset``: ``build_datasets``, ``build_tokenizer`` (what the trainer calls)
+- ``commands``: the ``mtnlg tokenizer|preprocess|merge-data|corpus`` subcommands
+"""

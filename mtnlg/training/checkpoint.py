@@ -24,6 +24,7 @@ from mtnlg.config import RunConfig, save_config
 
 MARKER = "complete"
 CONFIG_NAME = "mtnlg_config.yaml"
+TOKENIZER_DIR = "tokenizer"
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -64,13 +65,15 @@ def latest_tag(directory: str | Path) -> str | None:
     return tags[-1][1] if tags else None
 
 
-def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int) -> Path:
+def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int, tokenizer=None) -> Path:
     """Save on every rank (a collective); returns the tag directory."""
     save_dir = Path(cfg.checkpoint.save)
     tag = tag_for(iteration)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank == 0:
         save_config(cfg, save_dir / tag / CONFIG_NAME)
+        if tokenizer is not None and not (save_dir / TOKENIZER_DIR).is_dir():
+            tokenizer.save(save_dir / TOKENIZER_DIR)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         write_atomic(save_dir / tag / MARKER, f"{iteration}\n")

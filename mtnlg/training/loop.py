@@ -29,7 +29,7 @@ from mtnlg.training.distributed import init_distributed, local_world_size
 from mtnlg.training.engine import Batch, Engine
 from mtnlg.training.metrics import Metrics
 from mtnlg.training.peak import total_peak_tflops
-from mtnlg.training.sources import build_sources
+from mtnlg.training.sources import build_sources, data_tokenizer, with_vocab
 
 
 @dataclass
@@ -74,14 +74,15 @@ def _load(engine: Engine, cfg: RunConfig) -> tuple[int, int]:
 def train(cfg: RunConfig) -> RunSummary:
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = resolve(cfg, world)
+    tokenizer = data_tokenizer(cfg)
+    cfg = resolve(with_vocab(cfg, tokenizer), world)
     ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline)
     is_logger = rank == 0
     t = cfg.train
     if is_logger:
         print(describe(cfg), flush=True)
 
-    train_src, valid_src = build_sources(cfg, ps)
+    train_src, valid_src = build_sources(cfg)
     engine = Engine(cfg, ps, device)
     start_iter, consumed = _load(engine, cfg)
 
@@ -125,12 +126,12 @@ def train(cfg: RunConfig) -> RunSummary:
             raise RuntimeError(f"iteration {iteration}: loss is {result.loss}")
         if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
                 and iteration != t.iters:
-            checkpoint.save(engine.engine, cfg, iteration, _client_state(iteration, consumed), rank)
+            checkpoint.save(engine.engine, cfg, iteration, _client_state(iteration, consumed), rank, tokenizer)
 
     summary.skipped = engine.skipped_steps
     if cfg.checkpoint.save and summary.iterations > start_iter:
         state = _client_state(summary.iterations, consumed)
-        path = checkpoint.save(engine.engine, cfg, summary.iterations, state, rank)
+        path = checkpoint.save(engine.engine, cfg, summary.iterations, state, rank, tokenizer)
         summary.checkpoint = str(path)
         metrics.message(f"saved checkpoint {path}")
     metrics.close()

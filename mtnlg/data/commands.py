@@ -1,0 +1,117 @@
+"""The data subcommands of ``mtnlg``: tokenizer train, preprocess, merge-data, corpus.
+
+``add_commands(subparsers)`` registers them; each handler takes the parsed args, returns an
+exit code and raises ``UserError`` for bad input. Standalone: ``python -m mtnlg.data.commands ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mtnlg.errors import UserError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tokenizer``, ``preprocess``, ``merge-data`` and ``corpus`` on the mtnlg CLI."""
+    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    tsub.required = True
+    t = tsub.add_parser("train", help="train a byte-level BPE (with <|endoftext|>) on .jsonl/.txt/.parquet files")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files")
+    t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size incl. 256 bytes and EOD")
+    t.add_argument("--output", required=True, metavar="DIR", help="directory for the HF tokenizer files")
+    t.add_argument("--json-key", default="text", help="document key of JSON lines / parquet column (default text)")
+    t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = subparsers.add_parser("preprocess", help="tokenize documents into PREFIX.bin/PREFIX.idx (Megatron format)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl, .txt or .parquet files")
+    p.add_argument("--json-key", default="text", help="document key of JSON lines / parquet column (default text)")
+    _add_tokenizer_args(p)
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of failing")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = subparsers.add_parser("merge-data", help="concatenate preprocessed datasets")
+    p.add_argument("--input", nargs="+", required=True, metavar="PREFIX", help="prefixes to merge, in order")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    p.set_defaults(func=cmd_merge)
+
+    p = subparsers.add_parser("corpus", help="build the default corpus (Python stdlib docstrings) + tokenizer + data")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for corpus, tokenizer and PREFIX.bin/.idx")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
+    p.set_defaults(func=cmd_corpus)
+
+
+def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", metavar="DIR", help="HF tokenizer directory (e.g. from `mtnlg tokenizer train`)")
+    p.add_argument("--vocab-file", metavar="encoder.json", help="GPT-2 BPE vocabulary (with --merge-file)")
+    p.add_argument("--merge-file", metavar="vocab.bpe", help="GPT-2 BPE merges (with --vocab-file)")
+
+
+def _tokenizer_from_args(args: argparse.Namespace):
+    from mtnlg.data.tokenizer import load_tokenizer
+
+    if args.tokenizer is None and args.vocab_file is None and args.merge_file is None:
+        raise UserError("no tokenizer given; pass --tokenizer DIR or --vocab-file encoder.json --merge-file vocab.bpe")
+    if args.tokenizer is not None and (args.vocab_file or args.merge_file):
+        raise UserError("pass either --tokenizer or --vocab-file/--merge-file, not both")
+    return load_tokenizer(args.tokenizer, args.vocab_file, args.merge_file)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mtnlg.data.readers import iter_documents
+    from mtnlg.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter_documents(args.input, args.json_key), args.vocab_size, args.output, args.min_frequency)
+    print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id})")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from mtnlg.data.preprocess import preprocess
+
+    tokenizer = _tokenizer_from_args(args)
+    preprocess(args.input, args.json_key, tokenizer, args.output_prefix, args.workers, args.skip_bad_lines)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mtnlg.data.indexed import IndexedDataset
+    from mtnlg.data.preprocess import merge
+
+    merge(args.input, args.output_prefix)
+    out = IndexedDataset(args.output_prefix)
+    print(f"merge-data: wrote {out.prefix}.bin/.idx: {out.num_documents:,} documents, {out.num_tokens:,} tokens")
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from mtnlg.data.corpus import ensure_default_data
+
+    prefix, tokenizer_dir = ensure_default_data(args.output, vocab_size=args.vocab_size, workers=args.workers)
+    print(f"corpus: data.prefix = {prefix}")
+    print(f"corpus: data.tokenizer = {tokenizer_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mtnlg.data.commands COMMAND ...`` (the same handlers as ``mtnlg COMMAND``)."""
+    parser = argparse.ArgumentParser(prog="mtnlg")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Tokenizers: train a byte-level BPE, load an HF directory or GPT-2's own BPE files.
+
+    tok = load_tokenizer(tokenizer_dir="runs/tok")                       # any HF fast tokenizer
+    tok = load_tokenizer(vocab_file="encoder.json", merge_file="vocab.bpe")  # GPT-2's exact ids
+    ids = tok.encode("Hello world") + [tok.eod_id]
+
+``encode`` treats the spelling of every special token (``<|endoftext|>`` ...) as ordinary
+text: raw data can never forge a document boundary. ``save(dir)`` writes a directory that
+``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline (where HF's own encoding
+of course keeps its usual special-token matching).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mtnlg.errors import UserError
+
+EOD = "<|endoftext|>"
+# GPT-2's pre-tokenizer regex (as used by tiktoken's "gpt2" encoding and HF's ByteLevel).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """A small facade over an HF fast tokenizer (and, for GPT-2 BPE, an id-equal tiktoken engine)."""
+
+    def __init__(self, hf: Any, name: str = "", tiktoken_encoding: Any = None) -> None:
+        if not hasattr(hf, "backend_tokenizer"):
+            raise UserError(
+                f"tokenizer {name or type(hf).__name__} is not a fast (tokenizer.json) tokenizer; "
+                "convert it with transformers and save it again"
+            )
+        self.hf = hf
+        self.name = name
+        self._tiktoken = tiktoken_encoding
+        # A private copy of the backend whose encode never matches special-token spellings.
+        from tokenizers import Tokenizer as _Backend
+
+        self._backend = _Backend.from_str(hf.backend_tokenizer.to_str())
+        self._backend.encode_special_tokens = True
+        self.eod_id = _find_eod(hf, name)
+        self.vocab_size = len(hf)
+
+    @property
+    def engine(self) -> str:
+        """'tiktoken' (GPT-2 BPE, proven id-equal in the tests) or 'hf'."""
+        return "tiktoken" if self._tiktoken is not None else "hf"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added, none matched in the text)."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._tiktoken is not None:
+            enc = self._tiktoken.encode_ordinary
+            return [enc(t) for t in texts]
+        return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write an HF tokenizer directory (atomically: a temp dir renamed into place)."""
+        directory = Path(directory)
+        try:
+            with atomic_dir(directory) as tmp:
+                self.hf.save_pretrained(str(tmp))
+        except OSError as e:
+            raise UserError(f"cannot write tokenizer directory {directory} ({e.strerror or e})") from None
+        return directory
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The tokenizers backend pickles through its JSON; rebuild the private copy on load.
+        state = self.__dict__.copy()
+        state.pop("_backend")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as _Backend
+
+        self.__dict__.update(state)
+        self._backend = _Backend.from_str(self.hf.backend_tokenizer.to_str())
+        self._backend.encode_special_tokens = True
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, engine={self.engine})"
+
+
+def _find_eod(hf: Any, name: str) -> int:
+    vocab = hf.get_vocab()
+    if EOD in vocab:
+        return int(vocab[EOD])
+    if hf.eos_token_id is not None:
+        return int(hf.eos_token_id)
+    raise UserError(
+        f"tokenizer {name} has no end-of-document token ({EOD} or an eos_token); "
+        "add one to the tokenizer or train one with `mtnlg tokenizer train`"
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(
+    tokenizer_dir: str | Path | None = None,
+    vocab_file: str | Path | None = None,
+    merge_file: str | Path | None = None,
+) -> Tokenizer:
+    """An HF tokenizer directory, or GPT-2 BPE files (``encoder.json`` + ``vocab.bpe``)."""
+    if (vocab_file is None) != (merge_file is None):
+        raise UserError("vocab_file and merge_file go together (GPT-2 BPE); give both or neither")
+    if (tokenizer_dir is None) == (vocab_file is None):
+        raise UserError("give a tokenizer directory or vocab_file + merge_file (exactly one of them)")
+    if tokenizer_dir is not None:
+        return _load_hf_dir(Path(tokenizer_dir))
+    return load_gpt2_bpe(Path(vocab_file), Path(merge_file))  # type: ignore[arg-type]
+
+
+def _load_hf_dir(directory: Path) -> Tokenizer:
+    if not directory.is_dir():
+        raise UserError(f"tokenizer directory {directory} not found; train one with `mtnlg tokenizer train`")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load tokenizer from {directory}: {first}") from None
+    return Tokenizer(hf, name=str(directory))
+
+
+def load_gpt2_bpe(vocab_file: Path, merge_file: Path) -> Tokenizer:
+    """GPT-2's byte-level BPE from its original files, giving exactly GPT-2's ids."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _Backend
+    from transformers import PreTrainedTokenizerFast
+
+    for p in (vocab_file, merge_file):
+        if not p.is_file():
+            raise UserError(f"GPT-2 BPE file {p} not found; pass --vocab-file encoder.json --merge-file vocab.bpe")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{vocab_file}: not a GPT-2 encoder.json ({e}); pass the encoder.json of the BPE") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise UserError(f"{vocab_file}: expected a JSON object of token -> id (GPT-2 encoder.json)")
+    merges = []
+    for n, line in enumerate(merge_file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("#version") or not line.strip():
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise UserError(f"{merge_file}:{n}: expected two space-separated symbols (a GPT-2 vocab.bpe merge)")
+        merges.append((pair[0], pair[1]))
+    backend = _Backend(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken(EOD, special=True)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
+    return Tokenizer(hf, name=f"gpt2-bpe:{vocab_file}", tiktoken_encoding=_tiktoken_gpt2(vocab, merges))
+
+
+def _tiktoken_gpt2(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
+    """tiktoken's engine for the same vocabulary, or None if tiktoken is absent or ids would differ.
+
+    tiktoken merges by the rank of the merged token, HF by the rank of the merge; the two
+    agree when every non-byte token's id is 256 + the rank of the merge that makes it, as in
+    GPT-2's files (checked here; the tests compare ids on real text).
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    byte_of = _bytes_of_unicode()
+    if EOD not in vocab or len(merges) + 257 != len(vocab):
+        return None
+    ranks: dict[bytes, int] = {}
+    for token, i in vocab.items():
+        if token == EOD:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in token)] = i
+        except KeyError:
+            return None
+    for r, (a, b) in enumerate(merges):
+        if vocab.get(a + b) != 256 + r:
+            return None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        return None
+    return tiktoken.Encoding(
+        "mtnlg-gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOD: vocab[EOD]}
+    )
+
+
+def _bytes_of_unicode() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (char -> byte)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, min_frequency: int = 2
+) -> Tokenizer:
+    """Train a byte-level BPE (all 256 bytes in the alphabet, so nothing is ever unknown) with EOD.
+
+    Deterministic for the same documents. With ``output_dir`` the result is saved there.
+    The vocabulary may come out smaller than ``vocab_size`` when the text has too few pairs.
+    """
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= 257 (256 bytes + EOD)")
+    backend = _Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_nonempty(documents), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
+    tok = Tokenizer(hf, name=str(output_dir or "trained"))
+    if output_dir is not None:
+        tok.save(output_dir)
+    return tok
+
+
+def _nonempty(documents: Iterable[str]) -> Iterator[str]:
+    n = 0
+    for d in documents:
+        if d:
+            n += 1
+            yield d
+    if n == 0:
+        raise UserError("no text to train the tokenizer on: every input document is empty")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a temp directory, then swap it in for ``path`` (the temp is removed on error)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.old")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
