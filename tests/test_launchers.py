@@ -78,7 +78,7 @@ def test_single_process_cli_and_losses_match_launchers(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--set", "parallel.pipeline=2"], "world size 1 is not divisible by parallel.tensor * parallel.pipeline = 2"),
     (["--set", "deepspeed_config=/nonexistent.json"], "deepspeed_config /nonexistent.json not found"),
-    (["--set", "data.synthetic.vocab_size=100"], "data.synthetic.vocab_size = 100 exceeds model.vocab_size = 64"),
+    (["--set", "data.synthetic.vocab_size=100"], "model.vocab_size = 64 is smaller than data.synthetic.vocab_size 100"),
     (["--set", "train.precision=bf16", "--set", "deepspeed_config=ds_configs/zero0.json"],
      "bf16 needs ZeRO stage >= 1"),
     (["--set", "trian.iters=3"], "unknown key 'trian'"),

@@ -72,9 +72,12 @@ def layout_losses():
     for world, layouts in LAYOUTS.items():
         runs = [{"preset": p, "tp": tp, "pp": pp} for p in MODEL for tp, pp in layouts]
         keys = [(p, tp, pp, world // (tp * pp), 1) for p in MODEL for tp, pp in layouts]
-        if world == 2:  # ZeRO stages at pp=1 with dp=2 (and tp=2 for stage 3)
+        if world == 2:  # ZeRO stages at pp=1 with dp=2 (and tp=2 for stage 3); activation checkpointing
             runs += [{"preset": "llama", "zero": z} for z in (0, 2, 3)] + [{"preset": "gpt2", "tp": 2, "zero": 3}]
             keys += [("llama", 1, 1, 2, z) for z in (0, 2, 3)] + [("gpt2", 2, 1, 1, 3)]
+            ckpt = {"activation_checkpointing": True}
+            runs += [{"preset": p, "tp": tp, "pp": pp, "model": ckpt} for p in MODEL for tp, pp in [(1, 2), (2, 1)]]
+            keys += [(p, tp, pp, 1, "ckpt") for p in MODEL for tp, pp in [(1, 2), (2, 1)]]
         out.update(zip(keys, _losses(runs, world)))
     return out
 
@@ -86,6 +89,13 @@ def test_layout_parity(layout_losses, preset, tp, pp, dp):
     got = layout_losses[(preset, tp, pp, dp, 1)]
     assert _max_rel(got, base) < RTOL, (got, base)
     assert base[STEPS] < base[1] - 0.05  # it is learning
+
+
+@pytest.mark.parametrize("preset", list(MODEL))
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)])
+def test_activation_checkpointing_matches(layout_losses, preset, tp, pp):
+    """Full recompute (DeepSpeed's pipeline with mtnlg's RNG-replaying checkpoint, or GPTModel's) changes nothing."""
+    assert _max_rel(layout_losses[(preset, tp, pp, 1, "ckpt")], layout_losses[(preset, 1, 1, 1, 1)]) < RTOL
 
 
 @pytest.mark.parametrize("zero,tp", [(2, 1), (3, 1), (3, 2)])

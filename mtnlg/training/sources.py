@@ -46,9 +46,7 @@ def build_sources(cfg: RunConfig):
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.synthetic is not None:
         s = d.synthetic
-        vocab = s.vocab_size or m.vocab_size
-        if vocab > m.vocab_size:
-            raise UserError(f"data.synthetic.vocab_size = {vocab} exceeds model.vocab_size = {m.vocab_size}")
+        vocab = s.vocab_size or m.vocab_size  # with_vocab() checked it fits the model
         train = MarkovSource(vocab, s.branching, m.seq_length, s.seed, stream=0)
         valid = MarkovSource(vocab, s.branching, m.seq_length, s.seed, stream=1)  # same chain, other walks
         return train, valid
