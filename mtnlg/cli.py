@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtnlg.errors import UserError
+from mtnlg.errors import TrainingAborted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -32,9 +32,16 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
+    from mtnlg.training.distributed import comm_failure
     from mtnlg.training.loop import train
 
-    summary = train(load_config(args.config, args.overrides))
+    try:
+        summary = train(load_config(args.config, args.overrides))
+    except Exception as e:  # a peer that died or hangs surfaces here as a failed collective
+        message = comm_failure(e)
+        if message is None:
+            raise
+        raise TrainingAborted(message) from None
     return 0 if summary.iterations else 1
 
 
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if not _quiet_rank(e):
             print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -99,6 +99,9 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation during training
     eval_iters: int = 10
     peak_tflops: float | None = None  # for MFU; default: measured GEMM peak (CPU) or nominal (GPU)
+    max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
+    spike_factor: float = 10.0  # log a loss above this many times its running mean
+    collective_timeout_s: float = 600.0  # a rank waiting longer for the others fails instead of hanging
 
 
 @dataclass
@@ -418,6 +421,8 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         )
     if t.eval_interval < 0 or t.eval_iters < 0:
         raise ConfigError("train.eval_interval and train.eval_iters must be >= 0")
+    if t.max_consecutive_nonfinite < 1 or t.collective_timeout_s <= 0:
+        raise ConfigError("train.max_consecutive_nonfinite must be >= 1 and train.collective_timeout_s > 0")
 
     _check_data(cfg.data)
     if cfg.checkpoint.interval < 0:

@@ -73,9 +73,30 @@ def init_distributed(timeout_s: float = 1800) -> torch.device:
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
+    # Groups made later by dist.new_group (ours and DeepSpeed's pipeline/data groups) take torch's
+    # default timeout (30 min), not the world group's: make that default the job's timeout too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return device
+
+
+_COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Broken pipe",
+               "NCCL communicator was aborted", "Socket Timeout")
+
+
+def comm_failure(e: BaseException) -> str | None:
+    """A one-line explanation when ``e`` is a collective that failed because another rank died or hung."""
+    text = str(e)
+    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or any(s in text for s in _COMM_SIGNS)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    rank = os.environ.get("RANK", "?")
+    return (f"rank {rank} lost contact with the other ranks ({first[:160]}); another rank died or hung, so this "
+            "job stops; resume from the last checkpoint (see train.collective_timeout_s)")

@@ -106,6 +106,7 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
         params = opt.get("params", {})
         _agree(params, "lr", float(t.lr), "train.lr", name)
         _agree(params, "weight_decay", float(t.weight_decay), "train.weight_decay", name)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # mtnlg's AdamW subclass (training/guard.py)
     ds.setdefault("steps_per_print", 10**9)  # mtnlg logs; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds

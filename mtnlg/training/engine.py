@@ -21,6 +21,7 @@ from mtnlg.model import GPTModel, pipeline_module
 from mtnlg.parallel import ParallelState, TPRandom
 from mtnlg.training.distributed import allow_cpu_fp16
 from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, zero_stage
+from mtnlg.training.guard import GuardedAdamW
 from mtnlg.training.schedule import LRSchedule, param_groups
 from mtnlg.training.universal import universal_checkpoint_info
 
@@ -54,10 +55,11 @@ class Engine:
 
         ds_cfg = dict(self.ds_config)
         ds_cfg.pop("optimizer", None)  # built here, from the JSON's betas/eps and the YAML's lr/decay
-        optimizer = torch.optim.AdamW(
+        optimizer = GuardedAdamW(
             param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr, **adam_hyperparams(self.ds_config)
         )
         schedule = LRSchedule(optimizer, cfg.train)
+        self.guard = optimizer
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg,
             mpu=None if self.pipelined else ps,
@@ -67,7 +69,7 @@ class Engine:
     # ------------------------------------------------------------------ steps
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         self.engine.train()
-        skipped_before = self.engine.skipped_steps
+        skipped_before = self.skipped_steps
         lr = self.schedule.get_last_lr()[0]
         if self.pipelined:
             loss = float(self.engine.train_batch(iter(micro_batches)))
@@ -83,7 +85,7 @@ class Engine:
         return StepResult(
             loss=loss,
             grad_norm=None if norm is None else float(norm),
-            skipped=self.engine.skipped_steps > skipped_before,
+            skipped=self.skipped_steps > skipped_before,
             lr=lr,
             loss_scale=self.loss_scale(),
         )
@@ -115,4 +117,5 @@ class Engine:
 
     @property
     def skipped_steps(self) -> int:
-        return int(self.engine.skipped_steps)
+        """Steps not applied: DeepSpeed's (fp16 overflow, invalid grad norm) plus the guard's."""
+        return int(self.engine.skipped_steps) + self.guard.skipped

@@ -11,7 +11,6 @@ draws the same masks as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,13 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.config import RunConfig, resolve
-from mtnlg.errors import UserError
+from mtnlg.errors import TrainingAborted, UserError
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.parallel import ParallelState
 from mtnlg.training import checkpoint
 from mtnlg.training.distributed import init_distributed, local_world_size
 from mtnlg.training.engine import Batch, Engine
+from mtnlg.training.guard import LossWatch, all_finite
 from mtnlg.training.metrics import Metrics
 from mtnlg.training.peak import total_peak_tflops
 from mtnlg.training.sources import build_sources, data_tokenizer, with_vocab
@@ -72,7 +72,7 @@ def _load(engine: Engine, cfg: RunConfig) -> tuple[int, int]:
 
 
 def train(cfg: RunConfig) -> RunSummary:
-    device = init_distributed()
+    device = init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = data_tokenizer(cfg)
     cfg = resolve(with_vocab(cfg, tokenizer), world)
@@ -98,6 +98,7 @@ def train(cfg: RunConfig) -> RunSummary:
         metrics.message(f"resumed from iteration {start_iter} ({consumed} samples consumed)")
 
     summary = RunSummary(iterations=start_iter)
+    watch = LossWatch(t.max_consecutive_nonfinite, t.spike_factor, t.precision)
     valid_batches = None
     if valid_src is not None and t.eval_interval and t.eval_iters:
         valid_batches = micro_batches(valid_src, 0, cfg, ps, device, count=t.eval_iters)
@@ -122,22 +123,25 @@ def train(cfg: RunConfig) -> RunSummary:
         )
         summary.last_record = record or summary.last_record
         summary.iterations = iteration
-        if not math.isfinite(result.loss) and not result.skipped:
-            raise RuntimeError(f"iteration {iteration}: loss is {result.loss}")
+        note = watch.update(iteration, result.loss, result.grad_norm, result.skipped, result.loss_scale)
+        if note:
+            metrics.message(note)
         if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
                 and iteration != t.iters:
-            checkpoint.save(engine.engine, cfg, iteration, _client_state(iteration, consumed), rank, tokenizer)
+            _save(engine, cfg, iteration, consumed, rank, tokenizer)
 
     summary.skipped = engine.skipped_steps
     if cfg.checkpoint.save and summary.iterations > start_iter:
-        state = _client_state(summary.iterations, consumed)
-        path = checkpoint.save(engine.engine, cfg, summary.iterations, state, rank, tokenizer)
+        path = _save(engine, cfg, summary.iterations, consumed, rank, tokenizer)
         summary.checkpoint = str(path)
         metrics.message(f"saved checkpoint {path}")
     metrics.close()
     return summary
 
 
-def _client_state(iteration: int, consumed: int) -> dict:
-    return {"iteration": iteration, "consumed_samples": consumed}
+def _save(engine: Engine, cfg: RunConfig, iteration: int, consumed: int, rank: int, tokenizer) -> Path:
+    if not all_finite(engine.module):  # a safety net: the guards should make this impossible
+        raise TrainingAborted(f"iteration {iteration}: the model holds non-finite weights; not saving them")
+    state = {"iteration": iteration, "consumed_samples": consumed}
+    return checkpoint.save(engine.engine, cfg, iteration, state, rank, tokenizer)
 
