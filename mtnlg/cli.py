@@ -48,7 +48,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from mtnlg import __version__
 
-    parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mtnlg", description="Train GPT models with 3D parallelism (Megatron TP x DeepSpeed PP x ZeRO DP), "
+        "prepare data, convert to and from Hugging Face, evaluate and generate.")
     parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -58,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
+    from mtnlg.convert.commands import add_commands as add_convert_commands
     from mtnlg.data.commands import add_commands as add_data_commands
 
     add_data_commands(sub)
+    add_convert_commands(sub)
 
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)

@@ -12,7 +12,7 @@ from mtnlg.training.ds_config import build_ds_config
 
 
 def cfg(world=2, pp=1, precision="fp32", **train):
-    raw = from_dict({"model": {"vocab_size": 1000}, "parallel": {"pipeline": pp},
+    raw = from_dict({"model": {"vocab_size": 1000, "preset": "llama", "num_layers": 2}, "parallel": {"pipeline": pp},
                      "train": {"micro_batch_size": 2, "global_batch_size": 8, "precision": precision, **train}})
     return resolve(raw, world)
 
@@ -44,15 +44,18 @@ def test_agreeing_values_are_accepted():
     ({"zero_optimization": {"stage": 2}}, {"pp": 2}, "ZeRO stage 2 cannot be combined with pipeline parallelism"),
     ({"zero_optimization": {"stage": 3}}, {"pp": 2}, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
     ({"zero_optimization": {"stage": 5}}, {}, "zero_optimization.stage = 5 must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 0}}, {"pp": 2, "tied": True}, "ZeRO stage 0 with pipeline parallelism counts"),
     ({}, {"precision": "fp16"}, "fp16 needs ZeRO stage >= 1"),
     ({"scheduler": {"type": "WarmupLR"}}, {}, "remove 'scheduler'"),
     ({"optimizer": {"type": "Lamb"}}, {}, "optimizer type 'Lamb' is not supported"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, {}, "'lr' is 0.1 but the run config gives train.lr"),
 ])
 def test_contradictions_are_refused(user, run, message):
-    pp = run.pop("pp", 1)
+    pp, tied = run.pop("pp", 1), run.pop("tied", False)
+    c = cfg(world=2 * pp, pp=pp, **run)
+    c.model.tie_embeddings = tied
     with pytest.raises(UserError) as err:
-        build_ds_config(cfg(world=2 * pp, pp=pp, **run), user)
+        build_ds_config(c, user)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

@@ -82,6 +82,8 @@ def test_single_process_cli_and_losses_match_launchers(tmp_path):
     (["--set", "train.precision=bf16", "--set", "deepspeed_config=ds_configs/zero0.json"],
      "bf16 needs ZeRO stage >= 1"),
     (["--set", "trian.iters=3"], "unknown key 'trian'"),
+    (["--set", "data.synthetic=null", "--set", "data.tokenizer=tok"],
+     "data.tokenizer is set but there is no data.prefix"),
 ])
 def test_train_bad_input_one_line(tmp_path, args, message):
     cfg = tmp_path / "run.yaml"

@@ -89,6 +89,11 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
             f"engine supports ZeRO 0 and 1); use stage 1 or parallel.pipeline = 1"
         )
 
+    if stage == 0 and cfg.parallel.pipeline > 1 and cfg.model.tie_embeddings:
+        raise UserError(
+            f"{name}: ZeRO stage 0 with pipeline parallelism counts the tied embedding twice in the gradient "
+            f"norm (DeepSpeed), which changes clipping; use ZeRO stage 1 (ds_configs/zero1.json)"
+        )
     if stage == 0 and t.precision != "fp32":
         raise UserError(
             f"{name}: {t.precision} needs ZeRO stage >= 1 (DeepSpeed's stage-0 mixed-precision optimizer "

@@ -64,6 +64,11 @@ def _load(engine: Engine, cfg: RunConfig) -> tuple[int, int]:
         if cfg.checkpoint.save and Path(load).resolve() == Path(cfg.checkpoint.save).resolve():
             return 0, 0  # resuming into the save directory: nothing saved yet
         raise UserError(f"checkpoint.load = {load} holds no complete checkpoint (no global_step*/complete)")
+    from mtnlg.convert.native import is_weights_only, load_weights
+
+    if is_weights_only(Path(load) / tag):  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
+        load_weights(engine, Path(load) / tag)
+        return 0, 0
     _, state = engine.engine.load_checkpoint(load, tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if state is None:

@@ -16,8 +16,12 @@ from mtnlg.errors import UserError
 
 def data_tokenizer(cfg: RunConfig):
     """The run's tokenizer (None for synthetic data or pre-tokenized data without one)."""
-    if cfg.data.synthetic is not None:
+    d = cfg.data
+    if d.synthetic is not None:
         return None
+    if (d.tokenizer is not None or d.vocab_file is not None) and d.prefix is None and d.blend is None:
+        raise UserError("data.tokenizer is set but there is no data.prefix or data.blend to read with it "
+                        "(the default corpus has its own tokenizer); add data.prefix")
     from mtnlg.data.gpt_dataset import build_tokenizer
 
     return build_tokenizer(cfg.data)

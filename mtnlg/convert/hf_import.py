@@ -1,0 +1,221 @@
+"""Hugging Face GPT-2 / Llama (safetensors) -> a weights-only mtnlg checkpoint for any (tp, pp).
+
+    import_hf("hf/gpt2", "runs/gpt2-ft", ["parallel.tensor=2", "parallel.pipeline=2"])
+    # then: mtnlg train --config runs/gpt2-ft/mtnlg_config.yaml --set checkpoint.save=runs/ft
+
+The run config is derived from ``config.json`` (+ ``--set`` overrides) and written as
+``<out>/mtnlg_config.yaml`` (and in ``global_step0/``), with ``checkpoint.load`` = the output, a
+DeepSpeed JSON ``<out>/ds_config.json`` (ZeRO-1) and ``data.tokenizer`` = ``<out>/tokenizer`` (the
+HF directory's tokenizer, copied) when there is one. Everything is checked (architecture,
+names, shapes) before anything is written, and written to a temporary directory renamed at the end.
+Pickled weights (``pytorch_model.bin``) are refused: they can run arbitrary code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from mtnlg.config import ConfigError, ModelConfig, RunConfig, apply_override, from_dict, save_config
+from mtnlg.convert import keymaps
+from mtnlg.convert.native import resolve_model
+from mtnlg.convert.native_write import write_weights_only
+from mtnlg.convert.safetensors_io import HFWeights
+from mtnlg.errors import UserError
+from mtnlg.training.checkpoint import CONFIG_NAME, TOKENIZER_DIR
+
+IGNORED = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")  # buffers, not weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+DS_CONFIG_NAME = "ds_config.json"
+DEFAULT_DS_CONFIG = {  # ds_configs/zero1.json
+    "zero_optimization": {"stage": 1},
+    "fp16": {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+             "min_loss_scale": 1},
+    "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8}},
+}
+HF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def read_hf_config(model_dir: Path) -> tuple[str, object, dict]:
+    """(family, transformers config, raw config.json) of a supported HF model directory."""
+    if not model_dir.is_dir():
+        raise UserError(f"HF model directory {model_dir} not found")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no config.json; pass a directory written by save_pretrained")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: malformed JSON ({e}); fix or re-save the config") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in keymaps.FAMILIES:
+        arch = ", ".join(raw.get("architectures") or []) if isinstance(raw, dict) else ""
+        raise UserError(
+            f"{path}: model_type {kind!r}{f' ({arch})' if arch else ''} is not supported; import-hf reads "
+            "gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM) models"
+        )
+    from transformers import GPT2Config, LlamaConfig
+
+    try:
+        hf = (GPT2Config if kind == "gpt2" else LlamaConfig).from_dict(raw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a valid {kind} config ({str(e).splitlines()[0][:150]})") from None
+    return kind, hf, raw
+
+
+def model_section(kind: str, hf, where: Path) -> dict:
+    """The ``model:`` section of the run config for an HF config (refusing what mtnlg cannot represent)."""
+    def refuse(what: str) -> None:
+        raise UserError(f"{where}: {what} is not supported by mtnlg's {kind} preset; it cannot be imported")
+
+    if kind == "gpt2":
+        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            refuse(f"activation_function {hf.activation_function!r} (mtnlg uses tanh GELU)")
+        if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.add_cross_attention:
+            refuse("non-standard attention (scale_attn_weights/scale_attn_by_inverse_layer_idx/cross attention)")
+        return {
+            "preset": "gpt2", "num_layers": hf.n_layer, "hidden_size": hf.n_embd, "num_attention_heads": hf.n_head,
+            "ffn_hidden_size": hf.n_inner or 4 * hf.n_embd, "seq_length": hf.n_positions,
+            "max_position_embeddings": hf.n_positions, "vocab_size": hf.vocab_size,
+            "norm_eps": hf.layer_norm_epsilon, "hidden_dropout": hf.resid_pdrop, "attention_dropout": hf.attn_pdrop,
+            "init_std": hf.initializer_range, "tie_embeddings": bool(hf.tie_word_embeddings),
+        }
+    rope = dict(hf.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        refuse(f"rope_parameters.rope_type {rope.get('rope_type')!r} (RoPE scaling)")
+    if hf.hidden_act != "silu":
+        refuse(f"hidden_act {hf.hidden_act!r}")
+    if hf.attention_bias or hf.mlp_bias:
+        refuse("attention_bias/mlp_bias")
+    if hf.head_dim * hf.num_attention_heads != hf.hidden_size:
+        refuse(f"head_dim {hf.head_dim} != hidden_size / num_attention_heads")
+    return {
+        "preset": "llama", "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
+        "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
+        "ffn_hidden_size": hf.intermediate_size, "seq_length": min(hf.max_position_embeddings, 4096),
+        "max_position_embeddings": hf.max_position_embeddings, "vocab_size": hf.vocab_size,
+        "rope_theta": float(rope.get("rope_theta", 10000.0)), "norm_eps": hf.rms_norm_eps,
+        "attention_dropout": float(hf.attention_dropout or 0.0), "init_std": hf.initializer_range,
+        "tie_embeddings": bool(hf.tie_word_embeddings),
+    }
+
+
+def _expected(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every weight the model needs (computed on meta tensors, no data)."""
+    out = {}
+    for group in keymaps.groups(model_cfg):
+        meta = {local: torch.empty(keymaps.full_shape(local, model_cfg), device="meta") for local in group.locals}
+        out.update({k: tuple(v.shape) for k, v in keymaps.to_hf(model_cfg, group, meta).items()})
+    return out
+
+
+def _name_resolver(weights: HFWeights, kind: str):
+    """HF names as this directory spells them (GPT2Model-style checkpoints lack 'transformer.')."""
+    have = set(weights.keys())
+
+    def actual(name: str) -> str | None:
+        if name in have:
+            return name
+        if kind == "gpt2" and name.startswith("transformer.") and name[len("transformer."):] in have:
+            return name[len("transformer."):]
+        return None
+
+    return actual
+
+
+def check_weights(weights: HFWeights, model_cfg: ModelConfig, kind: str, where: Path) -> None:
+    """Every weight present with the shape config.json implies, and nothing unexplained left over."""
+    actual = _name_resolver(weights, kind)
+    used = set()
+    for name, shape in _expected(model_cfg).items():
+        real = actual(name)
+        if real is None:
+            raise UserError(f"{where}: weight {name} is missing; the files do not hold a full {kind} model")
+        if weights.shapes[real] != shape:
+            raise UserError(
+                f"{where}: weight {real} has shape {list(weights.shapes[real])} but config.json implies "
+                f"{list(shape)}; the config does not match the weights"
+            )
+        used.add(real)
+    for name in weights.keys():
+        if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight"):
+            continue
+        raise UserError(f"{where}: unexpected weight {name}; not a plain {keymaps.HF_ARCHITECTURE[kind]} checkpoint")
+
+
+def run_config_from_hf(kind: str, hf, raw: dict, model_dir: Path, output: Path, overrides: list[str],
+                       has_tokenizer: bool) -> RunConfig:
+    out = output.resolve()
+    data = {"tokenizer": str(out / TOKENIZER_DIR)} if has_tokenizer else {}
+    tree: dict = {
+        "model": model_section(kind, hf, model_dir / "config.json"),
+        "train": {"precision": HF_PRECISION.get(str(raw.get("dtype") or raw.get("torch_dtype")), "fp32")},
+        "data": data,
+        "checkpoint": {"load": str(out)},
+        "deepspeed_config": str(out / DS_CONFIG_NAME),
+    }
+    try:
+        for item in overrides:
+            apply_override(tree, item)
+        return from_dict(tree)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def copy_tokenizer(src: Path, dst: Path) -> bool:
+    """Copy an HF tokenizer's files (if any) and check that they load; True if there was one."""
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not any(f.name in ("tokenizer.json", "vocab.json", "tokenizer.model") for f in files):
+        return False
+    dst.mkdir()
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
+    except Exception as e:  # transformers raises many types for broken tokenizer files
+        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        raise UserError(f"{src}: its tokenizer files do not load ({first}); fix or remove them") from None
+    return True
+
+
+def import_hf(model_dir: str | Path, output: str | Path, overrides: list[str] | None = None,
+              overwrite: bool = False) -> Path:
+    """Convert an HF GPT-2/Llama directory to a weights-only mtnlg checkpoint; returns the output."""
+    from mtnlg.data.tokenizer import atomic_dir
+
+    model_dir, output = Path(model_dir), Path(output)
+    check_output(output, overwrite)
+    kind, hf, raw = read_hf_config(model_dir)
+    weights = HFWeights(model_dir)
+    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))
+    run_cfg = run_config_from_hf(kind, hf, raw, model_dir, output, overrides or [], has_tokenizer)
+    tp, pp = run_cfg.parallel.tensor, run_cfg.parallel.pipeline
+    model_cfg = resolve_model(run_cfg, tp, pp, "import-hf")
+    check_weights(weights, model_cfg, kind, model_dir)
+    actual = _name_resolver(weights, kind)
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return weights.get(actual(name))
+
+    with atomic_dir(output) as tmp:
+        write_weights_only(tmp, run_cfg, model_cfg, lambda g: keymaps.from_hf(model_cfg, g, get),
+                           source=str(model_dir.resolve()))
+        if has_tokenizer:
+            copy_tokenizer(model_dir, tmp / TOKENIZER_DIR)
+        (tmp / DS_CONFIG_NAME).write_text(json.dumps(DEFAULT_DS_CONFIG, indent=2) + "\n")
+        save_config(run_cfg, tmp / CONFIG_NAME)
+    return output
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; pass a directory path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} exists and is not empty; remove it or pass --overwrite")

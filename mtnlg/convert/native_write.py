@@ -1,0 +1,78 @@
+"""Write a weights-only mtnlg checkpoint for a (tp, pp) layout, in DeepSpeed's file layout.
+
+    <dir>/global_step0/mp_rank_TT_model_states.pt          pp = 1: {"module": tp rank TT's state dict, ...}
+    <dir>/global_step0/layer_LL-model_TT-model_states.pt   pp > 1: layer LL's state dict on tp rank TT
+    <dir>/global_step0/mp_rank_MM_model_states.pt          pp > 1: metadata (module=None), MM = pp-major rank
+    <dir>/global_step0/mtnlg_config.yaml, weights_only, complete
+    <dir>/latest
+
+These are the names DeepSpeed's engines write (and its ``load_checkpoint(load_module_only=True)``
+reads) for that layout; there are no optimizer files. ``mtnlg train`` with ``checkpoint.load``
+on it starts at iteration 0 with a fresh optimizer (``native.load_weights``), under any layout
+and ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mtnlg.config import ModelConfig, RunConfig, save_config
+from mtnlg.convert import keymaps
+from mtnlg.convert.keymaps import Group
+from mtnlg.convert.native import WEIGHTS_ONLY, shard_for
+from mtnlg.training.checkpoint import CONFIG_NAME, MARKER, tag_for
+from mtnlg.training.universal import universal_checkpoint_info
+
+
+def _metadata(model_cfg: ModelConfig, tp: int, pp: int) -> dict:
+    """The non-weight entries DeepSpeed puts in a model-states file (for an untrained engine)."""
+    import deepspeed
+
+    return {
+        "buffer_names": [], "optimizer": None, "param_shapes": None, "frozen_param_shapes": None,
+        "shared_params": {}, "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None,
+        "random_ltd": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
+        "dp_world_size": 1, "mp_world_size": tp * pp,
+        "checkpoint_parallel_dimensions": {"pp_degree": pp, "tp_degree": tp},
+        "ds_config": {"zero_optimization": {"stage": 0}}, "ds_version": deepspeed.__version__,
+        "universal_checkpoint_info": universal_checkpoint_info(model_cfg, tp),
+        "iteration": 0, "consumed_samples": 0,
+    }
+
+
+def write_weights_only(root: Path, run_cfg: RunConfig, model_cfg: ModelConfig,
+                       read_group: Callable[[Group], dict[str, torch.Tensor]], source: str) -> Path:
+    """Write the checkpoint of iteration 0 under ``root``; ``read_group`` gives full unpadded tensors.
+
+    Memory: pp > 1 holds one layer at a time; pp = 1 holds one tp rank's file (the model / tp).
+    """
+    tp, pp = run_cfg.parallel.tensor, run_cfg.parallel.pipeline
+    tag_dir = root / tag_for(0)
+    tag_dir.mkdir(parents=True)
+    meta = _metadata(model_cfg, tp, pp)
+    groups = keymaps.groups(model_cfg)
+    if pp > 1:
+        for group in groups:
+            tensors = read_group(group)
+            for t in range(tp):
+                sd = {local: shard_for(local, x, model_cfg, t, tp) for local, x in tensors.items()}
+                torch.save(sd, tag_dir / f"layer_{group.spec_index:02d}-model_{t:02d}-model_states.pt")
+        for mp in range(tp * pp):
+            torch.save({"module": None, **meta}, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+    else:
+        for t in range(tp):
+            module = {}
+            for group in groups:
+                for local, x in read_group(group).items():
+                    module[group.full(local)] = shard_for(local, x, model_cfg, t, tp)
+            torch.save({"module": module, **meta}, tag_dir / f"mp_rank_{t:02d}_model_states.pt")
+            del module
+    save_config(run_cfg, tag_dir / CONFIG_NAME)
+    (tag_dir / WEIGHTS_ONLY).write_text(json.dumps({"source": source, "tensor": tp, "pipeline": pp}) + "\n")
+    (tag_dir / MARKER).write_text("0\n")
+    (root / "latest").write_text(tag_for(0))
+    return tag_dir
