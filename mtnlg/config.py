@@ -145,6 +145,16 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness during training (needs the ``eval`` extra)."""
+
+    tasks: list[str] | None = None  # lm-eval task names, e.g. [lambada_local, wikitext_local]
+    include_path: str | None = None  # a directory of task YAMLs (e.g. examples/eval)
+    interval: int = 0  # every N iterations (and at the end); 0 = never
+    limit: int | None = None  # examples per task
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -152,6 +162,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed_config: str | None = None  # path to a DeepSpeed JSON (ZeRO, precision details)
 
 

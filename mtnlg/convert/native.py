@@ -357,7 +357,8 @@ class NativeCheckpoint:
 def resolve_model(cfg: RunConfig, tp: int, pp: int, where: Path | str) -> ModelConfig:
     """The model config of ``cfg`` resolved for tensor size ``tp`` (vocabulary padding, defaults)."""
     cfg = dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, tensor=tp, pipeline=pp, data=None),
+        cfg, model=dataclasses.replace(cfg.model, padded_vocab_size=None),  # padding depends on tp
+        parallel=dataclasses.replace(cfg.parallel, tensor=tp, pipeline=pp, data=None),
         train=dataclasses.replace(cfg.train, global_batch_size=None, grad_accum_steps=None),
     )
     try:

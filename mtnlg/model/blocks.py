@@ -49,6 +49,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class KVSlot:
+    """One layer's key/value cache for incremental decoding: (B, nkv, T_max, hd) per tensor.
+
+    Row b holds ``lengths[b]`` valid positions; ``append`` writes the new keys/values of every
+    row at its own position, so prompts of different lengths decode in one batch.
+    """
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.rows = slice(None)  # the rows a forward writes (one row during a prompt's prefill)
+        self.start = torch.zeros(batch, dtype=torch.long, device=device)  # per-row position of the new tokens
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hd) at each row's start; return all keys, values and the attention mask."""
+        ks, vs, start = self.k[self.rows], self.v[self.rows], self.start[self.rows]
+        T, max_len = k.size(2), ks.size(2)
+        for b in range(k.size(0)):
+            s = int(start[b])
+            ks[b, :, s : s + T] = k[b]
+            vs[b, :, s : s + T] = v[b]
+        query_pos = start[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        mask = torch.arange(max_len, device=k.device)[None, None, :] <= query_pos[:, :, None]  # (B, T, T_max)
+        return ks, vs, mask.unsqueeze(1)  # mask (B, 1, T, T_max)
+
+
 class ParallelAttention(nn.Module):
     """Causal self-attention; heads split across tp ranks; GQA when num_kv_heads < heads."""
 
@@ -78,7 +104,7 @@ class ParallelAttention(nn.Module):
             self._rope_cache = c
         return c[0][:T], c[1][:T]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
@@ -86,11 +112,19 @@ class ParallelAttention(nn.Module):
         k = k.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.cfg.position_embedding == "rope":
-            cos, sin = self._rope(T, x.device, q.dtype)
+            if kv is None:
+                cos, sin = self._rope(T, x.device, q.dtype)
+            else:  # each row continues from its own position
+                pos = kv.start[kv.rows][:, None] + torch.arange(T, device=x.device)  # (B, T)
+                table_cos, table_sin = self._rope(int(pos.max()) + 1, x.device, q.dtype)
+                cos, sin = table_cos[pos].unsqueeze(1), table_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.cfg.attention_dropout if self.training else 0.0
         gqa = self.n_kv != self.n_heads
-        if p > 0:  # attention probabilities are sharded by head: use the tp stream
+        if kv is not None:  # incremental decoding (inference only)
+            k, v, mask = kv.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif p > 0:  # attention probabilities are sharded by head: use the tp stream
             with self.rng.fork(x.device):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
         else:
@@ -136,7 +170,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.norm1(x)), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.norm1(x), kv), self.dropout, self.training)
         x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
         return x

@@ -30,7 +30,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
-from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.model.blocks import KVSlot, TransformerBlock, make_norm
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -54,10 +54,13 @@ class Embedding(nn.Module):
                 shape = (cfg.max_position_embeddings, cfg.hidden_size)
                 self.position_embeddings.weight.copy_(init.normal("embed.position", shape))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """``start`` (B,): the position of each row's first token (incremental decoding)."""
         x = self.word_embeddings(input_ids)  # (B, T, C)
         if self.position_embeddings is not None:
             pos = torch.arange(input_ids.size(1), device=input_ids.device)
+            if start is not None:
+                pos = start[:, None] + pos  # (B, T)
             x = x + self.position_embeddings(pos)
         return F.dropout(x, self.dropout, self.training)
 
@@ -120,23 +123,40 @@ def block_index(spec_index: int) -> int | None:
     return spec_index - 1 if spec_index >= 1 else None
 
 
+def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
+    """The spec indices pipeline stage ``pp_rank`` holds, as DeepSpeed's PipelineModule partitions them
+    (``type:TransformerBlock``: equal blocks per stage, the embedding first, final norm and head last)."""
+    per = cfg.num_layers // pp_size
+    start = 0 if pp_rank == 0 else 1 + pp_rank * per
+    stop = cfg.num_layers + 3 if pp_rank == pp_size - 1 else 1 + (pp_rank + 1) * per
+    return range(start, stop)
+
+
 class GPTModel(nn.Module):
-    """The layer specs built into one module (pp = 1), named as DeepSpeed's PipelineModule names them."""
+    """The layer specs built into one module, named as DeepSpeed's PipelineModule names them.
+
+    With the default ``stage=None`` it is the whole model (pp = 1, training and inference);
+    ``stage=s`` builds only pipeline stage s of ``ps.pp_size`` (for inference: its forward takes
+    the previous stage's hidden states, or token ids on the first stage).
+    """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
-                 rng: TPRandom | None = None):
+                 rng: TPRandom | None = None, stage: int | None = None):
         super().__init__()
         if cfg.padded_vocab_size is None:
             raise ValueError("GPTModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
         self.cfg = cfg
         self.ps = ps or ParallelState.single()
-        if self.ps.pp_size != 1:
-            raise ValueError("GPTModel is the pp=1 form; use pipeline_module() for pp > 1")
+        if self.ps.pp_size != 1 and stage is None:
+            raise ValueError("for pp > 1 train with pipeline_module(), or build one stage with stage=")
         self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
         self.loss_fn = GPTLoss(self.ps.tp_group, cfg.vocab_size)
         self.tied_modules = nn.ModuleDict()
         self._funcs: list = []
-        for idx, spec in enumerate(layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))):
+        specs = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
+        keep = range(len(specs)) if stage is None else stage_specs(cfg, self.ps.pp_size, stage)
+        for idx in keep:
+            spec = specs[idx]
             if isinstance(spec, TiedLayerSpec):
                 if spec.key not in self.tied_modules:
                     self.tied_modules[spec.key] = spec.build()
@@ -178,6 +198,31 @@ class GPTModel(nn.Module):
         if labels is not None:
             return self.loss_fn(logits, labels)
         return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size]
+
+    def new_cache(self, batch: int, max_len: int) -> list[KVSlot]:
+        """An empty key/value cache for ``batch`` rows of up to ``max_len`` positions (this rank's heads)."""
+        p = next(self.parameters())
+        n_kv = self.cfg.num_kv_heads // self.ps.tp_size
+        return [KVSlot(batch, n_kv, max_len, self.cfg.head_dim, p.device, p.dtype) for _ in range(self.cfg.num_layers)]
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, cache: list[KVSlot], rows: slice = slice(None)) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of new tokens ``input_ids`` for cache rows ``rows``, each row continuing
+        at its cached length; the cache grows by T positions per row."""
+        start = cache[0].start[rows]
+        x = None
+        for f in self._funcs:
+            if x is None:
+                x = f(input_ids, start)  # the embedding (first spec)
+            elif isinstance(f, TransformerBlock):
+                slot = cache[f.layer_number]
+                slot.rows = rows
+                x = f(x, slot)
+            else:
+                x = f(x)
+        for slot in cache:
+            slot.start[rows] += input_ids.size(1)
+        return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
 
 def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int, rng: TPRandom | None = None):

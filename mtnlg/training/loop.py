@@ -120,11 +120,16 @@ def train(cfg: RunConfig) -> RunSummary:
         if valid_batches and (iteration % t.eval_interval == 0 or iteration == t.iters):
             val_loss = engine.eval_loss(valid_batches)
             summary.val_losses[iteration] = val_loss
+        downstream = None
+        if cfg.eval.tasks and cfg.eval.interval and (iteration % cfg.eval.interval == 0 or iteration == t.iters):
+            from mtnlg.eval.in_training import downstream_eval
+
+            downstream = downstream_eval(engine, cfg, tokenizer)
         record = metrics.step(
             iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
             loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
             log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1,
-            val_loss=val_loss,
+            val_loss=val_loss, extra=downstream,
         )
         summary.last_record = record or summary.last_record
         summary.iterations = iteration

@@ -60,10 +60,10 @@ class Metrics:
 
     def step(self, iteration: int, loss: float, seconds: float, *, lr: float, grad_norm: float | None,
              loss_scale: float | None, skipped: int, consumed_samples: int, log: bool,
-             val_loss: float | None = None) -> dict[str, Any] | None:
+             val_loss: float | None = None, extra: dict[str, float] | None = None) -> dict[str, Any] | None:
         """Record one finished step; write a record when ``log`` (or on a validation step)."""
         self._window.append((loss, seconds))
-        if not (log or val_loss is not None):
+        if not (log or val_loss is not None or extra):
             return None
         n = len(self._window)
         window_s = sum(s for _, s in self._window)
@@ -90,6 +90,8 @@ class Metrics:
         if val_loss is not None:
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if extra:
+            record.update({f"eval/{k}": v for k, v in extra.items()})
         self._window = []
         if self.enabled:
             self._write(record)
@@ -110,6 +112,7 @@ class Metrics:
         parts += [f"mem {r['peak_mem_mb']:.0f}MB", f"ETA {_fmt_time(r['eta_s'])}"]
         if "val_loss" in r:
             parts.append(f"val_loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f}")
+        parts += [f"{k} {v:.4g}" for k, v in r.items() if k.startswith("eval/")]
         print(" | ".join(parts), flush=True)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Evaluation (perplexity, cloze, multiple choice, lm-evaluation-harness) and text generation."""

@@ -1,0 +1,110 @@
+"""The evaluation subcommands of ``mtnlg``: evaluate, generate, lm-eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mtnlg.errors import UserError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="zero-shot perplexity / cloze / multiple-choice evaluation")
+    _add_model_args(p)
+    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"])
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="the examples (see mtnlg/eval/tasks.py)")
+    p.add_argument("--output", metavar="results.json", help="also write the results here")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: half the context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("generate", help="generate text with a KV cache (greedy or sampled)")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("lm-eval", help="run lm-evaluation-harness with the `mtnlg` model registered",
+                              add_help=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="DIR", help="an mtnlg checkpoint directory (any layout)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the newest)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the accelerator if any)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    import torch
+
+    return str(torch.accelerator.current_accelerator()) if torch.accelerator.is_available() else "cpu"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtnlg.eval.loading import open_model
+    from mtnlg.eval.tasks import read_jsonl, run_task
+
+    rows = read_jsonl(args.data)[: args.limit]
+    model = open_model(args.checkpoint, args.hf, args.iteration, _device(args.device), args.batch_size)
+    t0 = time.time()
+
+    def progress(done: int, total: int) -> None:
+        if model.rank == 0 and (done == total or done % max(1, total // 10) == 0):
+            eta = (time.time() - t0) / done * (total - done)
+            print(f"[evaluate] {done}/{total} documents, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    kwargs = {"stride": args.stride, "progress": progress} if args.task == "perplexity" else {}
+    results = run_task(args.task, model.scorer, rows, model.eod_id, **kwargs)
+    results = {"task": args.task, "data": str(args.data), "model": args.checkpoint or args.hf, **results,
+               "seconds": round(time.time() - t0, 2)}
+    if model.rank == 0:
+        print(json.dumps(results, indent=2))
+        if args.output:
+            out = Path(args.output)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.replace(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mtnlg.eval.loading import open_model
+
+    model = open_model(args.checkpoint, args.hf, args.iteration, _device(args.device), for_generation=True)
+    if model.generator is None:
+        raise UserError("generation needs pp = 1; run it in one process or with tensor parallelism only")
+    gen = model.generator
+    prompts = [gen.encode(p) or [model.eod_id] for p in args.prompt]
+    outs = gen.generate_ids(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if model.rank == 0:
+        for prompt, ids in zip(args.prompt, outs):
+            text = gen.decode([t for t in ids if t != model.eod_id])
+            print(json.dumps({"prompt": prompt, "completion": text, "tokens": len(ids)}, ensure_ascii=False))
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval.__main__ as lm_main
+    except ImportError:
+        raise UserError("lm-evaluation-harness is not installed; pip install 'mtnlg[eval]' (or lm-eval)") from None
+    import mtnlg.eval.lm_eval_model  # noqa: F401  registers the `mtnlg` model
+
+    rest = [a for a in args.lm_eval_args if a != "--"]
+    sys.argv = ["lm_eval", *rest]
+    lm_main.cli_evaluate()
+    return 0

@@ -1,0 +1,79 @@
+"""Open a model for evaluation or generation: a native checkpoint (in its own layout under a
+launcher, or merged in one process) or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mtnlg.errors import UserError
+
+
+@dataclass
+class OpenedModel:
+    scorer: Any  # TorchScorer / NativeScorer
+    generator: Any  # Generator / HFGenerator, or None (a pipeline layout cannot decode incrementally)
+    eod_id: int
+    decode: Any
+    rank: int = 0  # global rank: only rank 0 reports
+
+
+def launched() -> bool:
+    """True under a launcher with more than one rank (deepspeed, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def open_model(checkpoint: str | None = None, hf: str | None = None, iteration: int | None = None,
+               device: str | torch.device = "cpu", batch_size: int = 8, for_generation: bool = False) -> OpenedModel:
+    if (checkpoint is None) == (hf is None):
+        raise UserError("give exactly one of --checkpoint DIR (an mtnlg checkpoint) or --hf DIR (a Hugging Face model)")
+    device = torch.device(device)
+    if hf is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mtnlg.eval.generate import HFGenerator
+        from mtnlg.eval.scorer import hf_scorer
+
+        scorer, eod = hf_scorer(hf, device=str(device), batch_size=batch_size)
+        tok = AutoTokenizer.from_pretrained(hf)
+        model = AutoModelForCausalLM.from_pretrained(hf).eval() if for_generation else None
+        return OpenedModel(scorer, HFGenerator(model, tok) if model is not None else None, eod, tok.decode)
+    return _open_native(checkpoint, iteration, device, batch_size, for_generation)
+
+
+def _open_native(checkpoint: str, iteration: int | None, device: torch.device, batch_size: int,
+                 for_generation: bool) -> OpenedModel:
+    import torch.distributed as dist
+
+    from mtnlg.convert.native import open_checkpoint
+    from mtnlg.data.tokenizer import load_tokenizer
+    from mtnlg.eval.generate import Generator
+    from mtnlg.eval.native import NativeScorer, build_model
+    from mtnlg.parallel import ParallelState
+
+    ckpt = open_checkpoint(checkpoint, iteration)
+    if ckpt.tokenizer_dir is None:
+        raise UserError(f"{checkpoint} has no tokenizer/ directory (a run on synthetic data?); text tasks need one")
+    tok = load_tokenizer(str(ckpt.tokenizer_dir))
+    if launched():
+        from mtnlg.training.distributed import init_distributed
+
+        device = init_distributed()
+        world = dist.get_world_size()
+        tp, pp = (world, 1) if for_generation else (ckpt.layout.tp, ckpt.layout.pp)
+        if world % (tp * pp):
+            raise UserError(f"{checkpoint} was trained with tensor={tp} x pipeline={pp}; launch a multiple of "
+                            f"{tp * pp} ranks (got {world}), or run in one process")
+        ps = ParallelState.create(tp, pp)
+    else:
+        ps = ParallelState.single()
+    module, cfg, _ = build_model(checkpoint, iteration, ps, device)
+    scorer = NativeScorer(module, cfg, ps, tok.encode, device, batch_size)
+    generator = None
+    if ps.pp_size == 1:
+        positions = cfg.max_position_embeddings if cfg.position_embedding == "learned" else 1 << 30
+        generator = Generator(module, tok.encode, tok.decode, tok.eod_id, positions)
+    return OpenedModel(scorer, generator, tok.eod_id, tok.decode, ps.rank)
