@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mtnlg.convert.commands import add_commands as add_convert_commands
     from mtnlg.data.commands import add_commands as add_data_commands
+    from mtnlg.eval.commands import add_commands as add_eval_commands
 
     add_data_commands(sub)
     add_convert_commands(sub)
+    add_eval_commands(sub)
 
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)
