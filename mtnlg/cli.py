@@ -11,6 +11,13 @@ import sys
 from mtnlg.errors import TrainingAborted, UserError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to look) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -45,10 +52,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary.iterations else 1
 
 
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from mtnlg.training.reshard import reshard
+
+    reshard(args.checkpoint, args.output, args.iteration, args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mtnlg import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mtnlg", description="Train GPT models with 3D parallelism (Megatron TP x DeepSpeed PP x ZeRO DP), "
         "prepare data, convert to and from Hugging Face, evaluate and generate.")
     parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
@@ -67,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_convert_commands(sub)
     add_eval_commands(sub)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")
+    csub.required = True
+    r = csub.add_parser("reshard", help="make a checkpoint that resumes under any (tp, pp, dp) layout")
+    r.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (ZeRO stage >= 1)")
+    r.add_argument("--output", required=True, metavar="DIR2", help="a new directory for the universal checkpoint")
+    r.add_argument("--iteration", type=int, default=None, help="which checkpoint (default: the newest complete)")
+    r.add_argument("--workers", type=int, default=1, help="conversion processes (default 1)")
+    r.set_defaults(func=_cmd_reshard)
 
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)

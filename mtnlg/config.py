@@ -97,7 +97,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     log_interval: int = 10
     eval_interval: int = 0  # 0: no validation during training
-    eval_iters: int = 10
+    eval_iters: int = 10  # global batches of validation data per evaluation
     peak_tflops: float | None = None  # for MFU; default: measured GEMM peak (CPU) or nominal (GPU)
     max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
     spike_factor: float = 10.0  # log a loss above this many times its running mean

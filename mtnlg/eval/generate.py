@@ -101,6 +101,12 @@ class HFGenerator:
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                      stop_at_eod: bool = True) -> list[list[int]]:
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if limit and longest > limit:
+            raise UserError(f"prompt + --max-new-tokens = {longest} tokens exceeds the model's {limit} positions; "
+                            "shorten the prompt or generate fewer tokens")
         out = []
         for prompt in prompts:  # one at a time: no padding conventions to get wrong
             if seed is not None:
@@ -110,7 +116,8 @@ class HFGenerator:
                 kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
             if not stop_at_eod:
                 kwargs["eos_token_id"] = None
-            ids = self.model.generate(torch.tensor([prompt]), **kwargs)[0, len(prompt):].tolist()
+            ids = self.model.generate(torch.tensor([prompt], device=self.model.device), **kwargs)
+            ids = ids[0, len(prompt):].tolist()
             out.append(ids)
         return out
 

@@ -32,15 +32,12 @@ def open_model(checkpoint: str | None = None, hf: str | None = None, iteration: 
         raise UserError("give exactly one of --checkpoint DIR (an mtnlg checkpoint) or --hf DIR (a Hugging Face model)")
     device = torch.device(device)
     if hf is not None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from mtnlg.eval.generate import HFGenerator
-        from mtnlg.eval.scorer import hf_scorer
+        from mtnlg.eval.scorer import hf_scorer, load_hf
 
-        scorer, eod = hf_scorer(hf, device=str(device), batch_size=batch_size)
-        tok = AutoTokenizer.from_pretrained(hf)
-        model = AutoModelForCausalLM.from_pretrained(hf).eval() if for_generation else None
-        return OpenedModel(scorer, HFGenerator(model, tok) if model is not None else None, eod, tok.decode)
+        model, tok = load_hf(hf, device=str(device))
+        scorer = hf_scorer(model, tok, device=str(device), batch_size=batch_size)
+        return OpenedModel(scorer, HFGenerator(model, tok), tok.eos_token_id, tok.decode)
     return _open_native(checkpoint, iteration, device, batch_size, for_generation)
 
 

@@ -44,18 +44,24 @@ class TorchScorer:
         return out
 
 
-def hf_scorer(hf_dir: str, device: str = "cpu", batch_size: int = 8, dtype: torch.dtype = torch.float32):
-    """A scorer over a Hugging Face model directory (loaded offline), and its end-of-text id."""
+def load_hf(hf_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a Hugging Face directory, offline, quietly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from mtnlg.errors import UserError
 
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Hugging Face model from {hf_dir} ({str(e).splitlines()[0]})") from None
+    return model, tok
+
+
+def hf_scorer(model, tok, device: str = "cpu", batch_size: int = 8) -> TorchScorer:
+    """A scorer over a loaded Hugging Face causal LM."""
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    scorer = TorchScorer(lambda x: model(x).logits, lambda t: tok.encode(t, add_special_tokens=False), ctx,
-                         device, batch_size)
-    return scorer, tok.eos_token_id
+    return TorchScorer(lambda x: model(x).logits, lambda t: tok.encode(t, add_special_tokens=False), ctx,
+                       device, batch_size)

@@ -38,9 +38,11 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device):
+    def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
         self.ds_config = build_ds_config(cfg)
+        if load_universal:  # resharding a `mtnlg checkpoint reshard` output into this layout
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if cfg.train.precision == "fp16" and device.type == "cpu":
             allow_cpu_fp16()
         self.zero_stage = zero_stage(self.ds_config)
@@ -58,6 +60,7 @@ class Engine:
         optimizer = GuardedAdamW(
             param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr, **adam_hyperparams(self.ds_config)
         )
+        self.group_decay = [g["weight_decay"] for g in optimizer.param_groups]
         schedule = LRSchedule(optimizer, cfg.train)
         self.guard = optimizer
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
@@ -65,6 +68,22 @@ class Engine:
             mpu=None if self.pipelined else ps,
         )
         self.module = self.engine.module
+
+    def after_load(self, universal: bool) -> None:
+        """Mend three gaps of DeepSpeed's universal-checkpoint loading into ZeRO-3 (0.19.8): it copies the first
+        param group's hyperparameters onto every group (mtnlg puts back no weight decay on biases and norms),
+        fills the fp32 master partitions without copying them into the model's own partitions, and gives every
+        group the same Adam step tensor."""
+        for group, decay in zip(self.guard.param_groups, self.group_decay):
+            group["weight_decay"] = decay
+        self.schedule.load_state_dict(self.schedule.state_dict())  # re-applies the scheduled lr
+        if universal and self.zero_stage == 3:
+            opt = self.engine.optimizer
+            for sub_group in range(len(opt.fp16_groups)):
+                opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+            for state in self.guard.state.values():  # one step tensor was shared by every group: Adam would
+                if torch.is_tensor(state.get("step")):  # count each step once per group
+                    state["step"] = state["step"].clone()
 
     # ------------------------------------------------------------------ steps
     def train_step(self, micro_batches: list[Batch]) -> StepResult:

@@ -54,25 +54,74 @@ def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device:
     return out
 
 
-def _load(engine: Engine, cfg: RunConfig) -> tuple[int, int]:
-    """Resume from checkpoint.load if it holds a complete checkpoint: (iteration, consumed samples)."""
+@dataclass
+class LoadPlan:
+    directory: str
+    tag: str
+    kind: str  # "native" (same layout), "universal" (from `mtnlg checkpoint reshard`), "weights" (import-hf)
+
+
+def plan_load(cfg: RunConfig) -> LoadPlan | None:
+    """What checkpoint.load holds and how to load it into this run's layout (checked before building engines)."""
+    from mtnlg.config import load_config
+    from mtnlg.convert.native import is_weights_only
+    from mtnlg.training.ds_config import load_ds_json, zero_stage
+    from mtnlg.training.reshard import is_universal
+
     load = cfg.checkpoint.load
     if not load:
-        return 0, 0
+        return None
     tag = checkpoint.latest_tag(load)
     if tag is None:
         if cfg.checkpoint.save and Path(load).resolve() == Path(cfg.checkpoint.save).resolve():
-            return 0, 0  # resuming into the save directory: nothing saved yet
+            return None  # resuming into the save directory: nothing saved yet
         raise UserError(f"checkpoint.load = {load} holds no complete checkpoint (no global_step*/complete)")
-    from mtnlg.convert.native import is_weights_only, load_weights
+    tag_dir = Path(load) / tag
+    if is_weights_only(tag_dir):
+        return LoadPlan(load, tag, "weights")
+    stage = zero_stage(load_ds_json(cfg.deepspeed_config))
+    if is_universal(tag_dir):
+        if stage == 0:
+            raise UserError(f"{tag_dir} is a universal checkpoint; loading it needs ZeRO stage >= 1 "
+                            "(ds_configs/zero1.json)")
+        if stage == 3 and cfg.parallel.tensor > 1:
+            raise UserError(f"DeepSpeed cannot load a universal checkpoint into ZeRO-3 with tensor parallelism "
+                            f"({tag_dir}); use ZeRO-1/2 or parallel.tensor = 1")
+        m = cfg.model
+        if stage == 3 and m.padded_vocab_size != m.vocab_size:
+            raise UserError(f"DeepSpeed's ZeRO-3 universal loader cannot re-pad the vocabulary ({m.vocab_size} -> "
+                            f"{m.padded_vocab_size}); resume {tag_dir} under ZeRO-1/2, or train with a vocabulary "
+                            f"size that is a multiple of {m.make_vocab_size_divisible_by} x tensor")
+        return LoadPlan(load, tag, "universal")
+    saved = load_config(tag_dir / checkpoint.CONFIG_NAME)
+    saved_stage = zero_stage(load_ds_json(saved.deepspeed_config)) if saved.deepspeed_config else stage
+    sp, p = saved.parallel, cfg.parallel
+    moved = (sp.tensor, sp.pipeline) != (p.tensor, p.pipeline) or saved_stage != stage or (
+        sp.data != p.data and stage > 0)
+    if moved:
+        raise UserError(
+            f"{tag_dir} was saved with tensor={sp.tensor}, pipeline={sp.pipeline}, data={sp.data}, ZeRO-{saved_stage} "
+            f"but this run is tensor={p.tensor}, pipeline={p.pipeline}, data={p.data}, ZeRO-{stage}; convert it first: "
+            f"mtnlg checkpoint reshard --checkpoint {load} --output {load}-universal, then load that"
+        )
+    return LoadPlan(load, tag, "native")
 
-    if is_weights_only(Path(load) / tag):  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
-        load_weights(engine, Path(load) / tag)
+
+def _load(engine: Engine, plan: LoadPlan | None) -> tuple[int, int]:
+    """Load the planned checkpoint: (iteration, consumed samples) to resume from."""
+    if plan is None:
         return 0, 0
-    _, state = engine.engine.load_checkpoint(load, tag=tag, load_optimizer_states=True,
+    if plan.kind == "weights":  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
+        from mtnlg.convert.native import load_weights
+
+        load_weights(engine, Path(plan.directory) / plan.tag)
+        return 0, 0
+    _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if state is None:
-        raise UserError(f"could not load checkpoint {load}/{tag}; it is not a checkpoint of this model/layout")
+        raise UserError(f"could not load checkpoint {plan.directory}/{plan.tag}; it is not a checkpoint of this "
+                        "model/layout")
+    engine.after_load(universal=plan.kind == "universal")
     return int(state["iteration"]), int(state["consumed_samples"])
 
 
@@ -88,8 +137,9 @@ def train(cfg: RunConfig) -> RunSummary:
         print(describe(cfg), flush=True)
 
     train_src, valid_src = build_sources(cfg)
-    engine = Engine(cfg, ps, device)
-    start_iter, consumed = _load(engine, cfg)
+    plan = plan_load(cfg)
+    engine = Engine(cfg, ps, device, load_universal=plan is not None and plan.kind == "universal")
+    start_iter, consumed = _load(engine, plan)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = total_peak_tflops(device, dtype, world, local_world_size(), t.peak_tflops) if is_logger else None
@@ -106,7 +156,12 @@ def train(cfg: RunConfig) -> RunSummary:
     watch = LossWatch(t.max_consecutive_nonfinite, t.spike_factor, t.precision)
     valid_batches = None
     if valid_src is not None and t.eval_interval and t.eval_iters:
-        valid_batches = micro_batches(valid_src, 0, cfg, ps, device, count=t.eval_iters)
+        # eval_iters global batches: the same validation samples whatever the layout
+        valid_batches = micro_batches(valid_src, 0, cfg, ps, device, count=t.eval_iters * t.grad_accum_steps)
+        if start_iter:  # where the loss curve resumes: the loaded model on the validation batches
+            summary.val_losses[start_iter] = engine.eval_loss(valid_batches)
+            metrics.message(f"iteration {start_iter}: validation loss {summary.val_losses[start_iter]:.6f} "
+                            "after loading")
 
     for iteration in range(start_iter + 1, t.iters + 1):
         engine.rng.seed_iteration(iteration)
