@@ -69,12 +69,13 @@ def _master_check(import_dir: str, tp: int, pp: int, zero: int, precision: str) 
     from mtnlg.convert.native import open_checkpoint, shard_for
     from mtnlg.parallel import ParallelState
     from mtnlg.training.engine import Engine
-    from mtnlg.training.loop import _load
+    from mtnlg.training.loop import _load, plan_load
 
     cfg = resolve(finetune_config(import_dir, tp, pp, zero, precision), dist.get_world_size())
     ps = ParallelState.create(tp, pp)
     engine = Engine(cfg, ps, torch.device("cpu"))
-    assert _load(engine, cfg) == (0, 0)
+    plan = plan_load(cfg)
+    assert plan.kind == "weights" and _load(engine, plan) == (0, 0)
     params = dict(engine.engine.module.named_parameters())
     lp_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     out = {"lp": 0.0, "master": 0.0, "master_vs_lp_rounding": 0.0, "count": 0}
