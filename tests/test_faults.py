@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mtnlg.training.checkpoint import complete_tags, latest_tag
+from mtnlg.training.checkpoint import TAG_RE, complete_tags, latest_tag
 from mtnlg.training.guard import LossWatch
 from tests.dist_helper import free_port, run_distributed
 
@@ -186,9 +186,14 @@ def test_killed_saves_leave_the_previous_checkpoint_loadable(tmp_path):
         deadline = time.time() + 300
         killed = False
         while time.time() < deadline and proc.poll() is None:
-            partial = [d for d in save.glob("global_step*") if not (d / "complete").exists()] if save.is_dir() else []
+            # ``done`` first: a save that completes between the two looks would otherwise count as
+            # partial while its ``latest`` is still being written.
             done = complete_tags(save)
-            if partial and done:  # a save is under way and an older one exists
+            newest_done = done[-1][0] if done else None
+            partial = [d for d in save.glob("global_step*") if (m := TAG_RE.match(d.name))
+                       and not (d / "complete").exists()
+                       and newest_done is not None and int(m.group(1)) > newest_done]
+            if partial:  # a save is under way and an older complete one exists
                 proc.kill()
                 killed = True
                 break
