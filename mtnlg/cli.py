@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
+    from mtnlg.bench.commands import add_commands as add_bench_commands
     from mtnlg.convert.commands import add_commands as add_convert_commands
     from mtnlg.data.commands import add_commands as add_data_commands
     from mtnlg.eval.commands import add_commands as add_eval_commands
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_convert_commands(sub)
     add_eval_commands(sub)
+    add_bench_commands(sub)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,51 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 class Tokenizer:
-    """A small facade over an HF fast tokenizer (and, for GPT-2 BPE, an id-equal tiktoken engine)."""
+    """A small facade over an HF fast tokenizer (and, for GPT-2 BPE, an id-equal tiktoken engine).
 
-    def __init__(self, hf: Any, name: str = "", tiktoken_encoding: Any = None) -> None:
-        if not hasattr(hf, "backend_tokenizer"):
-            raise UserError(
-                f"tokenizer {name or type(hf).__name__} is not a fast (tokenizer.json) tokenizer; "
-                "convert it with transformers and save it again"
-            )
-        self.hf = hf
+    With a tiktoken engine the HF tokenizer may be given as ``hf_factory`` instead: it is built on
+    first use of ``hf``/``decode``/``save`` (importing transformers and building it costs about a
+    second, which ``mtnlg preprocess`` of GPT-2 BPE never needs).
+    """
+
+    def __init__(self, hf: Any = None, name: str = "", tiktoken_encoding: Any = None, *,
+                 hf_factory: Any = None, eod_id: int | None = None, vocab_size: int | None = None) -> None:
         self.name = name
         self._tiktoken = tiktoken_encoding
-        # A private copy of the backend whose encode never matches special-token spellings.
-        from tokenizers import Tokenizer as _Backend
-
-        self._backend = _Backend.from_str(hf.backend_tokenizer.to_str())
-        self._backend.encode_special_tokens = True
+        self._hf, self._hf_factory, self._backend_cache = None, None, None
+        if hf is None:  # lazy: needs the engine and the numbers the HF tokenizer would give
+            if hf_factory is None or tiktoken_encoding is None or eod_id is None or vocab_size is None:
+                raise ValueError("a lazy Tokenizer needs hf_factory, tiktoken_encoding, eod_id and vocab_size")
+            self._hf_factory, self.eod_id, self.vocab_size = hf_factory, int(eod_id), int(vocab_size)
+            return
+        self._set_hf(hf)
         self.eod_id = _find_eod(hf, name)
         self.vocab_size = len(hf)
+
+    def _set_hf(self, hf: Any) -> None:
+        if not hasattr(hf, "backend_tokenizer"):
+            raise UserError(
+                f"tokenizer {self.name or type(hf).__name__} is not a fast (tokenizer.json) tokenizer; "
+                "convert it with transformers and save it again"
+            )
+        self._hf = hf
+
+    @property
+    def hf(self) -> Any:
+        if self._hf is None:
+            self._set_hf(self._hf_factory())
+        return self._hf
+
+    @property
+    def _backend(self) -> Any:
+        """A private copy of the backend whose encode never matches special-token spellings."""
+        if self._backend_cache is None:
+            from tokenizers import Tokenizer as _Backend
+
+            backend = _Backend.from_str(self.hf.backend_tokenizer.to_str())
+            backend.encode_special_tokens = True
+            self._backend_cache = backend
+        return self._backend_cache
 
     @property
     def engine(self) -> str:
@@ -76,17 +104,10 @@ class Tokenizer:
         return directory
 
     def __getstate__(self) -> dict[str, Any]:
-        # The tokenizers backend pickles through its JSON; rebuild the private copy on load.
+        # The private backend copy is rebuilt on demand (the HF tokenizer pickles through its JSON).
         state = self.__dict__.copy()
-        state.pop("_backend")
+        state["_backend_cache"] = None
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        from tokenizers import Tokenizer as _Backend
-
-        self.__dict__.update(state)
-        self._backend = _Backend.from_str(self.hf.backend_tokenizer.to_str())
-        self._backend.encode_special_tokens = True
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, engine={self.engine})"
@@ -137,10 +158,6 @@ def _load_hf_dir(directory: Path) -> Tokenizer:
 
 def load_gpt2_bpe(vocab_file: Path, merge_file: Path) -> Tokenizer:
     """GPT-2's byte-level BPE from its original files, giving exactly GPT-2's ids."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as _Backend
-    from transformers import PreTrainedTokenizerFast
-
     for p in (vocab_file, merge_file):
         if not p.is_file():
             raise UserError(f"GPT-2 BPE file {p} not found; pass --vocab-file encoder.json --merge-file vocab.bpe")
@@ -158,13 +175,25 @@ def load_gpt2_bpe(vocab_file: Path, merge_file: Path) -> Tokenizer:
         if len(pair) != 2:
             raise UserError(f"{merge_file}:{n}: expected two space-separated symbols (a GPT-2 vocab.bpe merge)")
         merges.append((pair[0], pair[1]))
+    name = f"gpt2-bpe:{vocab_file}"
+    engine = _tiktoken_gpt2(vocab, merges)
+    if engine is not None and EOD in vocab:  # the HF tokenizer (same ids) is built only if asked for
+        return Tokenizer(name=name, tiktoken_encoding=engine, hf_factory=partial(_gpt2_hf, vocab, merges),
+                         eod_id=vocab[EOD], vocab_size=len(vocab))
+    return Tokenizer(_gpt2_hf(vocab, merges), name=name, tiktoken_encoding=engine)
+
+
+def _gpt2_hf(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _Backend
+    from transformers import PreTrainedTokenizerFast
+
     backend = _Backend(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.add_special_tokens([AddedToken(EOD, special=True)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
-    return Tokenizer(hf, name=f"gpt2-bpe:{vocab_file}", tiktoken_encoding=_tiktoken_gpt2(vocab, merges))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
 
 
 def _tiktoken_gpt2(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:

@@ -31,6 +31,7 @@ from torch import nn
 
 from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
 from mtnlg.model.blocks import KVSlot, TransformerBlock, make_norm
+from mtnlg.model.flops import flops_per_token
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -124,12 +125,10 @@ def block_index(spec_index: int) -> int | None:
 
 
 def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
-    """The spec indices pipeline stage ``pp_rank`` holds, as DeepSpeed's PipelineModule partitions them
-    (``type:TransformerBlock``: equal blocks per stage, the embedding first, final norm and head last)."""
-    per = cfg.num_layers // pp_size
-    start = 0 if pp_rank == 0 else 1 + pp_rank * per
-    stop = cfg.num_layers + 3 if pp_rank == pp_size - 1 else 1 + (pp_rank + 1) * per
-    return range(start, stop)
+    """The spec indices pipeline stage ``pp_rank`` holds, as ``pipeline_module`` partitions them
+    (contiguous stages balanced by forward FLOPs: ``balanced_parts(spec_weights(cfg), pp_size)``)."""
+    parts = balanced_parts(spec_weights(cfg), pp_size, block_anchors(cfg))
+    return range(parts[pp_rank], parts[pp_rank + 1])
 
 
 class GPTModel(nn.Module):
@@ -225,16 +224,72 @@ class GPTModel(nn.Module):
         return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
 
+def spec_weights(cfg: ModelConfig) -> list[float]:
+    """Forward FLOPs per token of each layer spec: what a pipeline stage's time is proportional to.
+
+    The output layer of a GPT costs 2 * h * V per token, several transformer blocks' worth
+    (GPT-2 small: 4.9 blocks); splitting the blocks evenly leaves the last stage the slowest.
+    """
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    block = (flops_per_token(cfg) / 3.0 - head) / cfg.num_layers
+    return [0.0] + [block] * cfg.num_layers + [0.0, head]
+
+
+def block_anchors(cfg: ModelConfig) -> list[bool]:
+    """Which specs are transformer blocks: every pipeline stage holds at least one."""
+    return [False] + [True] * cfg.num_layers + [False, False]
+
+
+def balanced_parts(weights: list[float], stages: int, anchors: list[bool] | None = None) -> list[int]:
+    """Stage boundaries (``stages + 1`` spec indices) of contiguous stages minimising the heaviest
+    stage, each stage holding at least one spec marked in ``anchors`` (default: every spec); ties
+    go to the split that puts more work early (the first stage also waits least)."""
+    n = len(weights)
+    anchors = [True] * n if anchors is None else anchors
+    if stages > sum(anchors):
+        raise ValueError(f"{stages} pipeline stages for {sum(anchors)} layers")
+    prefix, count = [0.0], [0]
+    for w, a in zip(weights, anchors):
+        prefix.append(prefix[-1] + w)
+        count.append(count[-1] + int(a))
+    inf = float("inf")
+    # best[j][i]: the smallest possible heaviest stage when the first i specs form j stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for j in range(1, stages + 1):
+        for i in range(j, n - (stages - j) + 1):
+            for k in range(j - 1, i):
+                if count[i] == count[k] or best[j - 1][k] == inf:
+                    continue
+                cost = max(best[j - 1][k], prefix[i] - prefix[k])
+                if cost < best[j][i] - 1e-9 * max(cost, 1.0) or (cost <= best[j][i] and k > cut[j][i]):
+                    best[j][i], cut[j][i] = cost, k
+    parts = [n]
+    for j in range(stages, 0, -1):
+        parts.append(cut[j][parts[-1]])
+    return parts[::-1]
+
+
 def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int, rng: TPRandom | None = None):
-    """The same layer specs as a DeepSpeed PipelineModule (pp >= 1), TP inside every stage."""
+    """The same layer specs as a DeepSpeed PipelineModule (pp >= 1), TP inside every stage, stages
+    balanced by forward FLOPs (``spec_weights``)."""
     from deepspeed.pipe import PipelineModule
 
+    class BalancedPipelineModule(PipelineModule):
+        def _partition_layers(self, method: str = "uniform") -> None:
+            if method != "mtnlg:flops":
+                return super()._partition_layers(method)
+            self.parts = balanced_parts(spec_weights(cfg), self.num_stages, block_anchors(cfg))
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
     rng = rng or TPRandom(seed, ps.tp_rank, ps.pp_rank)
-    return PipelineModule(
+    return BalancedPipelineModule(
         layers=layer_specs(cfg, ps, rng, Init(seed, cfg.init_std)),
         topology=ps.dims.topology(),
         loss_fn=GPTLoss(ps.tp_group, cfg.vocab_size),
-        partition_method="type:TransformerBlock",
+        partition_method="mtnlg:flops",
         activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
         activation_checkpoint_func=rng.checkpoint,
         checkpointable_layers=["TransformerBlock"],

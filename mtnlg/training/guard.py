@@ -21,11 +21,8 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skipped = 0  # steps this guard refused
 
     def _local_bad(self) -> torch.Tensor | None:
-        flags = [
-            (~torch.isfinite(p.grad)).any()
-            for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        return torch.stack(flags).any().float().reshape(1) if flags else None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return _any_nonfinite(grads)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,10 +78,23 @@ class LossWatch:
         return message
 
 
+def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A (1,) float tensor, 1.0 when any element of ``tensors`` is inf or NaN; None for no tensors.
+
+    One fp32-accumulated sum per tensor (a single read, no per-element flag tensor): NaN and inf
+    propagate through a sum (inf - inf is NaN). A sum of finite values whose magnitude passes
+    fp32's range (3.4e38) also counts as non-finite, which for a gradient it effectively is.
+    """
+    if not tensors:
+        return None
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    return (~torch.isfinite(sums.sum())).float().reshape(1)
+
+
 def all_finite(module: torch.nn.Module) -> bool:
     """True when every parameter on every rank is finite (ZeRO-3 shards included)."""
-    flags = [(~torch.isfinite(getattr(p, "ds_tensor", p))).any() for p in module.parameters()]
-    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1)
+    bad = _any_nonfinite([getattr(p, "ds_tensor", p) for p in module.parameters()])
+    bad = torch.zeros(1) if bad is None else bad
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0

@@ -1,0 +1,3 @@
+"""Benchmarks: ``mtnlg bench`` (training throughput and MFU vs the Hugging Face + DeepSpeed peer,
+pipeline and tensor-parallel scaling; ``mtnlg.bench.runner``). The CLI registers it with
+``mtnlg.bench.commands.add_commands``."""

@@ -1,0 +1,167 @@
+"""What a benchmark worker times: mtnlg's training Engine, or the Hugging Face + DeepSpeed peer.
+
+Both train the same model dims on the same synthetic batches (uniform random token ids, one
+fixed global batch) through ``deepspeed.initialize`` with the same DeepSpeed config, batch
+sizes, precision and AdamW settings. ``step()`` runs one optimizer step and returns its loss
+as a Python float (one host sync per step, on both sides).
+
+The peer uses Hugging Face's stock fast settings: ``attn_implementation="sdpa"``, the fused
+``gelu_pytorch_tanh`` (the same tanh-GELU as mtnlg's gpt2 preset), weights built locally from
+a config (no hub). Its vocabulary is not padded (HF's default); its loss is HF's own
+(``ForCausalLMLoss``: fp32 logits, ``F.cross_entropy``), given the same next-token labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from mtnlg.config import RunConfig, from_dict, resolve
+from mtnlg.model.flops import flops_per_token, param_count
+
+
+def synthetic_batches(cfg: RunConfig, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``grad_accum_steps`` micro batches of (input_ids, labels), each (micro_batch, seq_length)."""
+    t, m = cfg.train, cfg.model
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(t.grad_accum_steps):
+        tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_length + 1), generator=gen)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def optimizer_flags(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The implementation switches of a torch AdamW (what the peer must match)."""
+    d = optimizer.defaults
+    return {"class": type(optimizer).__name__, "fused": d.get("fused"), "foreach": d.get("foreach")}
+
+
+class MtnlgSetup:
+    """mtnlg's ``Engine`` on this rank's layout (tp x pp x dp from the config and the world size)."""
+
+    kind = "mtnlg"
+
+    def __init__(self, cfg_dict: dict, device: torch.device):
+        import torch.distributed as dist
+
+        from mtnlg.parallel import ParallelState
+        from mtnlg.training.engine import Engine
+
+        world = dist.get_world_size()
+        self.cfg = resolve(from_dict(cfg_dict), world)
+        p = self.cfg.parallel
+        self.ps = ParallelState.create(p.tensor, p.pipeline)
+        t0 = time.perf_counter()
+        self.engine = Engine(self.cfg, self.ps, device)
+        self.build_s = time.perf_counter() - t0
+        self.device = device
+        # each dp rank trains on its own micro batches (the same ones at every step)
+        self.batches = [(ids.to(device), lab.to(device))
+                        for ids, lab in synthetic_batches(self.cfg, seed=1234 + self.ps.dp_rank)]
+        self.iteration = 0
+
+    def step(self) -> float:
+        self.iteration += 1
+        self.engine.rng.seed_iteration(self.iteration)
+        return self.engine.train_step(self.batches).loss
+
+    def info(self) -> dict[str, Any]:
+        opt = getattr(self.engine, "guard", None) or self.engine.engine.basic_optimizer
+        return {"kind": self.kind, "params": param_count(self.cfg.model),
+                "flops_per_token": flops_per_token(self.cfg.model), "optimizer": optimizer_flags(opt),
+                "ds_optimizer": type(self.engine.engine.optimizer).__name__, "build_s": self.build_s,
+                "tokens_per_step": self.cfg.train.global_batch_size * self.cfg.model.seq_length,
+                "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads()}
+
+
+def hf_model(cfg: RunConfig) -> torch.nn.Module:
+    """A randomly initialised HF model with mtnlg's model dims (GPT2LMHeadModel or LlamaForCausalLM)."""
+    m = cfg.model
+    if m.preset == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(
+            vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
+            n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=m.ffn_hidden_size,
+            activation_function="gelu_pytorch_tanh", resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
+            attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
+            tie_word_embeddings=True, use_cache=False,
+        )
+        hf_cfg._attn_implementation = "sdpa"
+        return GPT2LMHeadModel(hf_cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_eps, initializer_range=m.init_std,
+        tie_word_embeddings=bool(m.tie_embeddings), attention_dropout=m.attention_dropout, use_cache=False,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_cfg)
+
+
+class PeerSetup:
+    """The same model dims as a Hugging Face model, trained by ``deepspeed.initialize`` (one rank)."""
+
+    kind = "peer"
+
+    def __init__(self, cfg_dict: dict, device: torch.device, optimizer: dict[str, Any] | None = None):
+        import deepspeed
+        import torch.distributed as dist
+
+        from mtnlg.training.ds_config import adam_hyperparams, build_ds_config
+        from mtnlg.training.schedule import LRSchedule, param_groups
+
+        if dist.get_world_size() != 1:
+            raise ValueError("the HF peer is timed on one rank")
+        self.cfg = cfg = resolve(from_dict(cfg_dict), 1)
+        if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
+            raise ValueError("the HF peer has no tensor or pipeline parallelism; bench it at tp = pp = 1")
+        torch.manual_seed(cfg.train.seed)
+        t0 = time.perf_counter()
+        model = hf_model(cfg)
+        ds_config = build_ds_config(cfg)
+        ds = dict(ds_config)
+        ds.pop("optimizer", None)
+        flags = {k: v for k, v in (optimizer or {}).items() if k in ("fused", "foreach") and v is not None}
+        opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                **adam_hyperparams(ds_config), **flags)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=LRSchedule(opt, cfg.train),
+                                                    config=ds)
+        self.build_s = time.perf_counter() - t0
+        self.opt = opt
+        self.batches = [(ids.to(device), lab.to(device)) for ids, lab in synthetic_batches(cfg)]
+
+    def step(self) -> float:
+        self.engine.train()
+        total = None
+        for ids, labels in self.batches:
+            # labels already shifted: HF's loss uses ``shift_labels`` as given (the same T predictions as mtnlg)
+            loss = self.engine(input_ids=ids, labels=labels, shift_labels=labels).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        return float(total) / len(self.batches)
+
+    def info(self) -> dict[str, Any]:
+        n = sum(p.numel() for p in self.engine.module.parameters())
+        return {"kind": self.kind, "params": n, "flops_per_token": flops_per_token(self.cfg.model),
+                "optimizer": optimizer_flags(self.opt), "ds_optimizer": type(self.engine.optimizer).__name__,
+                "build_s": self.build_s, "model_class": type(self.engine.module).__name__,
+                "attn_implementation": self.engine.module.config._attn_implementation,
+                "tokens_per_step": self.cfg.train.global_batch_size * self.cfg.model.seq_length,
+                "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads()}
+
+
+def build(kind: str, cfg_dict: dict, device: torch.device, optimizer: dict | None = None):
+    if kind == "mtnlg":
+        return MtnlgSetup(cfg_dict, device)
+    if kind == "peer":
+        return PeerSetup(cfg_dict, device, optimizer)
+    raise ValueError(f"unknown setup kind {kind!r}")

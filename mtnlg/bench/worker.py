@@ -1,0 +1,139 @@
+"""A benchmark worker: one process group that builds a training setup and times its steps on command.
+
+``mtnlg bench`` starts one worker per setup it compares (mtnlg, the HF peer, a 2-rank pipeline,
+...) and drives them turn by turn, so their steps interleave in time and machine drift cancels:
+
+    python -m mtnlg.bench.worker                                              # one rank
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m mtnlg.bench.worker
+
+The parent listens on MTNLG_BENCH_ADDR (host:port, auth key MTNLG_BENCH_KEY in hex). Rank 0
+connects, receives each command and broadcasts it to the other ranks; every rank executes it;
+rank 0 sends the answer back. Commands (dicts):
+
+- ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}}`` -> info
+- ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank]}``
+- ``{"op": "exit"}``
+
+Peak memory is per rank and per setup: the device allocator's peak on an accelerator, the
+resident-set high-water mark on CPU (reset before each build where Linux allows it).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import sys
+import time
+import traceback
+from multiprocessing.connection import Client
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.get_device_module(device.type).reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type != "cpu":
+        return torch.get_device_module(device.type).max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank and never removes
+    it; mapped memory stays valid after the unlink, so nothing changes for this process.
+    """
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except OSError:
+        pass
+
+
+def _run(conn, device: torch.device) -> None:
+    from mtnlg.bench.setups import build
+
+    setup = None
+    rank = dist.get_rank()
+    while True:
+        box = [conn.recv() if rank == 0 else None]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        cmd = box[0]
+        op = cmd["op"]
+        if op == "exit":
+            return
+        try:
+            if op == "build":
+                setup = None
+                gc.collect()
+                reset_peak_memory(device)
+                setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"))
+                answer = {"ok": True, "info": setup.info()}
+            elif op == "steps":
+                times, loss = [], None
+                for _ in range(int(cmd["n"])):
+                    if dist.get_world_size() > 1:
+                        dist.barrier()  # every rank starts the step together
+                    t0 = time.perf_counter()
+                    loss = setup.step()  # returns a float: the step has finished on this rank
+                    times.append(time.perf_counter() - t0)
+                mem = [None] * dist.get_world_size()
+                dist.all_gather_object(mem, peak_memory_mb(device))
+                answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem}
+            else:
+                answer = {"ok": False, "error": f"unknown op {op!r}"}
+        except Exception:  # report to the parent, which shows it and stops
+            answer = {"ok": False, "error": f"rank {rank}:\n{traceback.format_exc()}"}
+            if dist.get_world_size() > 1:  # a rank that failed alone would leave the others waiting
+                print(answer["error"], file=sys.stderr, flush=True)
+                os._exit(1)
+        if rank == 0:
+            conn.send(answer)
+
+
+def main() -> int:
+    import warnings
+
+    from mtnlg.training.distributed import init_distributed
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # as the mtnlg CLI does
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    host, port = os.environ["MTNLG_BENCH_ADDR"].rsplit(":", 1)
+    key = bytes.fromhex(os.environ["MTNLG_BENCH_KEY"])
+    device = init_distributed()
+    release_shm_buffer()
+    conn = Client((host, int(port)), authkey=key) if dist.get_rank() == 0 else None
+    try:
+        _run(conn, device)
+    finally:
+        if conn is not None:
+            conn.close()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
