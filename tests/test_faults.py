@@ -149,6 +149,8 @@ def test_a_dead_rank_ends_the_job(tmp_path, launcher):
     rc, out, seconds = _finish(proc, 120)
     assert rc != 0
     print(f"{launcher}: job ended {seconds:.1f}s after a rank was killed")
+    # DeepSpeed's 67 MB per-rank CPU all-reduce buffers are unlinked at start: a killed job leaves none
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_a_hung_rank_times_out_with_a_clear_message(tmp_path):

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtnlg.bench.commands import _ints
     from mtnlg.bench.runner import BenchOptions, _bench_config, _variant, throughput
     from mtnlg.bench.setups import MtnlgSetup
-    from mtnlg.bench.worker import peak_memory_mb, release_shm_buffer, reset_peak_memory
+    from mtnlg.bench.worker import peak_memory_mb, reset_peak_memory
     from mtnlg.training.distributed import init_distributed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    device = init_distributed()
-    release_shm_buffer()
+    device = init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer
     world, rank = dist.get_world_size(), dist.get_rank()
     base = _bench_config(BenchOptions(config=args.config, overrides=args.overrides))
     rows = []

@@ -56,21 +56,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
-
-    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank and never removes
-    it; mapped memory stays valid after the unlink, so nothing changes for this process.
-    """
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except OSError:
-        pass
-
-
 def _run(conn, device: torch.device) -> None:
     from mtnlg.bench.setups import build
 
@@ -123,8 +108,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     host, port = os.environ["MTNLG_BENCH_ADDR"].rsplit(":", 1)
     key = bytes.fromhex(os.environ["MTNLG_BENCH_KEY"])
-    device = init_distributed()
-    release_shm_buffer()
+    device = init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer
     conn = Client((host, int(port)), authkey=key) if dist.get_rank() == 0 else None
     try:
         _run(conn, device)

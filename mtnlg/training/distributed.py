@@ -84,7 +84,25 @@ def init_distributed(timeout_s: float = 1800) -> torch.device:
             dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        if accel.device_name() == "cpu":
+            release_shm_buffer()
     return device
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank at initialisation and
+    removes none: every killed or crashed job would leave them behind until /dev/shm fills up.
+    The mappings stay valid after the unlink, so nothing changes for the running job.
+    """
+    dist.barrier()  # every rank has opened every other rank's buffer
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except OSError:
+        pass
 
 
 _COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Broken pipe",
