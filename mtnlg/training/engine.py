@@ -45,6 +45,21 @@ def fused_adam_supported(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
+def skip_lone_gradient_reduction(engine) -> bool:
+    """With a single data-parallel rank, DeepSpeed's BF16 optimizer and plain-optimizer paths still flatten
+    every gradient into one buffer, "all-reduce" it over a group of one and copy it back: three passes
+    over all gradients for nothing (~0.2 s per step for GPT-2 small on a CPU). Turn that off where it is
+    all the reduction does; ZeRO-2/3 and ZeRO-1's own optimizer move gradients into partitions there."""
+    if engine.zero_optimization_partition_gradients():
+        return False
+    if engine.zero_optimization_stage() == 1 and hasattr(engine.optimizer, "reduce_gradients"):
+        return False
+    engine.enable_backward_allreduce = False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    return True
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
@@ -77,6 +92,8 @@ class Engine:
             mpu=None if self.pipelined else ps,
         )
         self.module = self.engine.module
+        if ps.dp_size == 1:
+            skip_lone_gradient_reduction(self.engine)
 
     def after_load(self, universal: bool) -> None:
         """Mend three gaps of DeepSpeed's universal-checkpoint loading into ZeRO-3 (0.19.8): it copies the first
