@@ -123,6 +123,9 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mtnlg reads local files only: never wait on the hub
     _select_accelerator()
     _quiet_known_warnings()
     parser = build_parser()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtnlg.errors import UserError
-
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``export-hf`` and ``import-hf`` on the mtnlg CLI."""
@@ -63,20 +61,10 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mtnlg.convert.commands COMMAND ...`` (the same handlers as ``mtnlg COMMAND``)."""
-    import os
+    """``python -m mtnlg.convert.commands COMMAND ...``: the same as ``mtnlg COMMAND ...``."""
+    from mtnlg.cli import main as cli_main
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="mtnlg")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

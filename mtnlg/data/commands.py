@@ -100,17 +100,10 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mtnlg.data.commands COMMAND ...`` (the same handlers as ``mtnlg COMMAND``)."""
-    parser = argparse.ArgumentParser(prog="mtnlg")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m mtnlg.data.commands COMMAND ...``: the same as ``mtnlg COMMAND ...``."""
+    from mtnlg.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
