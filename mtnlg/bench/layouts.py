@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtnlg.bench.commands import _ints
     from mtnlg.bench.runner import BenchOptions, _bench_config, _variant, throughput
     from mtnlg.bench.setups import MtnlgSetup
-    from mtnlg.bench.worker import peak_memory_mb, reset_peak_memory
     from mtnlg.training.distributed import init_distributed
+    from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)

@@ -22,38 +22,15 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import sys
 import time
 import traceback
 from multiprocessing.connection import Client
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.get_device_module(device.type).reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type != "cpu":
-        return torch.get_device_module(device.type).max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 
 
 def _run(conn, device: torch.device) -> None:

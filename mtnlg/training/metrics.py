@@ -19,10 +19,28 @@ from typing import Any
 import torch
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (``peak_memory_mb``) from the current usage."""
+    if device.type != "cpu":
+        torch.get_device_module(device.type).reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: device memory on an accelerator, resident set size on CPU."""
+    """Peak memory of this process: device memory on an accelerator, resident set size on CPU
+    (Linux's VmHWM, which ``reset_peak_memory`` can reset; elsewhere the lifetime maximum)."""
     if device.type != "cpu":
         return torch.get_device_module(device.type).max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
