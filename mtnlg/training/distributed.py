@@ -8,9 +8,11 @@ The backend is the accelerator's (NCCL on NVIDIA GPUs, gloo on CPU), chosen by D
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,7 @@ def init_distributed(timeout_s: float = 1800) -> torch.device:
         if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(), 1)))
         device = torch.device("cpu")
+        keep_freed_memory()
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
@@ -87,6 +90,26 @@ def init_distributed(timeout_s: float = 1800) -> torch.device:
         if accel.device_name() == "cpu":
             release_shm_buffer()
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 32 MB (activations, logits chunks, a 39M-row embedding gradient,
+    fp32 copies of gradients) is mmap'ed on allocation and unmapped on free, so the next micro batch
+    faults its pages in again and the kernel zeroes them: GPT-2 small on a CPU took ~230,000 page
+    faults and 0.45 s of system time per step (11% of the step). Serving all sizes from the heap and
+    not trimming it costs nothing but keeping the high-water mark resident, which training reaches
+    every step anyway. Linux/glibc only; ``MTNLG_KEEP_FREED_MEMORY=0`` turns it off. Returns whether
+    it took effect."""
+    if os.environ.get("MTNLG_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def release_shm_buffer() -> None:

@@ -60,6 +60,44 @@ def skip_lone_gradient_reduction(engine) -> bool:
     return True
 
 
+def embedding_grads_into_fp32(engine) -> int:
+    """Where DeepSpeed's BF16 optimizer (bf16 with ZeRO 0/1) keeps an fp32 gradient for the token
+    embedding's weight, route the token lookup's gradient straight into it (``VocabParallelEmbedding
+    .fp32_grad``): per micro batch, no dense bf16 embedding gradient is made, added, and added again into
+    fp32 (GPT-2 small: 4% of a CPU step; on the first pipeline stage all of the tied copy's cost). The
+    gradient is the same sum in fp32 without the bf16 rounding of the dense path. Returns how many."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from mtnlg.model.gpt import Embedding
+
+    opt = engine.optimizer
+    if not isinstance(opt, BF16_Optimizer):
+        return 0
+    slots = {id(p): (i, j) for i, group in enumerate(opt.bf16_groups) for j, p in enumerate(group)}
+    routed = 0
+    for module in engine.module.modules():
+        lookup = module.word_embeddings if isinstance(module, Embedding) else None
+        if lookup is not None and id(lookup.weight) in slots:
+            lookup.fp32_grad = _Fp32GradSlot(opt, *slots[id(lookup.weight)], lookup.weight)
+            routed += 1
+    return routed
+
+
+class _Fp32GradSlot:
+    """The fp32 gradient DeepSpeed's BF16 optimizer keeps for one bf16 parameter, marked as holding a
+    gradient (it then enters the norm, clipping and the dp reduction) and linked where the pipeline
+    engine looks for a tied weight's gradient to all-reduce across stages."""
+
+    def __init__(self, opt, group: int, index: int, param: torch.nn.Parameter):
+        self.opt, self.group, self.index, self.param = opt, group, index, param
+
+    def __call__(self) -> torch.Tensor:
+        hp = self.opt.fp32_groups_gradients[self.group][self.index].view(self.param.shape)
+        self.opt.fp32_groups_has_gradients[self.group][self.index] = True
+        self.param._hp_grad = hp
+        return hp
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
@@ -94,6 +132,7 @@ class Engine:
         self.module = self.engine.module
         if ps.dp_size == 1:
             skip_lone_gradient_reduction(self.engine)
+        embedding_grads_into_fp32(self.engine)
 
     def after_load(self, universal: bool) -> None:
         """Mend three gaps of DeepSpeed's universal-checkpoint loading into ZeRO-3 (0.19.8): it copies the first
