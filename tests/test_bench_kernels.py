@@ -112,15 +112,14 @@ def test_pipeline_stages_balance_flops():
     assert balanced_parts([0, 1, 1, 0, 9], 2, [False, True, True, False, False]) == [0, 2, 5]
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_unfused_cpu_bf16_attention_matches_fp32_sdpa(kv_heads):
-    """The bf16 CPU attention path (two GEMMs around a softmax) against fp32 SDPA, forward and backward,
-    with and without GQA: within bf16 rounding."""
+@pytest.mark.parametrize("kv_heads,seq", [(4, 48), (2, 48), (2, 512)])
+def test_unfused_cpu_bf16_attention_matches_fp32_sdpa(kv_heads, seq):
+    """The bf16 CPU attention path (two GEMMs around a softmax with an additive causal bias) against fp32 SDPA, forward and backward, with and without GQA: within bf16 rounding."""
     from mtnlg.model.blocks import unfused_causal_attention, use_unfused_attention
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, 48, 16, generator=gen) for h in (4, kv_heads, kv_heads))
-    g = torch.randn(2, 4, 48, 16, generator=gen)
+    q, k, v = (torch.randn(2, h, seq, 16, generator=gen) for h in (4, kv_heads, kv_heads))
+    g = torch.randn(2, 4, seq, 16, generator=gen)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, is_causal=True, enable_gqa=kv_heads != 4)
     ref.backward(g)
