@@ -114,7 +114,8 @@ def test_pipeline_stages_balance_flops():
 
 @pytest.mark.parametrize("kv_heads,seq", [(4, 48), (2, 48), (2, 512)])
 def test_unfused_cpu_bf16_attention_matches_fp32_sdpa(kv_heads, seq):
-    """The bf16 CPU attention path (two GEMMs around a softmax with an additive causal bias) against fp32 SDPA, forward and backward, with and without GQA: within bf16 rounding."""
+    """The bf16 CPU attention path (two GEMMs around a softmax with an additive causal bias) against
+    fp32 SDPA, forward and backward, with and without GQA: within bf16 rounding."""
     from mtnlg.model.blocks import unfused_causal_attention, use_unfused_attention
 
     gen = torch.Generator().manual_seed(0)
