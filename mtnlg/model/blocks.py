@@ -88,8 +88,7 @@ def use_unfused_attention(q: torch.Tensor) -> bool:
 
 def causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(T, T) additive mask: 0 on and below the diagonal, -inf above (the future)."""
-    future = torch.ones(T, T, dtype=torch.bool, device=device).triu_(1)
-    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 def unfused_causal_attention(
