@@ -123,9 +123,6 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mtnlg reads local files only: never wait on the hub
     _select_accelerator()
     _quiet_known_warnings()
     parser = build_parser()
@@ -142,12 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_rank(e: UserError) -> bool:
-    """Config errors are the same on every rank of a launch: let rank 0 alone report them."""
+    """Errors every rank of a launch raises alike (config errors, agreed checks): rank 0 alone reports them."""
     import os
 
-    from mtnlg.config import ConfigError
-
-    return isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"
+    return e.on_every_rank and os.environ.get("RANK", "0") != "0"
 
 
 if __name__ == "__main__":

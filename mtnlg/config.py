@@ -12,6 +12,7 @@ Any problem is a ``ConfigError`` whose message is one line: what is wrong and ho
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
-from mtnlg.errors import UserError
+from mtnlg.errors import JobError
 
 
-class ConfigError(UserError):
-    """A user error in a run config; its message is one line."""
+class ConfigError(JobError):
+    """A user error in a run config; its message is one line. Every rank reads the same config, so every
+    rank raises it and only rank 0 prints it."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -102,6 +104,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
     spike_factor: float = 10.0  # log a loss above this many times its running mean
     collective_timeout_s: float = 600.0  # a rank waiting longer for the others fails instead of hanging
+    exit_interval: int = 0  # save and stop at the first iteration divisible by this (0: never); schedule unchanged
+    exit_duration_mins: float = 0.0  # save and stop once this run has trained this long (0: no limit)
+    deterministic: bool = False  # torch's deterministic algorithms (bit-exact reruns on GPUs; slower)
 
 
 @dataclass
@@ -142,6 +147,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: str | None = None  # directory for TensorBoard event files
+    # DeepSpeed's own console output: "quiet" keeps its warnings and errors but not its set-up prints (topology,
+    # memory reports, seeds, op builds); "info" shows everything it prints
+    deepspeed: Literal["quiet", "info"] = "quiet"
 
 
 @dataclass
@@ -273,13 +281,18 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where} = {_show(value)} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -345,10 +358,10 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     par.data = dp
 
     # --- model shapes
-    if m.num_layers % pp:
+    if m.num_layers < pp:  # stages are balanced by FLOPs and may hold different numbers of blocks
         raise ConfigError(
-            f"model.num_layers = {m.num_layers} is not divisible by parallel.pipeline = {pp}; "
-            "every pipeline stage holds the same number of layers"
+            f"model.num_layers = {m.num_layers} is less than parallel.pipeline = {pp}; "
+            "every pipeline stage needs at least one transformer layer"
         )
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
@@ -434,6 +447,8 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError("train.eval_interval and train.eval_iters must be >= 0")
     if t.max_consecutive_nonfinite < 1 or t.collective_timeout_s <= 0:
         raise ConfigError("train.max_consecutive_nonfinite must be >= 1 and train.collective_timeout_s > 0")
+    if t.exit_interval < 0 or t.exit_duration_mins < 0:
+        raise ConfigError("train.exit_interval and train.exit_duration_mins must be >= 0 (0: off)")
 
     _check_data(cfg.data)
     if cfg.checkpoint.interval < 0:

@@ -2,7 +2,18 @@
 
 
 class UserError(Exception):
-    """Bad input from the user (file, flag, config, checkpoint): message is one line with the fix."""
+    """Bad input from the user (file, flag, config, checkpoint): message is one line with the fix.
+
+    Each rank that raises one prints it, unless ``on_every_rank``: then every rank of the job raises the
+    same error (a config mistake, a check the ranks agreed on) and only global rank 0 prints it."""
+
+    on_every_rank = False
+
+
+class JobError(UserError):
+    """A user error that every rank of the job raises identically; printed once, by global rank 0."""
+
+    on_every_rank = True
 
 
 class TrainingAborted(UserError):

@@ -9,13 +9,38 @@ does), and the environment variables a launcher would set.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+
+TESTS = Path(__file__).resolve().parent
+
+
+def ds_config(zero: int, optimizer: str = "adamw") -> str:
+    """The DeepSpeed JSON of a ZeRO stage for tests: ``ds_configs/zero{N}.json``, except that ZeRO-3 uses a
+    copy with ``stage3_param_persistence_threshold: 0``. DeepSpeed keeps every parameter under that threshold
+    (1e5 elements by default) whole on every rank, so without it no tiny test model is ever partitioned.
+
+    ``optimizer="sgd"``: the same with plain SGD (no momentum), written once to a temporary directory."""
+    path = TESTS / "zero3_partition_all.json" if zero == 3 else TESTS.parent / "ds_configs" / f"zero{zero}.json"
+    if optimizer == "adamw":
+        return str(path)
+    ds = json.loads(path.read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"momentum": 0.0}}
+    out = Path(tempfile.gettempdir()) / "mtnlg-tests" / f"zero{zero}_{optimizer}.json"
+    if not out.is_file() or json.loads(out.read_text()) != ds:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(ds))
+        os.replace(tmp, out)
+    return str(out)
 
 
 def free_port() -> int:

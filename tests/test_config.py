@@ -58,8 +58,12 @@ BAD = [
     ("model: {num_layers: two}", 1, "model.num_layers must be int, got 'two'"),
     ("train: {lr: fast}", 1, "train.lr must be float, got 'fast'"),
     ("model: [1, 2]", 1, "model must be a mapping"),
-    ("model: {num_layers: 3}\nparallel: {pipeline: 2}", 2,
-     "model.num_layers = 3 is not divisible by parallel.pipeline = 2"),
+    ("model: {num_layers: 3}\nparallel: {pipeline: 4}", 4,
+     "model.num_layers = 3 is less than parallel.pipeline = 4"),
+    ("train: {lr: .nan}", 1, "train.lr = nan must be a finite number"),
+    ("train: {lr: nan}", 1, "train.lr = 'nan' must be a finite number"),
+    ("train: {clip_grad: .inf}", 1, "train.clip_grad = inf must be a finite number"),
+    ("train: {exit_interval: -1}", 1, "train.exit_interval and train.exit_duration_mins must be >= 0"),
     ("parallel: {tensor: 2, pipeline: 2}", 6,
      "world size 6 is not divisible by parallel.tensor * parallel.pipeline = 4"),
     ("model: {num_attention_heads: 12, hidden_size: 768}\nparallel: {tensor: 8}", 8,
@@ -120,6 +124,12 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["train=3", "train.iters=4"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_stages_need_not_hold_equal_layer_counts():
+    """Pipeline stages are balanced by FLOPs, so 3 layers on 2 stages is a valid layout."""
+    cfg = resolve(load_config(None, ["model.vocab_size=50257", "model.num_layers=3", "parallel.pipeline=2"]), 2)
+    assert cfg.parallel.pipeline == 2
 
 
 def test_parse_split():

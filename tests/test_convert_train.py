@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.convert.commands import main as convert_main
-from tests.dist_helper import run_distributed
+from tests.dist_helper import ds_config, run_distributed
 from tests.test_convert_hf import hf_model, load_hf, save_hf
 from tests.test_training import run_config
 
@@ -47,7 +47,7 @@ def finetune_config(import_dir: str, tp: int, pp: int, zero: int, precision: str
     from mtnlg.config import load_config
 
     return load_config(Path(import_dir) / "mtnlg_config.yaml", [
-        f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"deepspeed_config={ROOT}/ds_configs/zero{zero}.json",
+        f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"deepspeed_config={ds_config(zero)}",
         f"data.synthetic={{branching: {BRANCHING}, seed: {DATA_SEED}}}", "data.tokenizer=null",
         f"train.iters={iters}", f"train.micro_batch_size={MICRO}", f"train.global_batch_size={GLOBAL}",
         f"train.lr={LR}", "train.lr_decay=constant", "train.warmup_iters=0", "train.weight_decay=0",

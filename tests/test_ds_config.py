@@ -44,10 +44,9 @@ def test_agreeing_values_are_accepted():
     ({"zero_optimization": {"stage": 2}}, {"pp": 2}, "ZeRO stage 2 cannot be combined with pipeline parallelism"),
     ({"zero_optimization": {"stage": 3}}, {"pp": 2}, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
     ({"zero_optimization": {"stage": 5}}, {}, "zero_optimization.stage = 5 must be 0, 1, 2 or 3"),
-    ({"zero_optimization": {"stage": 0}}, {"pp": 2, "tied": True}, "ZeRO stage 0 with pipeline parallelism counts"),
     ({}, {"precision": "fp16"}, "fp16 needs ZeRO stage >= 1"),
     ({"scheduler": {"type": "WarmupLR"}}, {}, "remove 'scheduler'"),
-    ({"optimizer": {"type": "Lamb"}}, {}, "optimizer type 'Lamb' is not supported"),
+    ({"optimizer": {"type": "Lamb"}}, {}, "optimizer type 'Lamb' is not supported; use AdamW or SGD"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, {}, "'lr' is 0.1 but the run config gives train.lr"),
 ])
 def test_contradictions_are_refused(user, run, message):
@@ -57,6 +56,33 @@ def test_contradictions_are_refused(user, run, message):
     with pytest.raises(UserError) as err:
         build_ds_config(c, user)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert err.value.on_every_rank  # every rank reads the same JSON: rank 0 alone reports it
+
+
+@pytest.mark.parametrize("pp,precision,tied", [(1, "fp32", False), (2, "fp32", True), (1, "bf16", False),
+                                               (2, "bf16", True), (2, "fp16", False)])
+def test_no_json_means_zero1_which_works_for_every_layout_and_precision(pp, precision, tied):
+    c = cfg(world=2 * pp, pp=pp, precision=precision)
+    c.model.tie_embeddings = tied
+    ds = build_ds_config(c)  # no deepspeed_config
+    assert ds["zero_optimization"]["stage"] == 1 and ds[precision if precision != "fp32" else "bf16"]["enabled"] \
+        == (precision != "fp32")
+
+
+def test_stage0_fp32_clipping_is_mtnlgs():
+    """DeepSpeed's stage-0 fp32 clipping miscounts under pipeline parallelism; the guard clips there instead."""
+    ds = build_ds_config(cfg(world=4, pp=2, clip_grad=0.5), {"zero_optimization": {"stage": 0}})
+    assert ds["gradient_clipping"] == 0.0
+    assert build_ds_config(cfg(clip_grad=0.5), {"zero_optimization": {"stage": 1}})["gradient_clipping"] == 0.5
+
+
+def test_sgd_is_an_optimizer_choice():
+    from mtnlg.training.ds_config import optimizer_kind, sgd_hyperparams
+
+    ds = build_ds_config(cfg(lr=0.5, weight_decay=0.0), {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}}})
+    assert optimizer_kind(ds) == "sgd" and sgd_hyperparams(ds)["momentum"] == 0.9
+    assert ds["optimizer"]["params"]["lr"] == 0.5
+    assert optimizer_kind(build_ds_config(cfg())) == "adamw"
 
 
 def test_malformed_json_names_the_line(tmp_path):

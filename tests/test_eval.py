@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dist_helper import run_distributed
+from tests.dist_helper import ds_config, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "apple banana cherry dragon eagle falcon grape hazel iris jasmine kiwi lemon mango nectar olive pepper".split()
@@ -220,23 +220,24 @@ def test_evaluate_cli_writes_results_and_refuses_bad_input(env, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def _train_with_downstream(rank, world, d, tasks_dir, save):
+def _train_with_downstream(rank, world, d, tasks_dir, save, tp, zero):
     from mtnlg.config import from_dict
     from mtnlg.training.loop import train
 
     train(from_dict({
         "model": {"preset": "gpt2", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64},
-        "parallel": {"tensor": 2},
-        "train": {"iters": 60, "micro_batch_size": 8, "global_batch_size": 8, "lr": 3e-3, "log_interval": 30,
-                  "peak_tflops": 1.0},
+        "parallel": {"tensor": tp},
+        "train": {"iters": 60, "micro_batch_size": 8 // (world // tp), "global_batch_size": 8, "lr": 3e-3,
+                  "log_interval": 30, "peak_tflops": 1.0},
         "data": {"prefix": f"{d}/corpus", "tokenizer": f"{d}/tok", "split": "100,0,0"},
         "checkpoint": {"save": save},
         "eval": {"tasks": ["lambada_local"], "include_path": tasks_dir, "interval": 30},
-        "deepspeed_config": str(ROOT / "ds_configs" / "zero1.json"),
+        "deepspeed_config": ds_config(zero),
     }))
 
 
-def test_downstream_eval_during_training(env, tmp_path):
+@pytest.mark.parametrize("tp,zero", [(2, 1), (1, 3)])  # ZeRO-3 with the tied gpt2 weight partitioned
+def test_downstream_eval_during_training(env, tmp_path, tp, zero):
     from mtnlg.eval.loading import open_model
     from mtnlg.eval.tasks import read_jsonl, run_task
 
@@ -244,7 +245,7 @@ def test_downstream_eval_during_training(env, tmp_path):
     spec["dataset_kwargs"]["data_files"]["test"] = str(env / "cloze.jsonl")
     (tmp_path / "lambada_local.yaml").write_text(yaml.safe_dump(spec))
     save = tmp_path / "ckpt"
-    run_distributed(_train_with_downstream, 2, args=(str(env), str(tmp_path), str(save)))
+    run_distributed(_train_with_downstream, 2, args=(str(env), str(tmp_path), str(save), tp, zero))
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/lambada_local/acc" in r]
     assert [r["iteration"] for r in evals] == [30, 60]

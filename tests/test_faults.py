@@ -17,7 +17,7 @@ import pytest
 
 from mtnlg.training.checkpoint import TAG_RE, complete_tags, latest_tag
 from mtnlg.training.guard import LossWatch
-from tests.dist_helper import free_port, run_distributed
+from tests.dist_helper import ds_config, free_port, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ def _cfg(save: str, zero: int = 1, precision: str = "fp32", tp: int = 1, **train
                   "precision": precision, "peak_tflops": 1.0, "max_consecutive_nonfinite": 3, **train},
         "data": {"synthetic": {"vocab_size": 64, "branching": 2}},
         "checkpoint": {"save": save, "interval": 1},
-        "deepspeed_config": str(ROOT / "ds_configs" / f"zero{zero}.json"),
+        "deepspeed_config": ds_config(zero),
     })
 
 

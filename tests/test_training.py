@@ -1,16 +1,31 @@
-"""3D training through DeepSpeed's engines: layouts and ZeRO stages agree, resume is exact."""
+"""3D training through DeepSpeed's engines: layouts and ZeRO stages agree on losses, gradient norms and
+per-parameter gradients; activation checkpointing replays dropout; resume is exact.
+
+Losses alone cannot see a gradient that is off by a constant factor (AdamW normalises it away), so every
+parity run compares the global gradient norm of every step too, and a one-step SGD run per layout (no
+momentum, no clipping: the update is the gradient times the learning rate) compares every parameter's
+first-step gradient, read back from the checkpoint at full size whatever the layout.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.dist_helper import run_distributed
+from tests.dist_helper import ds_config, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
-RTOL = 1e-4
+# fp32 everywhere. Layouts sum the same products in other orders (tp splits the reductions, dp averages
+# partial gradients, pipelines accumulate micro batches per stage), so values differ by float32 rounding,
+# which AdamW's first steps (update ~ g / sqrt(g^2)) amplify a little: 1e-5 relative is the bound.
+RTOL = 1e-5
+# the one SGD step: parameter change = -SGD_LR x gradient, large enough to dwarf the float32 rounding of
+# "weights after minus weights before" (norm weights start at 1.0, where one ulp is 1.2e-7)
+SGD_LR = 100.0
 
 MODEL = {
     "gpt2": {"preset": "gpt2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
@@ -18,11 +33,12 @@ MODEL = {
     "llama": {"preset": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
               "num_kv_heads": 2, "vocab_size": 96, "seq_length": 32},
 }
+DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
 
 
 def run_config(preset: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
                iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
-               **train):
+               optimizer: str = "adamw", **train):
     from mtnlg.config import from_dict
 
     return from_dict({
@@ -33,96 +49,176 @@ def run_config(preset: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: 
                   "peak_tflops": 1.0, **train},
         "data": {"synthetic": {"branching": 4, "seed": 3}},
         "checkpoint": {"save": save, "load": load, "interval": 0},
-        "deepspeed_config": str(ROOT / "ds_configs" / f"zero{zero}.json"),
+        "deepspeed_config": ds_config(zero, optimizer),
     })
 
 
+def sgd_step_config(save: str, **kwargs):
+    """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -SGD_LR x gradient."""
+    return run_config(iters=1, save=save, optimizer="sgd", lr=SGD_LR, min_lr=0.0, warmup_iters=0,
+                      lr_decay="constant", weight_decay=0.0, clip_grad=0.0, **kwargs)
+
+
 def _train_many(rank: int, world: int, runs: list[dict]) -> list[dict]:
-    """Train each run config in turn on this process group; return each run's losses."""
+    """Train each run in turn on this process group; return each run's losses, grad norms and ZeRO-3 split."""
     from mtnlg.training.loop import train
 
     out = []
     for kwargs in runs:
-        summary = train(run_config(**kwargs))
-        out.append({"losses": summary.losses, "skipped": summary.skipped, "record": summary.last_record})
+        kwargs = dict(kwargs)
+        cfg = sgd_step_config(**kwargs) if kwargs.pop("sgd", False) else run_config(**kwargs)
+        summary = train(cfg)
+        out.append({"losses": summary.losses, "grad_norms": summary.grad_norms, "skipped": summary.skipped,
+                    "record": summary.last_record, "zero3": summary.zero3_partitioned})
     return out
 
 
-def _losses(runs: list[dict], world: int) -> list[dict[int, float]]:
+def _results(runs: list[dict], world: int) -> list[dict]:
     results = run_distributed(_train_many, world, args=(runs,))
-    # every rank reports the same (dp-averaged, pipeline-broadcast) losses
+    # every rank reports the same (dp-averaged, pipeline-broadcast) losses and the same global norms
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert a["losses"] == b["losses"]
-    return [r["losses"] for r in results[0]]
+            assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-12)
+    return results[0]
 
 
-def _max_rel(a: dict[int, float], b: dict[int, float]) -> float:
-    assert sorted(a) == sorted(b) and len(a) == STEPS
+def max_rel(a: dict[int, float], b: dict[int, float], steps: int = STEPS) -> float:
+    assert sorted(a) == sorted(b) and len(a) == steps, (a, b)
+    assert all(v is not None and math.isfinite(v) for v in [*a.values(), *b.values()]), (a, b)
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)], 8: [(2, 2)]}  # world -> (tp, pp)
+# world -> (preset, tp, pp, zero) beyond ZeRO-1 in LAYOUTS; ZeRO-3 needs dp > 1 to partition anything
+ZERO_RUNS = {2: [("llama", 1, 1, 0), ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("gpt2", 1, 2, 0)],
+             4: [("gpt2", 2, 1, 1), ("gpt2", 2, 1, 3)]}
+CKPT_LAYOUTS = [(1, 2), (2, 1)]
 
 
 @pytest.fixture(scope="module")
-def layout_losses():
-    """Losses of every (preset, tp, pp, dp) and of ZeRO 0-3 at pp=1."""
+def parity(tmp_path_factory):
+    """key -> result for: AdamW runs of every (kind, preset, tp, pp, dp, zero), one-step SGD runs of the same
+    (saved), and dropout runs with and without activation checkpointing. Kinds: 'adamw', 'sgd', 'drop', 'ckpt'."""
+    root = tmp_path_factory.mktemp("parity")
     out = {}
     for world, layouts in LAYOUTS.items():
-        runs = [{"preset": p, "tp": tp, "pp": pp} for p in MODEL for tp, pp in layouts]
-        keys = [(p, tp, pp, world // (tp * pp), 1) for p in MODEL for tp, pp in layouts]
-        if world == 2:  # ZeRO stages at pp=1 with dp=2 (and tp=2 for stage 3); activation checkpointing
-            runs += [{"preset": "llama", "zero": z} for z in (0, 2, 3)] + [{"preset": "gpt2", "tp": 2, "zero": 3}]
-            keys += [("llama", 1, 1, 2, z) for z in (0, 2, 3)] + [("gpt2", 2, 1, 1, 3)]
-            ckpt = {"activation_checkpointing": True}
-            runs += [{"preset": p, "tp": tp, "pp": pp, "model": ckpt} for p in MODEL for tp, pp in [(1, 2), (2, 1)]]
-            keys += [(p, tp, pp, 1, "ckpt") for p in MODEL for tp, pp in [(1, 2), (2, 1)]]
-        out.update(zip(keys, _losses(runs, world)))
+        runs, keys = [], []
+        combos = [(p, tp, pp, 1) for p in MODEL for tp, pp in layouts] + ZERO_RUNS.get(world, [])
+        for p, tp, pp, zero in combos:
+            dp = world // (tp * pp)
+            runs.append({"preset": p, "tp": tp, "pp": pp, "zero": zero})
+            keys.append(("adamw", p, tp, pp, dp, zero))
+            save = root / f"sgd-{p}-tp{tp}pp{pp}dp{dp}-zero{zero}"
+            runs.append({"preset": p, "tp": tp, "pp": pp, "zero": zero, "sgd": True, "save": str(save)})
+            keys.append(("sgd", p, tp, pp, dp, zero))
+        if world == 2:  # full recompute replays dropout exactly: same losses and norms with dropout on
+            for p in MODEL:
+                for tp, pp in CKPT_LAYOUTS:
+                    for kind, ckpt in (("drop", False), ("ckpt", True)):
+                        runs.append({"preset": p, "tp": tp, "pp": pp,
+                                     "model": {**DROPOUT, "activation_checkpointing": ckpt}})
+                        keys.append((kind, p, tp, pp, 1, 1))
+        for key, run, result in zip(keys, runs, _results(runs, world)):
+            result["save"] = run.get("save")
+            out[key] = result
     return out
+
+
+def sgd_update(save: str, preset: str) -> dict[str, torch.Tensor]:
+    """Every parameter's change in the one SGD step, at full (tp=1) size: the checkpoint minus the initial weights
+    (initialisation is layout-independent: the same seed gives the same full tensors in every layout)."""
+    from mtnlg.convert import full_state_dict
+    from mtnlg.model import GPTModel
+
+    after = full_state_dict(save)
+    cfg = run_config(preset)
+    init = GPTModel.from_config(cfg.model, seed=cfg.train.seed).state_dict()
+    return {name: w - init[name][: w.shape[0]] for name, w in after.items()}  # [:V]: no vocabulary padding
+
+
+def update_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest per-parameter ||a - b|| / ||b|| (b the reference)."""
+    assert sorted(a) == sorted(b)
+    diffs = {k: float((a[k] - b[k]).norm() / b[k].norm()) for k in b}
+    worst = max(diffs, key=diffs.get)
+    print(f"  (worst parameter {worst}: {diffs[worst]:.1e})")
+    return diffs[worst]
 
 
 @pytest.mark.parametrize("preset", list(MODEL))
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2)])
-def test_layout_parity(layout_losses, preset, tp, pp, dp):
-    base = layout_losses[(preset, 1, 1, 1, 1)]
-    got = layout_losses[(preset, tp, pp, dp, 1)]
-    assert _max_rel(got, base) < RTOL, (got, base)
-    assert base[STEPS] < base[1] - 0.05  # it is learning
+def test_layout_parity(parity, preset, tp, pp, dp):
+    base = parity[("adamw", preset, 1, 1, 1, 1)]
+    got = parity[("adamw", preset, tp, pp, dp, 1)]
+    loss, norm = max_rel(got["losses"], base["losses"]), max_rel(got["grad_norms"], base["grad_norms"])
+    grads = update_rel_diff(sgd_update(parity[("sgd", preset, tp, pp, dp, 1)]["save"], preset),
+                            sgd_update(parity[("sgd", preset, 1, 1, 1, 1)]["save"], preset))
+    print(f"\n{preset} tp={tp} pp={pp} dp={dp} vs (1,1,1): losses {loss:.1e}, grad norms {norm:.1e}, "
+          f"first-step gradients {grads:.1e} (max relative)")
+    assert loss < RTOL and norm < RTOL and grads < RTOL
+    assert base["losses"][STEPS] < base["losses"][1] - 0.05  # it is learning
+
+
+@pytest.mark.parametrize("world,preset,tp,pp,zero", [(w, *run) for w, runs in ZERO_RUNS.items() for run in runs
+                                                    if run[3] != 1])
+def test_zero_stages_match(parity, world, preset, tp, pp, zero):
+    """ZeRO 0-3 give the losses, gradient norms (ZeRO-0: mtnlg's own, DeepSpeed keeps none) and gradients of
+    ZeRO-1 in the same layout; ZeRO-3 really partitions every parameter (tp=2: tensor-parallel shards, tied)."""
+    dp = world // (tp * pp)
+    ref, got = parity[("adamw", preset, tp, pp, dp, 1)], parity[("adamw", preset, tp, pp, dp, zero)]
+    loss, norm = max_rel(got["losses"], ref["losses"]), max_rel(got["grad_norms"], ref["grad_norms"])
+    grads = update_rel_diff(sgd_update(parity[("sgd", preset, tp, pp, dp, zero)]["save"], preset),
+                            sgd_update(parity[("sgd", preset, tp, pp, dp, 1)]["save"], preset))
+    print(f"\n{preset} ZeRO-{zero} tp={tp} pp={pp} dp={dp} vs ZeRO-1: losses {loss:.1e}, grad norms {norm:.1e}, "
+          f"first-step gradients {grads:.1e}")
+    assert loss < RTOL and norm < RTOL and grads < RTOL
+    if zero == 3:
+        split, total = got["zero3"]
+        assert split == total > 10  # every parameter, not just the big ones
+
+
+def test_sgd_gradients_see_a_wrong_scale(parity):
+    """The first-step gradient comparison is sharp: a gradient 1% off fails it by orders of magnitude."""
+    ref = sgd_update(parity[("sgd", "gpt2", 1, 1, 1, 1)]["save"], "gpt2")
+    assert update_rel_diff({k: 1.01 * v for k, v in ref.items()}, ref) > 100 * RTOL
 
 
 @pytest.mark.parametrize("preset", list(MODEL))
-@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)])
-def test_activation_checkpointing_matches(layout_losses, preset, tp, pp):
-    """Full recompute (DeepSpeed's pipeline with mtnlg's RNG-replaying checkpoint, or GPTModel's) changes nothing."""
-    assert _max_rel(layout_losses[(preset, tp, pp, 1, "ckpt")], layout_losses[(preset, 1, 1, 1, 1)]) < RTOL
-
-
-@pytest.mark.parametrize("zero,tp", [(2, 1), (3, 1), (3, 2)])
-def test_zero_stages_match_stage0(layout_losses, zero, tp):
-    preset = "llama" if tp == 1 else "gpt2"
-    ref = layout_losses[(preset, 1, 1, 2, 0)] if tp == 1 else layout_losses[(preset, 1, 1, 1, 1)]
-    stage1 = layout_losses[(preset, 1, 1, 2, 1)] if tp == 1 else ref
-    got = layout_losses[(preset, tp, 1, 2 // tp, zero)]
-    assert _max_rel(stage1, ref) < RTOL
-    assert _max_rel(got, ref) < RTOL
+@pytest.mark.parametrize("tp,pp", CKPT_LAYOUTS)
+def test_activation_checkpointing_replays_dropout(parity, preset, tp, pp):
+    """Full recompute (DeepSpeed's pipeline with mtnlg's RNG-replaying checkpoint, or GPTModel's) with dropout on
+    gives the losses and gradient norms of the same run without recompute."""
+    plain, ckpt = parity[("drop", preset, tp, pp, 1, 1)], parity[("ckpt", preset, tp, pp, 1, 1)]
+    assert max_rel(ckpt["losses"], plain["losses"]) < RTOL
+    assert max_rel(ckpt["grad_norms"], plain["grad_norms"]) < RTOL
+    no_dropout = parity[("adamw", preset, tp, pp, 1, 1)]
+    assert max_rel(plain["losses"], no_dropout["losses"]) > 1e-3  # dropout is really on
 
 
 def _resume(rank: int, world: int, save: str, tp: int, pp: int, zero: int, precision: str) -> dict:
     from mtnlg.training.loop import train
 
     common = {"preset": "gpt2", "tp": tp, "pp": pp, "zero": zero, "precision": precision,
-              "model": {"hidden_dropout": 0.1, "attention_dropout": 0.1}}  # the RNG must resume too
+              "model": DROPOUT}  # the RNG must resume too
     full = train(run_config(iters=2 * STEPS, **common))
-    first = train(run_config(iters=STEPS, save=save, lr_decay_iters=2 * STEPS, **common))
+    first = train(run_config(iters=2 * STEPS, save=save, exit_interval=STEPS, **common))  # stops at STEPS
     second = train(run_config(iters=2 * STEPS, save=save, load=save, **common))
-    return {"full": full.losses, "first": first.losses, "second": second.losses}
+    return {"full": full.losses, "first": first.losses, "second": second.losses, "stopped": first.stopped,
+            "full_norms": full.grad_norms, "norms": {**first.grad_norms, **second.grad_norms},
+            "zero3": first.zero3_partitioned}
 
 
 @pytest.mark.parametrize("world,tp,pp,zero,precision", [(1, 1, 1, 1, "fp32"), (4, 2, 2, 1, "fp32"),
                                                         (2, 1, 1, 3, "fp32"), (2, 1, 1, 2, "fp16")])
 def test_resume_is_exact(tmp_path, world, tp, pp, zero, precision):
+    """A run stopped by train.exit_interval (schedule unchanged) and resumed gives the uninterrupted run's losses
+    and gradient norms bit for bit."""
     res = run_distributed(_resume, world, args=(str(tmp_path / "ckpt"), tp, pp, zero, precision))[0]
+    assert res["stopped"] == "train.exit_interval" and sorted(res["first"]) == list(range(1, STEPS + 1))
     resumed = {**res["first"], **res["second"]}
     assert sorted(res["second"]) == list(range(STEPS + 1, 2 * STEPS + 1))
     assert resumed == res["full"]  # bit-exact, every step
+    assert res["norms"] == res["full_norms"]
+    if zero == 3:
+        assert res["zero3"][0] == res["zero3"][1]

@@ -47,11 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str | None) -> str:
-    if name:
-        return name
-    import torch
+    from mtnlg.eval.loading import default_device
 
-    return str(torch.accelerator.current_accelerator()) if torch.accelerator.is_available() else "cpu"
+    return name or default_device()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
 """An lm-evaluation-harness (0.4.x) model named ``mtnlg``.
 
-    lm_eval --model mtnlg --model_args checkpoint=runs/x --tasks lambada_local --include_path examples/eval
-    mtnlg lm-eval --model_args checkpoint=runs/x --tasks ...        # the same, without the plugin step
+    mtnlg lm-eval --model mtnlg --model_args checkpoint=runs/x --tasks lambada_local --include_path examples/eval
     lm_eval.simple_evaluate(model=MtnlgLM(checkpoint="runs/x"), tasks=[...])
+
+``mtnlg lm-eval`` is lm-eval's own command line with this model registered first. The stock
+``lm_eval`` command cannot find it: lm-eval 0.4 has no plugin discovery for models (it knows only
+the models its own modules register), so ``lm_eval --model mtnlg`` is not supported.
 
 It reads a native mtnlg checkpoint (any layout it was trained with) or an HF directory
 (``hf=DIR``), and scores through the same ``Scorer`` as ``mtnlg evaluate``. Pass ``scorer=``
@@ -17,19 +20,20 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from mtnlg.eval.loading import default_device
 from mtnlg.eval.tasks import loglikelihoods, windows
 
 
 @register_model("mtnlg")
 class MtnlgLM(TemplateLM):
     def __init__(self, checkpoint: str | None = None, hf: str | None = None, iteration: int | None = None,
-                 batch_size: int | str = 8, device: str = "cpu", max_gen_toks: int = 64, scorer: Any = None,
+                 batch_size: int | str = 8, device: str | None = None, max_gen_toks: int = 64, scorer: Any = None,
                  eod_id: int | None = None, generator: Any = None, **_: Any):
         super().__init__()
         from mtnlg.eval.loading import open_model
 
-        if scorer is None:
-            model = open_model(checkpoint=checkpoint, hf=hf, iteration=iteration, device=device,
+        if scorer is None:  # device: the accelerator when there is one (a launched native model: its rank's)
+            model = open_model(checkpoint=checkpoint, hf=hf, iteration=iteration, device=device or default_device(),
                                batch_size=int(batch_size))
             scorer, eod_id, generator = model.scorer, model.eod_id, model.generator
         self.scorer, self._eod, self.generator = scorer, eod_id, generator

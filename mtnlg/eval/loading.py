@@ -21,6 +21,11 @@ class OpenedModel:
     rank: int = 0  # global rank: only rank 0 reports
 
 
+def default_device() -> str:
+    """This machine's accelerator (``cuda``, ``xpu``, ...) when torch sees one, else ``cpu``."""
+    return str(torch.accelerator.current_accelerator()) if torch.accelerator.is_available() else "cpu"
+
+
 def launched() -> bool:
     """True under a launcher with more than one rank (deepspeed, torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

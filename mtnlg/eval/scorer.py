@@ -8,6 +8,7 @@ never looks right, so padding does not change the scores of real positions).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,9 +53,10 @@ def load_hf(hf_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     from mtnlg.errors import UserError
 
     hf_logging.disable_progress_bar()
+    local = Path(hf_dir).is_dir()  # a directory on disk: never ask the hub; a hub name: the hub's rules apply
     try:
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=local).to(device).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Hugging Face model from {hf_dir} ({str(e).splitlines()[0]})") from None
     return model, tok

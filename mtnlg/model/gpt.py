@@ -68,7 +68,7 @@ class Embedding(nn.Module):
 
 def tied_lm_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     """The output layer of a tied model: logits from the input embedding matrix."""
-    return embedding.word_embeddings.logits(hidden)
+    return embedding.word_embeddings(hidden, logits=True)  # (B, T, V_padded / tp)
 
 
 class LMHead(nn.Module):
@@ -81,7 +81,7 @@ class LMHead(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.logits(hidden)  # (B, T, V_padded / tp)
+        return self.head(hidden, logits=True)  # (B, T, V_padded / tp)
 
 
 class FinalNorm(nn.Module):

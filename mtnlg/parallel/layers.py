@@ -203,15 +203,18 @@ class VocabParallelEmbedding(nn.Module):
             return _LookupIntoFp32Grad.apply(ids, self.weight, self.fp32_grad)
         return F.embedding(ids, self.weight)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        """Token ids (B, T) -> embeddings (B, T, C); with ``logits=True``, hidden states (B, T, C) -> this rank's
+        slice of the (padded) vocabulary logits (B, T, V_padded / tp), i.e. x @ weight^T (an output layer).
+
+        Both go through the module call, so hooks on it see the weight used: ZeRO-3 gathers it for a tied
+        output layer too (a method call past the hooks reads an empty partition outside the engine's forward)."""
+        if logits:
+            return F.linear(copy_to_tp(x, self.tp_group), self.weight)
         if group_size(self.tp_group) == 1:
-            return self._lookup(ids)
-        local = ids - self.start
+            return self._lookup(x)
+        local = x - self.start
         outside = (local < 0) | (local >= self.per_rank)
         out = self._lookup(local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.tp_group)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden @ weight^T: this rank's slice of the (padded) vocabulary logits."""
-        return F.linear(copy_to_tp(hidden, self.tp_group), self.weight)

@@ -8,8 +8,11 @@ The backend is the accelerator's (NCCL on NVIDIA GPUs, gloo on CPU), chosen by D
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
+import io
+import logging
 import os
 import socket
 import sys
@@ -54,17 +57,54 @@ def allow_cpu_fp16() -> None:
     set_accelerator(CPUAcceleratorFP16())
 
 
-def init_distributed(timeout_s: float = 1800) -> torch.device:
-    """Initialise the default process group (once) and return this rank's device."""
+@contextlib.contextmanager
+def deepspeed_output(show: bool = False):
+    """Keep DeepSpeed's set-up prints (topology, layer seeds, memory reports per optimizer group, op builds: bare
+    ``print``s, some on every rank) off the console unless ``show``; they are shown after all if the body fails."""
+    if show:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except BaseException:
+        sys.stdout.write(captured.getvalue())
+        raise
+
+
+class _DropKnownWarnings(logging.Filter):
+    """DeepSpeed warnings about choices mtnlg makes on purpose (its own optimizer classes under ZeRO)."""
+
+    KNOWN = ("You are using ZeRO with an untested optimizer",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(k in record.getMessage() for k in self.KNOWN)
+
+
+def deepspeed_logging(show: bool = False) -> None:
+    """DeepSpeed's logger: INFO and up when ``show`` (``logging.deepspeed: info``), else warnings and errors
+    without the known ones."""
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.INFO if show else logging.WARNING)
+    for f in [f for f in ds_logger.filters if isinstance(f, _DropKnownWarnings)]:
+        ds_logger.removeFilter(f)
+    if not show:
+        ds_logger.addFilter(_DropKnownWarnings())
+
+
+def init_distributed(timeout_s: float = 1800, show_deepspeed: bool = False) -> torch.device:
+    """Initialise the default process group (once) and return this rank's device. ``show_deepspeed``: let
+    DeepSpeed's console output through (``logging.deepspeed: info``)."""
     if "RANK" not in os.environ:  # not under a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(os.environ.get("MTNLG_DS_LOG_LEVEL", "WARNING"))  # mtnlg does the logging
+    deepspeed_logging(show_deepspeed)  # mtnlg does the logging
 
     accel = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -83,10 +123,11 @@ def init_distributed(timeout_s: float = 1800) -> torch.device:
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        with deepspeed_output(show_deepspeed):
+            deepspeed.init_distributed(
+                dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
         if accel.device_name() == "cpu":
             release_shm_buffer()
     return device

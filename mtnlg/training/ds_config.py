@@ -3,6 +3,10 @@
 mtnlg fills in what the run config already states (batch sizes, precision, gradient clipping,
 learning rate, weight decay) and refuses a JSON that states any of them differently, so no
 number lives in two places. The JSON may still carry them, if they agree.
+
+With no ``deepspeed_config`` at all a run gets ``DEFAULT``: ZeRO stage 1, which works for every
+preset, layout and precision (DeepSpeed's stage 0 cannot take bf16/fp16 under tensor or pipeline
+parallelism, see below).
 """
 
 from __future__ import annotations
@@ -12,31 +16,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtnlg.config import RunConfig
-from mtnlg.errors import UserError
+from mtnlg.config import ConfigError, RunConfig
 
 ADAM_TYPES = {"adam", "adamw"}
+OPTIMIZER_TYPES = ADAM_TYPES | {"sgd"}
+DEFAULT: dict[str, Any] = {"zero_optimization": {"stage": 1}}  # the DeepSpeed config of a run that names none
 
 
 def load_ds_json(path: str | Path | None) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path``; ``DEFAULT`` when there is none."""
     if path is None:
-        return {}
+        return copy.deepcopy(DEFAULT)
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"deepspeed_config {p} not found (relative paths start at the current directory)")
+        raise ConfigError(f"deepspeed_config {p} not found (relative paths start at the current directory)")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: malformed JSON ({e.msg}); fix the DeepSpeed config") from None
+        raise ConfigError(f"{p}:{e.lineno}: malformed JSON ({e.msg}); fix the DeepSpeed config") from None
     if not isinstance(data, dict):
-        raise UserError(f"{p}: a DeepSpeed config must be a JSON object")
+        raise ConfigError(f"{p}: a DeepSpeed config must be a JSON object")
     return data
 
 
 def _agree(ds: dict, key: str, value: Any, yaml_key: str, name: str) -> None:
     """Set ``ds[key] = value`` unless the JSON already states something else."""
     if key in ds and ds[key] != value and not (isinstance(value, float) and _close(ds[key], value)):
-        raise UserError(
+        raise ConfigError(
             f"{name}: '{key}' is {ds[key]!r} but the run config gives {yaml_key} = {value!r}; "
             f"remove '{key}' from the JSON (mtnlg fills it from the YAML) or change the YAML"
         )
@@ -68,10 +74,10 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
     for prec in ("bf16", "fp16"):
         section = ds.setdefault(prec, {})
         if not isinstance(section, dict):
-            raise UserError(f"{name}: '{prec}' must be a JSON object")
+            raise ConfigError(f"{name}: '{prec}' must be a JSON object")
         want = t.precision == prec
         if "enabled" in section and bool(section["enabled"]) != want:
-            raise UserError(
+            raise ConfigError(
                 f"{name}: '{prec}.enabled' is {section['enabled']} but train.precision is {t.precision}; "
                 f"remove 'enabled' from the JSON (mtnlg sets it from train.precision)"
             )
@@ -86,42 +92,55 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
 
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
-        raise UserError(f"{name}: zero_optimization.stage = {stage} must be 0, 1, 2 or 3")
+        raise ConfigError(f"{name}: zero_optimization.stage = {stage} must be 0, 1, 2 or 3")
     if cfg.parallel.pipeline > 1 and stage > 1:
-        raise UserError(
+        raise ConfigError(
             f"{name}: ZeRO stage {stage} cannot be combined with pipeline parallelism (DeepSpeed's pipeline "
             f"engine supports ZeRO 0 and 1); use stage 1 or parallel.pipeline = 1"
         )
 
-    if stage == 0 and cfg.parallel.pipeline > 1 and cfg.model.tie_embeddings:
-        raise UserError(
-            f"{name}: ZeRO stage 0 with pipeline parallelism counts the tied embedding twice in the gradient "
-            f"norm (DeepSpeed), which changes clipping; use ZeRO stage 1 (ds_configs/zero1.json)"
-        )
     if stage == 0 and t.precision != "fp32":
-        raise UserError(
+        raise ConfigError(
             f"{name}: {t.precision} needs ZeRO stage >= 1 (DeepSpeed's stage-0 mixed-precision optimizer "
             f"miscounts tensor- and pipeline-parallel gradient norms); use ds_configs/zero1.json"
         )
     if "scheduler" in ds:
-        raise UserError(
+        raise ConfigError(
             f"{name}: remove 'scheduler'; the LR schedule comes from train.lr, min_lr, warmup_iters and lr_decay"
         )
     opt = ds.get("optimizer")
     if opt is not None:
         kind = str(opt.get("type", "")).lower()
-        if kind not in ADAM_TYPES:
-            raise UserError(f"{name}: optimizer type {opt.get('type')!r} is not supported; use AdamW")
-        params = opt.get("params", {})
+        if kind not in OPTIMIZER_TYPES:
+            raise ConfigError(f"{name}: optimizer type {opt.get('type')!r} is not supported; use AdamW or SGD")
+        params = opt.setdefault("params", {})
         _agree(params, "lr", float(t.lr), "train.lr", name)
         _agree(params, "weight_decay", float(t.weight_decay), "train.weight_decay", name)
-    ds.setdefault("zero_allow_untested_optimizer", True)  # mtnlg's AdamW subclass (training/guard.py)
+    if stage == 0 and t.precision == "fp32":
+        # DeepSpeed's stage-0 fp32 clipping miscounts under pipeline parallelism (replicated parameters of later
+        # stages are left out, a tied embedding is counted on both of its stages) and discards the norm it
+        # computes; mtnlg's guarded optimizer computes the norm and clips instead (training/guard.py)
+        ds["gradient_clipping"] = 0.0
+    ds.setdefault("zero_allow_untested_optimizer", True)  # mtnlg's optimizer subclasses (training/guard.py)
     ds.setdefault("steps_per_print", 10**9)  # mtnlg logs; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def optimizer_kind(ds: dict[str, Any]) -> str:
+    """'adamw' or 'sgd': the optimizer the JSON asks for (AdamW when it names none)."""
+    kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower()
+    return "adamw" if kind in ADAM_TYPES else kind
 
 
 def adam_hyperparams(ds: dict[str, Any]) -> dict[str, Any]:
     """betas/eps from the JSON's optimizer section (DeepSpeed's defaults otherwise)."""
     params = (ds.get("optimizer") or {}).get("params", {})
     return {"betas": tuple(params.get("betas", (0.9, 0.999))), "eps": float(params.get("eps", 1e-8))}
+
+
+def sgd_hyperparams(ds: dict[str, Any]) -> dict[str, Any]:
+    """momentum/dampening/nesterov from the JSON's SGD section (plain SGD otherwise)."""
+    params = (ds.get("optimizer") or {}).get("params", {})
+    return {"momentum": float(params.get("momentum", 0.0)), "dampening": float(params.get("dampening", 0.0)),
+            "nesterov": bool(params.get("nesterov", False))}

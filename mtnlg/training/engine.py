@@ -19,9 +19,9 @@ import torch.distributed as dist
 from mtnlg.config import RunConfig
 from mtnlg.model import GPTModel, pipeline_module
 from mtnlg.parallel import ParallelState, TPRandom
-from mtnlg.training.distributed import allow_cpu_fp16
-from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, zero_stage
-from mtnlg.training.guard import GuardedAdamW
+from mtnlg.training.distributed import allow_cpu_fp16, deepspeed_output
+from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, optimizer_kind, sgd_hyperparams, zero_stage
+from mtnlg.training.guard import GuardedAdamW, GuardedSGD
 from mtnlg.training.schedule import LRSchedule, param_groups
 from mtnlg.training.universal import universal_checkpoint_info
 
@@ -98,6 +98,14 @@ class _Fp32GradSlot:
         return hp
 
 
+def build_optimizer(module: torch.nn.Module, cfg: RunConfig, ds: dict, device: torch.device):
+    """The guarded optimizer the DeepSpeed JSON names (AdamW by default, or SGD), with the YAML's lr and decay."""
+    groups = param_groups(module, cfg.train.weight_decay)
+    if optimizer_kind(ds) == "sgd":
+        return GuardedSGD(groups, lr=cfg.train.lr, **sgd_hyperparams(ds))
+    return GuardedAdamW(groups, lr=cfg.train.lr, **adam_hyperparams(ds), fused=fused_adam_supported(device))
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
@@ -117,22 +125,31 @@ class Engine:
         module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)
 
         ds_cfg = dict(self.ds_config)
-        ds_cfg.pop("optimizer", None)  # built here, from the JSON's betas/eps and the YAML's lr/decay
-        optimizer = GuardedAdamW(
-            param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr, **adam_hyperparams(self.ds_config),
-            fused=fused_adam_supported(device),
-        )
+        ds_cfg.pop("optimizer", None)  # built here, from the JSON's hyperparameters and the YAML's lr/decay
+        optimizer = build_optimizer(module, cfg, self.ds_config, device)
+        if self.zero_stage == 0 and cfg.train.precision == "fp32":  # see ds_config: mtnlg clips at stage 0
+            optimizer.clip_with(cfg.train.clip_grad, ps)
         self.group_decay = [g["weight_decay"] for g in optimizer.param_groups]
         schedule = LRSchedule(optimizer, cfg.train)
         self.guard = optimizer
-        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg,
-            mpu=None if self.pipelined else ps,
-        )
+        with deepspeed_output(cfg.logging.deepspeed == "info"):
+            self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
+                model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg,
+                mpu=None if self.pipelined else ps,
+            )
         self.module = self.engine.module
         if ps.dp_size == 1:
             skip_lone_gradient_reduction(self.engine)
         embedding_grads_into_fp32(self.engine)
+
+    def zero3_partitioned(self) -> tuple[int, int] | None:
+        """(parameters ZeRO-3 partitions across dp, all parameters) on this rank; None below ZeRO-3. DeepSpeed keeps
+        every parameter smaller than ``stage3_param_persistence_threshold`` whole on every rank."""
+        if self.zero_stage != 3:
+            return None
+        params = list(self.module.parameters())
+        split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
+        return len(split), len(params)
 
     def after_load(self, universal: bool) -> None:
         """Mend three gaps of DeepSpeed's universal-checkpoint loading into ZeRO-3 (0.19.8): it copies the first

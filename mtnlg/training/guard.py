@@ -1,10 +1,15 @@
-"""Non-finite gradients never reach the weights.
+"""Non-finite gradients never reach the weights, and the gradient norm is known for every ZeRO stage.
 
 DeepSpeed already skips a step whose gradient norm is inf/NaN for fp16 (loss scaling), for
 bf16 (its BF16 optimizer) and for fp32 with ZeRO 1/2. It does not for fp32 with ZeRO 0 or 3,
-or bf16 with ZeRO 3. ``GuardedAdamW`` closes that gap from the inside: every rank checks the
-gradients it is about to apply, the verdict is agreed over all ranks (one scalar all-reduce),
-and a step with any non-finite gradient anywhere is skipped everywhere.
+or bf16 with ZeRO 3. The guarded optimizers (``GuardedAdamW``, ``GuardedSGD``) close that gap from
+the inside: every rank checks the gradients it is about to apply, the verdict is agreed over all
+ranks (one scalar all-reduce), and a step with any non-finite gradient anywhere is skipped everywhere.
+
+With ZeRO stage 0 in fp32 DeepSpeed's own clipping miscounts under pipeline parallelism and keeps
+no norm, so there the guard (``clip_with``) computes the global norm itself (``grad_norm``: every
+tensor-parallel shard once, replicated parameters once, a tied embedding once across its pipeline
+stages), skips the step when it is not finite, and clips.
 """
 
 from __future__ import annotations
@@ -15,20 +20,41 @@ import torch
 import torch.distributed as dist
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        self.skipped = 0  # steps this guard refused
+class _Guard:
+    """Mixed into a torch optimizer: skip non-finite steps everywhere; optionally compute the norm and clip."""
 
-    def _local_bad(self) -> torch.Tensor | None:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return _any_nonfinite(grads)
+    def _init_guard(self) -> None:
+        self.skipped = 0  # steps this guard refused
+        self._clip: tuple[float, object] | None = None  # (max norm, ParallelState) when the guard clips
+
+    def clip_with(self, max_norm: float, ps) -> None:
+        """Make this optimizer compute the global gradient norm of ``ps``'s model replica and clip to ``max_norm``
+        (0: no clipping). For ZeRO stage 0, where the optimizer sees the model's own parameters."""
+        self._clip = (float(max_norm), ps)
+        self._global_grad_norm: float | None = None  # DeepSpeed's engine reports it as its global grad norm
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     @torch.no_grad()
     def step(self, closure=None):
-        bad = self._local_bad()
-        device = bad.device if bad is not None else torch.device("cpu")
-        if bad is None:
+        if self._clip is not None:
+            max_norm, ps = self._clip
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norm = grad_norm(params, ps)
+            self._global_grad_norm = norm
+            if not math.isfinite(norm):  # the same norm on every rank: all skip
+                self.skipped += 1
+                return None
+            if max_norm > 0:
+                coef = max_norm / (norm + 1e-6)  # DeepSpeed's formula
+                if coef < 1.0:
+                    torch._foreach_mul_([p.grad for p in params], coef)
+            return super().step(closure)
+        grads = self._grads()
+        bad = _any_nonfinite(grads)
+        if bad is None:  # no gradient on this rank: agree on the device the parameters live on
+            device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
             bad = torch.zeros(1, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -36,6 +62,34 @@ class GuardedAdamW(torch.optim.AdamW):
             self.skipped += 1
             return None
         return super().step(closure)
+
+
+class GuardedAdamW(_Guard, torch.optim.AdamW):
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._init_guard()
+
+
+class GuardedSGD(_Guard, torch.optim.SGD):
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._init_guard()
+
+
+def grad_norm(params: list[torch.nn.Parameter], ps) -> float:
+    """The L2 norm of the gradient of the whole model replica that ``params`` (this rank's, with gradients) belong
+    to: tensor-parallel shards counted on every tp rank, tp-replicated parameters on tp rank 0 only, a tied weight
+    once (DeepSpeed marks its copies on later pipeline stages ``ds_pipe_replicated``), summed over tp x pp."""
+    mine = [p.grad for p in params
+            if not getattr(p, "ds_pipe_replicated", False)
+            and (ps.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if mine:
+        total = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in mine]).square().sum()
+    if ps.mp_group is not None and ps.tp_size * ps.pp_size > 1:
+        dist.all_reduce(total, group=ps.mp_group)
+    return float(total.sqrt())
 
 
 class LossWatch:
@@ -93,8 +147,9 @@ def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def all_finite(module: torch.nn.Module) -> bool:
     """True when every parameter on every rank is finite (ZeRO-3 shards included)."""
-    bad = _any_nonfinite([getattr(p, "ds_tensor", p) for p in module.parameters()])
-    bad = torch.zeros(1) if bad is None else bad
+    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    bad = _any_nonfinite(tensors)
+    bad = torch.zeros(1, device=tensors[0].device if tensors else "cpu") if bad is None else bad
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0

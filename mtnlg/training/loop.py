@@ -6,11 +6,19 @@ reads, for micro batch m, the ``micro_batch_size`` samples starting at
 i * G + m * (micro * dp) + d * micro. The loss of a global batch is therefore the same for
 every layout, and resuming at any iteration (under any dp size) continues the stream exactly.
 Randomness (dropout) is re-seeded from (seed, iteration) at every step, so a resumed run
-draws the same masks as an uninterrupted one.
+draws the same masks as an uninterrupted one. The next step's micro batches are built on a
+background thread while the current step runs (``Prefetcher``); the logged step time covers
+the whole iteration, waiting for its batches included.
+
+A run stops early, with a checkpoint and exit status 0, at ``train.exit_interval``, after
+``train.exit_duration_mins``, or on SIGTERM/SIGUSR1 (see ``stopping``).
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.config import RunConfig, resolve
-from mtnlg.errors import TrainingAborted, UserError
+from mtnlg.errors import JobError, TrainingAborted, UserError
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.parallel import ParallelState
 from mtnlg.training import checkpoint
@@ -30,16 +38,20 @@ from mtnlg.training.guard import LossWatch, all_finite
 from mtnlg.training.metrics import Metrics
 from mtnlg.training.peak import total_peak_tflops
 from mtnlg.training.sources import build_sources, data_tokenizer, with_vocab
+from mtnlg.training.stopping import Stopper
 
 
 @dataclass
 class RunSummary:
     iterations: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> training loss
+    grad_norms: dict[int, float | None] = field(default_factory=dict)  # iteration -> global norm before clipping
     val_losses: dict[int, float] = field(default_factory=dict)
     skipped: int = 0
     last_record: dict | None = None
     checkpoint: str | None = None
+    stopped: str | None = None  # why the run stopped before train.iters (exit interval, duration, signal)
+    zero3_partitioned: tuple[int, int] | None = None  # (parameters partitioned, parameters) under ZeRO-3
 
 
 def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device: torch.device,
@@ -54,6 +66,47 @@ def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device:
     return out
 
 
+class Prefetcher:
+    """This rank's micro batches of iterations ``first``, ``first + 1``, ..., ``last``, each built on a background
+    thread while the step before it runs (one iteration ahead)."""
+
+    def __init__(self, source, cfg: RunConfig, ps: ParallelState, device: torch.device, first: int, last: int,
+                 consumed: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._args = (source, cfg, ps, device)
+        self._thread = threading.Thread(target=self._fill, args=(first, last, consumed), daemon=True,
+                                        name="mtnlg-prefetch")
+        self._stop = threading.Event()
+        self._thread.start()
+
+    def _fill(self, first: int, last: int, consumed: int) -> None:
+        source, cfg, ps, device = self._args
+        for _ in range(first, last + 1):
+            try:
+                item = micro_batches(source, consumed, cfg, ps, device)
+            except BaseException as e:  # handed to the training thread, raised there
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+            consumed += cfg.train.global_batch_size
+
+    def next(self) -> list[Batch]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 @dataclass
 class LoadPlan:
     directory: str
@@ -61,16 +114,50 @@ class LoadPlan:
     kind: str  # "native" (same layout), "universal" (from `mtnlg checkpoint reshard`), "weights" (import-hf)
 
 
-def plan_load(cfg: RunConfig) -> LoadPlan | None:
-    """What checkpoint.load holds and how to load it into this run's layout (checked before building engines)."""
-    from mtnlg.config import load_config
-    from mtnlg.convert.native import is_weights_only
+def plan_load(cfg: RunConfig, ps: ParallelState | None = None) -> LoadPlan | None:
+    """What checkpoint.load holds and how to load it into this run's layout (checked before building engines).
+
+    Rank 0 decides from its own disk and tells the other ranks; every rank then checks that the files it will
+    load are there and whole (nodes need not share a filesystem). A collective when torch.distributed runs."""
+    if not cfg.checkpoint.load:
+        return None
+    distributed = dist.is_initialized()
+    box: list = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            plan = _plan_on_this_host(cfg)
+            box = [(plan, None if plan is None else checkpoint.listing(Path(plan.directory) / plan.tag))]
+        except UserError as e:
+            box = [e]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise JobError(str(box[0]))
+    plan, sizes = box[0]
+    if plan is None:
+        return plan
+    tag_dir = Path(plan.directory) / plan.tag
+    names = list(sizes)  # universal and weights-only checkpoints: every rank reads from all of it
+    if plan.kind == "native":
+        from mtnlg.model.gpt import stage_specs
+
+        if ps is None:
+            ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline) if distributed \
+                else ParallelState.single()
+        layers = stage_specs(cfg.model, ps.pp_size, ps.pp_rank) if ps.pp_size > 1 else range(0)
+        names = checkpoint.native_files(sizes, ps.tp_rank, ps.pp_rank, ps.dp_rank, ps.tp_size, layers)
+    checkpoint.agree_readable(tag_dir, names, sizes, "checkpoint.load:")
+    return plan
+
+
+def _plan_on_this_host(cfg: RunConfig) -> LoadPlan | None:
+    from mtnlg.convert.native import NativeCheckpoint, is_weights_only
     from mtnlg.training.ds_config import load_ds_json, zero_stage
     from mtnlg.training.reshard import is_universal
 
     load = cfg.checkpoint.load
-    if not load:
-        return None
+    if Path(load).exists() and not Path(load).is_dir():
+        raise UserError(f"checkpoint.load = {load} is a file; name the checkpoint.save directory of a run")
     tag = checkpoint.latest_tag(load)
     if tag is None:
         if cfg.checkpoint.save and Path(load).resolve() == Path(cfg.checkpoint.save).resolve():
@@ -93,15 +180,15 @@ def plan_load(cfg: RunConfig) -> LoadPlan | None:
                             f"{m.padded_vocab_size}); resume {tag_dir} under ZeRO-1/2, or train with a vocabulary "
                             f"size that is a multiple of {m.make_vocab_size_divisible_by} x tensor")
         return LoadPlan(load, tag, "universal")
-    saved = load_config(tag_dir / checkpoint.CONFIG_NAME)
-    saved_stage = zero_stage(load_ds_json(saved.deepspeed_config)) if saved.deepspeed_config else stage
-    sp, p = saved.parallel, cfg.parallel
-    moved = (sp.tensor, sp.pipeline) != (p.tensor, p.pipeline) or saved_stage != stage or (
-        sp.data != p.data and stage > 0)
+    saved = NativeCheckpoint(Path(load), tag_dir, int(checkpoint.TAG_RE.match(tag).group(1))).layout
+    p = cfg.parallel
+    moved = (saved.tp, saved.pp) != (p.tensor, p.pipeline) or saved.zero_stage != stage or (
+        saved.dp != p.data and stage > 0)
     if moved:
         raise UserError(
-            f"{tag_dir} was saved with tensor={sp.tensor}, pipeline={sp.pipeline}, data={sp.data}, ZeRO-{saved_stage} "
-            f"but this run is tensor={p.tensor}, pipeline={p.pipeline}, data={p.data}, ZeRO-{stage}; convert it first: "
+            f"{tag_dir} was saved with tensor={saved.tp}, pipeline={saved.pp}, data={saved.dp}, "
+            f"ZeRO-{saved.zero_stage} but this run is tensor={p.tensor}, pipeline={p.pipeline}, data={p.data}, "
+            f"ZeRO-{stage}; convert it first: "
             f"mtnlg checkpoint reshard --checkpoint {load} --output {load}-universal, then load that"
         )
     return LoadPlan(load, tag, "native")
@@ -125,11 +212,31 @@ def _load(engine: Engine, plan: LoadPlan | None) -> tuple[int, int]:
     return int(state["iteration"]), int(state["consumed_samples"])
 
 
+def _check_save_dir(cfg: RunConfig) -> None:
+    save = cfg.checkpoint.save
+    if save and Path(save).exists() and not Path(save).is_dir():
+        raise JobError(f"checkpoint.save = {save} is an existing file; name a directory for the checkpoints")
+
+
+def deterministic_algorithms(device: torch.device) -> None:
+    """``train.deterministic``: torch's deterministic kernels (an error where none exists), and what CUDA needs
+    for them (cuBLAS workspace config, no cuDNN autotuning)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
 def train(cfg: RunConfig) -> RunSummary:
-    device = init_distributed(cfg.train.collective_timeout_s)
+    show_ds = cfg.logging.deepspeed == "info"
+    device = init_distributed(cfg.train.collective_timeout_s, show_deepspeed=show_ds)
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = data_tokenizer(cfg)
     cfg = resolve(with_vocab(cfg, tokenizer), world)
+    _check_save_dir(cfg)
+    if cfg.train.deterministic:
+        deterministic_algorithms(device)
     ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline)
     is_logger = rank == 0
     t = cfg.train
@@ -137,7 +244,7 @@ def train(cfg: RunConfig) -> RunSummary:
         print(describe(cfg), flush=True)
 
     train_src, valid_src = build_sources(cfg)
-    plan = plan_load(cfg)
+    plan = plan_load(cfg, ps)
     engine = Engine(cfg, ps, device, load_universal=plan is not None and plan.kind == "universal")
     start_iter, consumed = _load(engine, plan)
 
@@ -149,10 +256,14 @@ def train(cfg: RunConfig) -> RunSummary:
         flops_per_token=flops_per_token(cfg.model), peak_tflops_total=peak, device=device,
         tensorboard_dir=cfg.logging.tensorboard, start_iteration=start_iter,
     )
+    summary = RunSummary(iterations=start_iter, zero3_partitioned=engine.zero3_partitioned())
+    if summary.zero3_partitioned:
+        split, total = summary.zero3_partitioned
+        metrics.message(f"ZeRO-3: {split} of {total} parameter tensors partitioned over {ps.dp_size} data-parallel "
+                        "ranks (the rest are under stage3_param_persistence_threshold and stay whole on every rank)")
     if start_iter:
         metrics.message(f"resumed from iteration {start_iter} ({consumed} samples consumed)")
 
-    summary = RunSummary(iterations=start_iter)
     watch = LossWatch(t.max_consecutive_nonfinite, t.spike_factor, t.precision)
     valid_batches = None
     if valid_src is not None and t.eval_interval and t.eval_iters:
@@ -163,43 +274,58 @@ def train(cfg: RunConfig) -> RunSummary:
             metrics.message(f"iteration {start_iter}: validation loss {summary.val_losses[start_iter]:.6f} "
                             "after loading")
 
-    for iteration in range(start_iter + 1, t.iters + 1):
-        engine.rng.seed_iteration(iteration)
-        batches = micro_batches(train_src, consumed, cfg, ps, device)
-        t0 = time.perf_counter()
-        result = engine.train_step(batches)
-        seconds = time.perf_counter() - t0
-        consumed += t.global_batch_size
-        summary.losses[iteration] = result.loss
-        val_loss = None
-        if valid_batches and (iteration % t.eval_interval == 0 or iteration == t.iters):
-            val_loss = engine.eval_loss(valid_batches)
-            summary.val_losses[iteration] = val_loss
-        downstream = None
-        if cfg.eval.tasks and cfg.eval.interval and (iteration % cfg.eval.interval == 0 or iteration == t.iters):
-            from mtnlg.eval.in_training import downstream_eval
+    stopper = Stopper(t.exit_interval, t.exit_duration_mins, device)
+    batches = Prefetcher(train_src, cfg, ps, device, start_iter + 1, t.iters, consumed)
+    try:
+        for iteration in range(start_iter + 1, t.iters + 1):
+            t0 = time.perf_counter()
+            engine.rng.seed_iteration(iteration)
+            result = engine.train_step(batches.next())
+            seconds = time.perf_counter() - t0
+            consumed += t.global_batch_size
+            summary.losses[iteration] = result.loss
+            summary.grad_norms[iteration] = result.grad_norm
+            val_loss = None
+            if valid_batches and (iteration % t.eval_interval == 0 or iteration == t.iters):
+                val_loss = engine.eval_loss(valid_batches)
+                summary.val_losses[iteration] = val_loss
+            downstream = None
+            if cfg.eval.tasks and cfg.eval.interval and (iteration % cfg.eval.interval == 0 or iteration == t.iters):
+                from mtnlg.eval.in_training import downstream_eval
 
-            downstream = downstream_eval(engine, cfg, tokenizer)
-        record = metrics.step(
-            iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
-            loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
-            log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1,
-            val_loss=val_loss, extra=downstream,
-        )
-        summary.last_record = record or summary.last_record
-        summary.iterations = iteration
-        note = watch.update(iteration, result.loss, result.grad_norm, result.skipped, result.loss_scale)
-        if note:
-            metrics.message(note)
-        if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
-                and iteration != t.iters:
-            _save(engine, cfg, iteration, consumed, rank, tokenizer)
+                downstream = downstream_eval(engine, cfg, tokenizer)
+            stop = stopper.check(iteration) if iteration < t.iters else None
+            record = metrics.step(
+                iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
+                loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
+                log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1
+                or stop is not None, val_loss=val_loss, extra=downstream,
+            )
+            summary.last_record = record or summary.last_record
+            summary.iterations = iteration
+            note = watch.update(iteration, result.loss, result.grad_norm, result.skipped, result.loss_scale)
+            if note:
+                metrics.message(note)
+            if stop is not None:
+                summary.stopped = stop
+                metrics.message(f"stopping after iteration {iteration} of {t.iters}: {stop}")
+                break
+            if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
+                    and iteration != t.iters:
+                _save(engine, cfg, iteration, consumed, rank, tokenizer)
+    finally:
+        batches.close()
+        stopper.close()
 
     summary.skipped = engine.skipped_steps
     if cfg.checkpoint.save and summary.iterations > start_iter:
         path = _save(engine, cfg, summary.iterations, consumed, rank, tokenizer)
         summary.checkpoint = str(path)
         metrics.message(f"saved checkpoint {path}")
+        if summary.stopped:
+            metrics.message(f"resume with checkpoint.load={cfg.checkpoint.save} to go on to iteration {t.iters}")
+    elif summary.stopped:
+        metrics.message("checkpoint.save is not set: nothing was saved")
     metrics.close()
     return summary
 
@@ -209,4 +335,3 @@ def _save(engine: Engine, cfg: RunConfig, iteration: int, consumed: int, rank: i
         raise TrainingAborted(f"iteration {iteration}: the model holds non-finite weights; not saving them")
     state = {"iteration": iteration, "consumed_samples": consumed}
     return checkpoint.save(engine.engine, cfg, iteration, state, rank, tokenizer)
-
