@@ -1,10 +1,17 @@
 """Run a function on N gloo processes on this machine and collect what each rank returns.
 
     results = run_distributed(fn, world_size=4, args=(...))   # fn(rank, world_size, *args)
+    results = run_distributed(fn, 4, args=(...), nodes=2, node_dirs={"/tmp/x/ckpt": "/tmp/x/disk{node}"})
 
 ``fn`` must be importable (defined at module level). Each rank gets one CPU thread, a
 real ``torch.distributed`` gloo process group (initialised through DeepSpeed, as training
 does), and the environment variables a launcher would set.
+
+``nodes``: the ranks are split into that many "nodes" without a shared disk. Each rank enters its own
+mount and UTS namespace (root only; ``nodes_supported()`` says whether this machine allows it), takes its
+node's hostname (``node0``, ``node1``, ...) and sees, at each path of ``node_dirs``, its node's own
+directory (a bind mount): files one node writes there are invisible to the others, as on a cluster
+with node-local disks. The network is shared (one machine), which checkpoints do not care about.
 """
 
 from __future__ import annotations
@@ -49,12 +56,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+CLONE_NEWNS, CLONE_NEWUTS, MS_REC, MS_PRIVATE, MS_BIND = 0x00020000, 0x04000000, 0x4000, 1 << 18, 0x1000
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _become_node(node: int, node_dirs: dict[str, str]) -> None:
+    """Enter private mount + UTS namespaces: hostname node<i>, and this node's own directory at each path."""
+    import ctypes
+
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWUTS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWUTS) failed")
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # our mounts stay ours
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate / failed")
+    socket.sethostname(f"node{node}")
+    for path, template in node_dirs.items():
+        src = Path(template.format(node=node))
+        src.mkdir(parents=True, exist_ok=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if libc.mount(str(src).encode(), str(path).encode(), None, MS_BIND, None) != 0:
+            raise OSError(ctypes.get_errno(), f"bind mount {src} on {path} failed")
+
+
+def nodes_supported() -> str | None:
+    """None when this machine lets a test give processes private mount and UTS namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (mount and UTS namespaces)"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_probe_node, args=(queue,))
+    proc.start()
+    proc.join(60)
+    return None if proc.exitcode == 0 else (queue.get() if not queue.empty() else "namespaces not available")
+
+
+def _probe_node(queue) -> None:
+    try:
+        _become_node(0, {})
+    except OSError as e:
+        queue.put(f"cannot make private namespaces here ({e})")
+        raise SystemExit(1) from None
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args, queue, nodes: int = 1,
+            node_dirs: dict[str, str] | None = None) -> None:
+    per_node = world_size // nodes
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size), OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank % per_node),
+        WORLD_SIZE=str(world_size), LOCAL_SIZE=str(per_node), OMP_NUM_THREADS="1",
     )
     try:
+        if nodes > 1:
+            _become_node(rank // per_node, node_dirs or {})
         import torch
 
         torch.set_num_threads(1)
@@ -72,11 +130,15 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 600) -> list[Any]:
+def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 600, nodes: int = 1,
+                    node_dirs: dict[str, str] | None = None) -> list[Any]:
+    if world_size % nodes:
+        raise ValueError(f"{world_size} ranks do not split into {nodes} nodes")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, nodes, node_dirs))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

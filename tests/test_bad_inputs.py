@@ -61,6 +61,9 @@ def w(tmp_path_factory):
     (d / "binonly" / "pytorch_model.bin").write_bytes(b"not a safetensors file")
     (d / "existing").mkdir()
     (d / "existing" / "keep.txt").write_text("precious")
+    shutil.copytree(d / "ckpt", d / "cutckpt")  # a checkpoint whose model states file was cut short
+    shard = d / "cutckpt" / "global_step2" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (d / "notjson.json").write_text("{ nope")
     (d / "ds_contradicts.json").write_text(json.dumps({"train_batch_size": 99}))
@@ -91,6 +94,14 @@ CASES = [
      "'train_batch_size' is 99 but the run config gives train.global_batch_size = 2", []),
     ("train: bf16 with ZeRO-0", ["train", "--config", "{w}/run.yaml", "--set", "train.precision=bf16"],
      "bf16 needs ZeRO stage >= 1", []),
+    ("train: lr is not a number", ["train", "--config", "{w}/run.yaml", "--set", "train.lr=nan"],
+     "train.lr = 'nan' must be a finite number", []),
+    ("train: save names a file", ["train", "--config", "{w}/run.yaml", "--set",
+                                  "checkpoint.save={w}/existing/keep.txt"],
+     "keep.txt is an existing file; name a directory", ["existing"]),
+    ("train: resume from a truncated shard", ["train", "--config", "{w}/run.yaml", "--set",
+                                              "checkpoint.load={w}/cutckpt", "--set", "checkpoint.save={w}/out7"],
+     "mp_rank_00_model_states.pt", ["cutckpt"]),
     ("train: data prefix missing", ["train", "--config", "{w}/run.yaml", "--set", "data.synthetic=null",
                                     "--set", "data.prefix={w}/nodata", "--set", "data.tokenizer={w}/tok"],
      "nodata", []),

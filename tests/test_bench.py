@@ -1,5 +1,6 @@
 """``mtnlg bench``: figures from step times, the report files, and one tiny end-to-end run (mtnlg vs the
-HF peer, interleaved in two worker processes). Timings are printed, never asserted."""
+HF peer with eager and with sdpa attention, interleaved in worker processes, then the same at dp=2).
+Timings are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -27,10 +28,19 @@ def test_throughput_figures():
     assert throughput([1.0], 10, 1.0, None)["mfu_median"] is None
 
 
+def _peer(times: list[float], attn: str, mtnlg: dict, tokens: int = 2048, ranks: int = 1) -> dict:
+    info = {"model_class": "GPT2LMHeadModel", "attn_implementation": attn, "zero_stage": 1}
+    v = {**throughput(times, tokens, 8e8, 0.8), "peak_mem_mb": [3500.0] * ranks, "info": info}
+    v["mtnlg_ratio_median"] = mtnlg["tokens_per_s_median"] / v["tokens_per_s_median"]
+    v["mtnlg_ratio_best"] = mtnlg["tokens_per_s_best"] / v["tokens_per_s_best"]
+    return v
+
+
 def _result() -> dict:
-    info = {"model_class": "GPT2LMHeadModel"}
-    step = {**throughput([1.0, 1.2], 2048, 8e8, 0.8), "peak_mem_mb": [3000.0], "info": info}
-    peer = {**throughput([2.0, 2.5], 2048, 8e8, 0.8), "peak_mem_mb": [3500.0], "info": info}
+    step = {**throughput([1.0, 1.2], 2048, 8e8, 0.8), "peak_mem_mb": [3000.0], "info": {"zero_stage": 1}}
+    variants = {"eager": _peer([2.0, 2.5], "eager", step), "sdpa": _peer([2.4, 2.6], "sdpa", step)}
+    dp_step = {**throughput([1.0, 1.0], 4096, 8e8, 0.8), "peak_mem_mb": [3000.0, 3100.0], "info": {"zero_stage": 1}}
+    dp_peer = _peer([1.6, 1.5], "eager", dp_step, tokens=4096, ranks=2)
     row = {"m": 8, "ideal": 8 / 9, "efficiency_median": 0.8, "efficiency_best": 0.82,
            "pp1": {**throughput([8.0], 4096, 8e8, 0.4), "peak_mem_mb": [2000.0]},
            "pp2": {**throughput([5.0], 4096, 8e8, 0.8), "peak_mem_mb": [1200.0, 1400.0]}}
@@ -41,7 +51,12 @@ def _result() -> dict:
                    "micro_batch_size": 2, "global_batch_size": 4, "deepspeed_config": "ds_configs/zero1.json"},
         "steps": 2, "warmup": 1, "threads": 2,
         "gemm_peak": {"threads": 2, "fp32": {"best": 0.2, "median": 0.19}, "bf16": {"best": 0.8, "median": 0.7}},
-        "main": {"bf16": {"mtnlg": step, "peer": peer, "ratio_median": 2.0, "ratio_best": 2.0}},
+        "main": {"bf16": {"mtnlg": step, "peer": variants["eager"], "peer_attn": "eager", "peer_variants": variants,
+                          "ratio_median": 2.0, "ratio_best": 2.0}},
+        "data_parallel": {"mtnlg": dp_step, "peer": dp_peer, "peer_attn": "eager", "peer_variants": {"eager": dp_peer},
+                          "ratio_median": 1.6, "ratio_best": 1.5, "dp": 2, "precision": "bf16", "threads_per_rank": 1,
+                          "micro_batch_size": 2, "grad_accum_steps": 2, "global_batch_size": 8,
+                          "peer_attn_source": "main"},
         "layouts": {"precision": "bf16", "micro_batch_size": 1, "pipeline": [row],
                     "tensor": {"speedup_median": 1.6, "speedup_best": 1.7, "ideal_speedup": 2.0,
                                "tp1": {**throughput([4.0], 2048, 8e8, 0.4), "peak_mem_mb": [2000.0]},
@@ -61,11 +76,53 @@ def test_report_files(tmp_path):
     write_report(_result(), tmp_path)
     md = (tmp_path / "bench.md").read_text()
     assert "| bf16 | mtnlg | 1862 | 2048 |" in md  # median of 1.0 s and 1.2 s steps of 2048 tokens
-    assert "2.00x, 2.00x" in md and "| 8 | 8.00 | 5.00 | 80.0% | 82.0% | 88.9% |" in md
-    assert "Speedup 1.60x median" in md
-    assert json.loads((tmp_path / "bench.json").read_text())["main"]["bf16"]["ratio_median"] == 2.0
+    assert "| 8 | 8.00 | 5.00 | 80.0% | 82.0% | 88.9% |" in md and "Speedup 1.60x median" in md
+    # both peer variants, the faster (eager) marked as the peer; mtnlg / each variant on its row
+    assert "| bf16 | mtnlg | 1862 | 2048 | 1.49 | 186.2% | 204.8% | 2.93 | 2.00x, 2.00x |" in md
+    assert "| bf16 | HF GPT2LMHeadModel (eager), the peer | 910 | 1024 |" in md and "| 2.05x, 2.00x |" in md
+    assert "| bf16 | HF GPT2LMHeadModel (sdpa) | 819 | 853 |" in md and "| 2.27x, 2.40x |" in md
+    assert "the faster by median tokens/s (bf16: eager)" in md
+    # the dp=2 row: tokens/s of both (4096 tokens per step), per-rank memory, the ratio, where the attention came from
+    assert "## Data parallelism: mtnlg vs Hugging Face + DeepSpeed at dp=2 (2 ranks, 1 thread each), bf16" in md
+    assert "| mtnlg | 1.00 | 4096 | 4096 |" in md and "| 2.93 / 3.03 | 1.60x, 1.50x |" in md
+    assert "| HF GPT2LMHeadModel (eager) | 1.55 | 2643 | 2731 |" in md and "ZeRO stage 1 on both sides" in md
+    assert "won the one-rank bf16 comparison" in md and "mtnlg / peer (eager) at dp=2: 1.60x median" in md
+    r = json.loads((tmp_path / "bench.json").read_text())
+    e = r["main"]["bf16"]
+    assert e["ratio_median"] == 2.0 and e["peer"]["info"]["attn_implementation"] == "eager"
+    assert set(e["peer_variants"]) == {"eager", "sdpa"} and r["data_parallel"]["dp"] == 2
     w, h = _png_size(tmp_path / "bench.png")
     assert w >= 760 and h > 100
+
+
+def test_report_of_an_older_result(tmp_path):
+    """A bench.json from before the peer had variants (one "peer", sdpa) still renders."""
+    from mtnlg.bench.report import write_report
+
+    r = _result()
+    del r["data_parallel"]
+    e = r["main"]["bf16"]
+    del e["peer_variants"], e["peer_attn"], e["peer"]["mtnlg_ratio_median"], e["peer"]["mtnlg_ratio_best"]
+    e["peer"]["info"] = {"model_class": "GPT2LMHeadModel"}
+    write_report(r, tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    assert "| bf16 | HF GPT2LMHeadModel (sdpa) | 910 | 1024 |" in md and md.count("2.00x, 2.00x") == 2
+    assert "The peer used HF's sdpa attention" in md and "Data parallelism" not in md
+
+
+def test_bench_options_on_the_command_line():
+    import argparse
+
+    from mtnlg.bench.commands import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--config", "x.yaml"])
+    assert args.dp and args.layouts and args.peer_attn == ("eager", "sdpa")
+    args = parser.parse_args(["bench", "--config", "x.yaml", "--no-dp", "--peer-attn", "sdpa"])
+    assert not args.dp and args.peer_attn == ("sdpa",)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--config", "x.yaml", "--peer-attn", "flash"])
 
 
 def test_png_text_and_bars(tmp_path):
@@ -84,20 +141,41 @@ def test_png_text_and_bars(tmp_path):
 
 
 def test_bench_end_to_end_tiny(tmp_path, capsys):
-    """mtnlg and the HF peer, both through deepspeed.initialize, interleaved; figures are finite."""
+    """mtnlg and the HF peer (eager and sdpa), all through deepspeed.initialize, interleaved; then mtnlg and the
+    faster peer at dp=2 (2 ranks each). Figures are finite and consistent; timings are not asserted."""
     from mtnlg.bench.runner import BenchOptions, run
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY % (ROOT / "ds_configs" / "zero1.json"))
     r = run(BenchOptions(config=str(cfg), steps=2, warmup=1, peer=True, output=str(tmp_path / "out"),
-                         layouts=False, peak_sizes=(256,), peak_repeats=2))
+                         layouts=False, threads=1, peak_sizes=(256,), peak_repeats=2))
     e = r["main"]["bf16"]
-    for name in ("mtnlg", "peer"):
-        assert len(e[name]["times"]) == 2 and e[name]["tokens_per_s_median"] > 0
-        assert 5.0 < e[name]["loss"] < 8.0  # ~ln(500) at init: both train the same task
-        assert e[name]["peak_mem_mb"][0] > 50
-    for flag in ("fused", "foreach"):  # the peer's AdamW runs the same implementation as mtnlg's
-        assert e["mtnlg"]["info"]["optimizer"][flag] == e["peer"]["info"]["optimizer"][flag]
-    assert e["peer"]["info"]["attn_implementation"] == "sdpa"
-    assert (tmp_path / "out" / "bench.md").read_text().count("| bf16 |") == 2
+    assert set(e["peer_variants"]) == {"eager", "sdpa"}
+    for name, s in (("mtnlg", e["mtnlg"]), *e["peer_variants"].items()):
+        assert len(s["times"]) == 2 and s["tokens_per_s_median"] > 0, name
+        assert 5.0 < s["loss"] < 8.0  # ~ln(500) at init: all train the same task
+        assert s["peak_mem_mb"][0] > 50
+        if name != "mtnlg":
+            assert s["info"]["attn_implementation"] == name
+            for flag in ("fused", "foreach"):  # the peer's AdamW runs the same implementation as mtnlg's
+                assert s["info"]["optimizer"][flag] == e["mtnlg"]["info"]["optimizer"][flag]
+    # the peer is the faster variant by median tokens/s, and the ratios are against it
+    fastest = max(e["peer_variants"], key=lambda a: e["peer_variants"][a]["tokens_per_s_median"])
+    assert e["peer_attn"] == fastest and e["peer"]["info"]["attn_implementation"] == fastest
+    assert e["ratio_median"] == pytest.approx(e["mtnlg"]["tokens_per_s_median"] / e["peer"]["tokens_per_s_median"])
+    assert e["ratio_best"] == pytest.approx(e["mtnlg"]["tokens_per_s_best"] / e["peer"]["tokens_per_s_best"])
+
+    dp = r["data_parallel"]  # 2 ranks of 1 thread, each doing the one-rank step's work
+    assert dp["dp"] == 2 and dp["peer_attn"] == fastest and dp["peer_attn_source"] == "main"
+    assert dp["global_batch_size"] == 2 * r["config"]["global_batch_size"]
+    for name, s in (("mtnlg", dp["mtnlg"]), ("peer", dp["peer"])):
+        assert s["info"]["layout"]["data"] == 2 and s["info"]["zero_stage"] == 1, name
+        assert s["info"]["tokens_per_step"] == 2 * e[name]["info"]["tokens_per_step"]
+        assert len(s["times"]) == 2 and s["tokens_per_s_median"] > 0 and 5.0 < s["loss"] < 8.0
+        assert len(s["peak_mem_mb"]) == 2 and min(s["peak_mem_mb"]) > 50
+    assert dp["ratio_median"] == pytest.approx(dp["mtnlg"]["tokens_per_s_median"] / dp["peer"]["tokens_per_s_median"])
+
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert md.count("| bf16 |") == 3 and f"({fastest}), the peer" in md
+    assert "## Data parallelism" in md and f"mtnlg / peer ({fastest}) at dp=2" in md
     print(capsys.readouterr().out)

@@ -16,7 +16,7 @@ from mtnlg.convert.commands import main as convert_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-LOGIT_TOL = 1e-4
+LOGIT_TOL = 1e-5  # fp32 logits of O(1): max abs difference (measured: <= 1.7e-6)
 VOCAB, SEQ = 96, 32
 
 
@@ -263,7 +263,7 @@ def test_export_verify_reports_difference(roundtrips, tmp_path, capsys):
     diff = float(line.split("difference ")[1].split()[0])
     tol = float(line.split("tolerance ")[1].rstrip(") OK"))
     print(f"\ngpt2 --verify: max|dlogit| = {diff:.3g} (tolerance {tol:.3g})")
-    assert diff <= tol <= 1e-3
+    assert diff <= tol <= 1e-4
 
 
 def test_tokenizer_travels_both_ways(hf_dirs, roundtrips, tokenizer):

@@ -82,3 +82,33 @@ def test_data_position_is_independent_of_dp():
             read[(dp, start)] = sorted(samples)
     for start in (0, 8, 24):
         assert read[(1, start)] == read[(2, start)] == read[(4, start)] == list(range(start, start + 8))
+
+
+def test_prefetched_batches_are_the_synchronous_ones_and_errors_reach_the_loop():
+    """The loader builds each iteration's micro batches ahead on a thread: the same tensors, in order, and a failure
+    in the source is raised in the training thread."""
+    import pytest
+    import torch
+
+    from mtnlg.training.loop import Prefetcher, micro_batches
+
+    class Source:
+        def __getitem__(self, i):
+            if i >= 36:
+                raise IndexError(f"sample {i} out of range")
+            return np.arange(i, i + 5)
+
+    cfg = resolve(from_dict({"model": {"vocab_size": 100, "seq_length": 4, "num_layers": 1, "hidden_size": 8,
+                                        "num_attention_heads": 1},
+                              "train": {"micro_batch_size": 2, "global_batch_size": 8}}), 2)
+    ps = type("PS", (), {"dp_size": 2, "dp_rank": 1})()
+    loader = Prefetcher(Source(), cfg, ps, "cpu", first=3, last=5, consumed=16)
+    try:
+        for it in (3, 4):
+            got, want = loader.next(), micro_batches(Source(), 16 + 8 * (it - 3), cfg, ps, "cpu")
+            assert len(got) == len(want) == 2
+            assert all(torch.equal(a, b) for g, w in zip(got, want) for a, b in zip(g, w))
+        with pytest.raises(IndexError, match="sample 38"):
+            loader.next()  # iteration 5: this dp rank reads samples 34, 35, 38, 39
+    finally:
+        loader.close()

@@ -131,7 +131,7 @@ def test_native_matches_hf_export(env, native_results):
     hf = _run_tasks(open_model(hf=str(env / "hf")), env)
     for task, metrics in native_results.items():
         for key, value in metrics.items():
-            assert hf[task][key] == pytest.approx(value, rel=1e-3), (task, key)
+            assert hf[task][key] == pytest.approx(value, rel=1e-5), (task, key)
 
 
 def _eval_layout(rank, world, d):
@@ -147,7 +147,7 @@ def test_native_layout_under_a_launcher_matches(env, native_results):
     for r in results:  # every rank has the scores
         for task, metrics in native_results.items():
             for key, value in metrics.items():
-                assert r[task][key] == pytest.approx(value, rel=1e-3), (task, key)
+                assert r[task][key] == pytest.approx(value, rel=1e-5), (task, key)
 
 
 PROMPTS = ["apple banana", "kiwi", "olive pepper apple banana cherry"]
@@ -196,7 +196,7 @@ def test_lm_eval_runs_local_tasks_offline(env, native_results, tmp_path):
                                   task_manager=TaskManager(include_path=str(tmp_path)))
     res = out["results"]
     assert res["lambada_local"]["acc,none"] == native_results["cloze"]["accuracy"] == 1.0
-    assert res["lambada_local"]["perplexity,none"] == pytest.approx(native_results["cloze"]["perplexity"], rel=1e-3)
+    assert res["lambada_local"]["perplexity,none"] == pytest.approx(native_results["cloze"]["perplexity"], rel=1e-5)
     assert res["choice_local"]["acc,none"] == 1.0
     assert 1.0 < res["wikitext_local"]["word_perplexity,none"] < 1.5
     # generate_until, the third request type
@@ -224,7 +224,7 @@ def _train_with_downstream(rank, world, d, tasks_dir, save, tp, zero):
     from mtnlg.config import from_dict
     from mtnlg.training.loop import train
 
-    train(from_dict({
+    return train(from_dict({
         "model": {"preset": "gpt2", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64},
         "parallel": {"tensor": tp},
         "train": {"iters": 60, "micro_batch_size": 8 // (world // tp), "global_batch_size": 8, "lr": 3e-3,
@@ -233,7 +233,7 @@ def _train_with_downstream(rank, world, d, tasks_dir, save, tp, zero):
         "checkpoint": {"save": save},
         "eval": {"tasks": ["lambada_local"], "include_path": tasks_dir, "interval": 30},
         "deepspeed_config": ds_config(zero),
-    }))
+    })).zero3_partitioned
 
 
 @pytest.mark.parametrize("tp,zero", [(2, 1), (1, 3)])  # ZeRO-3 with the tied gpt2 weight partitioned
@@ -245,7 +245,8 @@ def test_downstream_eval_during_training(env, tmp_path, tp, zero):
     spec["dataset_kwargs"]["data_files"]["test"] = str(env / "cloze.jsonl")
     (tmp_path / "lambada_local.yaml").write_text(yaml.safe_dump(spec))
     save = tmp_path / "ckpt"
-    run_distributed(_train_with_downstream, 2, args=(str(env), str(tmp_path), str(save), tp, zero))
+    zero3 = run_distributed(_train_with_downstream, 2, args=(str(env), str(tmp_path), str(save), tp, zero))[0]
+    assert zero3 is None if zero < 3 else zero3[0] == zero3[1]  # ZeRO-3: the tied weight is partitioned too
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/lambada_local/acc" in r]
     assert [r["iteration"] for r in evals] == [30, 60]
@@ -253,4 +254,4 @@ def test_downstream_eval_during_training(env, tmp_path, tp, zero):
     model = open_model(checkpoint=str(save))
     offline = run_task("cloze", model.scorer, read_jsonl(env / "cloze.jsonl"), model.eod_id)
     assert evals[-1]["eval/lambada_local/acc"] == offline["accuracy"]
-    assert evals[-1]["eval/lambada_local/perplexity"] == pytest.approx(offline["perplexity"], rel=1e-3)
+    assert evals[-1]["eval/lambada_local/perplexity"] == pytest.approx(offline["perplexity"], rel=1e-5)

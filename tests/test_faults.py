@@ -52,7 +52,7 @@ def _explode(rank, world, save, zero, precision, tp):
 @pytest.mark.parametrize("world,zero,precision,tp", [
     (1, 0, "fp32", 1),  # mtnlg's guard (DeepSpeed has no check here)
     (2, 1, "fp32", 1),  # DeepSpeed's ZeRO-1 invalid-norm check
-    (2, 3, "fp32", 2),  # mtnlg's guard under ZeRO-3 with tp
+    (4, 3, "fp32", 2),  # mtnlg's guard under ZeRO-3 with tp (dp=2: ZeRO-3 partitions)
     (2, 1, "bf16", 1),  # DeepSpeed's BF16 optimizer
     (2, 3, "bf16", 1),  # mtnlg's guard
 ])
@@ -66,6 +66,21 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, world, zero, p
     # every checkpoint written holds finite weights (the save checks); the last one is from before the stop
     tags = complete_tags(save)
     assert tags and tags[-1][0] < records[-1]["iteration"]
+
+
+def test_guard_verdict_lives_with_the_parameters_and_its_norm_counts_each_gradient_once():
+    """The all-reduced verdict is made on the parameters' device (a CPU tensor fails under NCCL); the stage-0 norm
+    leaves out a tied weight's copy on a later pipeline stage (DeepSpeed's ``ds_pipe_replicated``)."""
+    import torch
+
+    from mtnlg.parallel import ParallelState
+    from mtnlg.training.guard import GuardedAdamW, grad_norm
+
+    assert GuardedAdamW([torch.nn.Parameter(torch.empty(2, device="meta"))], lr=1.0)._device().type == "meta"
+    a, b, tied = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad, b.grad, tied.grad = torch.tensor([3.0, 0, 0]), torch.tensor([0, 4.0, 0]), torch.tensor([100.0, 0, 0])
+    tied.ds_pipe_replicated = True
+    assert grad_norm([a, b, tied], ParallelState.single()) == pytest.approx(5.0)
 
 
 def test_loss_watch_spikes_and_patience():

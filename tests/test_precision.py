@@ -13,7 +13,8 @@ from tests.dist_helper import run_distributed
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _config(precision: str, iters: int, save: str | None, ds: str = str(ROOT / "ds_configs" / "zero1.json"), **extra):
+def _config(precision: str, iters: int, save: str | None, ds: str = str(ROOT / "ds_configs" / "zero1.json"),
+            train: dict | None = None, **extra):
     from mtnlg.config import from_dict
 
     return from_dict({
@@ -21,7 +22,7 @@ def _config(precision: str, iters: int, save: str | None, ds: str = str(ROOT / "
                   "vocab_size": 64, "seq_length": 32},
         "train": {"iters": iters, "micro_batch_size": 16, "global_batch_size": 16, "lr": 1e-2, "min_lr": 1e-3,
                   "log_interval": 25, "eval_interval": iters, "eval_iters": 8,
-                  "precision": precision, "peak_tflops": 1.0, "warmup_iters": min(20, iters)},
+                  "precision": precision, "peak_tflops": 1.0, "warmup_iters": min(20, iters), **(train or {})},
         "data": {"synthetic": {"branching": 4, "seed": 0}},
         "checkpoint": {"save": save},
         "deepspeed_config": ds,
@@ -72,14 +73,18 @@ def test_fp16_overflow_steps_are_skipped_and_logged(tmp_path):
 
 
 def _metrics(rank, world, save, tb):
+    import torch
+
     from mtnlg.training.loop import train
 
-    train(_config("bf16", 4, save, logging={"tensorboard": tb}))
+    train(_config("bf16", 4, save, logging={"tensorboard": tb}, train={"deterministic": True}))
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def test_metrics_jsonl_and_tensorboard(tmp_path):
+    """Also: train.deterministic switches torch's deterministic algorithms on (and the run works with them)."""
     save, tb = tmp_path / "ckpt", tmp_path / "tb"
-    run_distributed(_metrics, 1, args=(str(save), str(tb)))
+    assert run_distributed(_metrics, 1, args=(str(save), str(tb))) == [True]
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 4]
     for key in ("iteration", "loss", "lr", "grad_norm", "loss_scale", "skipped", "tokens_per_s", "tflops", "mfu",

@@ -19,9 +19,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _names(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in ("eager", "sdpa")]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: give eager, sdpa or eager,sdpa")
+    return values
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "bench", help="training throughput/MFU benchmark (vs the HF+DeepSpeed peer with --peer), pp/tp scaling")
+        "bench", help="training throughput/MFU benchmark (vs the HF+DeepSpeed peer with --peer), dp=2, pp/tp scaling")
     p.add_argument("--config", required=True, help="YAML run config (model, batch, precision, DeepSpeed JSON)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
@@ -32,9 +40,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precisions", default=None, metavar="LIST",
                    help="comma-separated, e.g. bf16,fp32 (default: the config's train.precision)")
     p.add_argument("--no-main", dest="main", action="store_false",
-                   help="skip the one-rank mtnlg (and peer) runs; only the layout runs")
+                   help="skip the one-rank mtnlg (and peer) runs; only the dp=2 and layout runs")
+    p.add_argument("--no-dp", dest="dp", action="store_false",
+                   help="skip the data-parallel runs (mtnlg and peer at dp=2, 2 ranks of 1 thread; on by default "
+                        "with 2 cores or devices)")
     p.add_argument("--no-layouts", dest="layouts", action="store_false",
                    help="skip the pipeline (pp=2) and tensor (tp=2) scaling runs")
+    p.add_argument("--peer-attn", type=_names, default=("eager", "sdpa"), metavar="LIST",
+                   help="the peer's attention implementations to time, e.g. sdpa (default eager,sdpa); mtnlg is "
+                        "compared against the fastest")
     p.add_argument("--micro-batches", type=_ints, default=(1, 2, 4, 8), metavar="LIST",
                    help="micro-batch counts m for the pipeline runs (default 1,2,4,8)")
     p.add_argument("--layout-micro-batch-size", type=int, default=1, help="micro batch size of the pipeline runs")
@@ -55,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--precisions: {', '.join(bad)} unknown; use fp32, bf16 or fp16")
     opts = BenchOptions(config=args.config, overrides=args.overrides, steps=args.steps, warmup=args.warmup,
                         peer=args.peer, output=args.output, precisions=precisions, main=args.main,
-                        layouts=args.layouts,
+                        dp=args.dp, layouts=args.layouts, peer_attns=args.peer_attn,
                         micro_batches=args.micro_batches, layout_micro_batch_size=args.layout_micro_batch_size,
                         layout_steps=args.layout_steps, threads=args.threads)
     try:

@@ -6,7 +6,13 @@ measures the GEMM peak, builds the setups, and drives their steps turn by turn (
 so slow phases of a shared machine hit both sides alike. Warm-up steps are excluded; each
 figure is reported as min and median over the timed steps.
 
-- main: mtnlg vs peer, one rank with all cores (threads as training would use them), per precision;
+- main: mtnlg vs peer, one rank with all cores (threads as training would use them), per precision; the
+  peer is timed with eager and with sdpa attention (which is faster depends on the machine), and the
+  ratio is against the faster of the two by median tokens/s;
+- data parallel: mtnlg vs peer at dp=2 (2 ranks, 1 thread each, the global batch doubled so each rank
+  does the work of a one-rank one-thread step), where both pay DeepSpeed's gradient all-reduce (at
+  dp=1 mtnlg skips it: there is nothing to reduce); the peer's attention is the one-rank winner (with
+  ``--no-main``, both are timed at dp=2 and the faster kept);
 - pipeline: pp=2 (2 ranks, 1 thread each) against the same model on one rank with 1 thread, at
   several micro-batch counts m: efficiency = t(pp=1) / (2 * t(pp=2)), ideal m / (m + 1);
 - tensor: tp=2 (2 ranks, 1 thread each) against tp=1 on one rank with 1 thread: speedup, ideal 2.
@@ -44,7 +50,9 @@ class BenchOptions:
     output: str = "bench_out"
     precisions: list[str] | None = None  # default: the config's train.precision
     main: bool = True  # the one-rank mtnlg (vs peer) comparison
+    dp: bool = True  # the dp=2 mtnlg (vs peer) comparison
     layouts: bool = True
+    peer_attns: tuple[str, ...] = ("eager", "sdpa")  # the peer's attention variants; the faster is the peer
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
     layout_micro_batch_size: int = 1
     layout_steps: int | None = None  # default: steps
@@ -86,6 +94,7 @@ class Worker:
         self._log_file = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.conn = None
+        self.exiting = False
 
     def connect(self) -> Worker:
         accepted: list = []
@@ -105,8 +114,15 @@ class Worker:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    def send(self, cmd: dict[str, Any]) -> None:
+        """Send a command; ``answer()`` waits for its reply (send to several workers, then collect: they overlap)."""
         self.conn.send(cmd)
+
+    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        self.send(cmd)
+        return self.answer()
+
+    def answer(self) -> dict[str, Any]:
         while not self.conn.poll(1.0):
             if self.proc.poll() is not None:
                 raise BenchError(f"worker {self.name} exited (status {self.proc.returncode}):\n{self.tail()}")
@@ -120,23 +136,37 @@ class Worker:
             raise BenchError(f"worker {self.name} failed: {answer.get('error')}")
         return answer
 
-    def build(self, kind: str, cfg: dict, optimizer: dict | None = None) -> dict:
-        return self.call({"op": "build", "kind": kind, "config": cfg, "optimizer": optimizer})["info"]
+    def build(self, kind: str, cfg: dict, optimizer: dict | None = None, attn: str | None = None) -> dict:
+        return self.call(build_command(kind, cfg, optimizer, attn))["info"]
 
     def steps(self, n: int) -> dict:
         return self.call({"op": "steps", "n": n})
 
-    def close(self) -> None:
+    def request_exit(self) -> None:
+        """Ask the processes to exit (``close()`` waits for them; ask several first, and they wind down together)."""
         try:
-            if self.proc.poll() is None and self.conn is not None:
+            if self.proc.poll() is None and self.conn is not None and not self.exiting:
                 self.conn.send({"op": "exit"})
+                self.exiting = True
+        except (OSError, EOFError):
+            pass
+
+    def close(self) -> None:
+        self.request_exit()
+        try:
+            if self.exiting:
                 self.proc.wait(timeout=120)
-        except (OSError, subprocess.TimeoutExpired, EOFError):
+        except subprocess.TimeoutExpired:
             pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.listener.close()
         self._log_file.close()
+
+
+def build_command(kind: str, cfg: dict, optimizer: dict | None = None, attn: str | None = None) -> dict[str, Any]:
+    """The worker command that builds setup ``kind`` (see ``mtnlg.bench.worker``)."""
+    return {"op": "build", "kind": kind, "config": cfg, "optimizer": optimizer, "attn": attn}
 
 
 def start_workers(specs: dict[str, tuple[int, int]], log_dir: Path) -> dict[str, Worker]:
@@ -153,6 +183,8 @@ def start_workers(specs: dict[str, tuple[int, int]], log_dir: Path) -> dict[str,
 
 
 def close_workers(workers: dict[str, Worker]) -> None:
+    for w in workers.values():
+        w.request_exit()
     for w in workers.values():
         w.close()
 
@@ -226,11 +258,14 @@ def _variant(base: dict, world: int, **changes: Any) -> dict:
 
 def run(opts: BenchOptions) -> dict[str, Any]:
     from mtnlg.bench.report import write_report
+    from mtnlg.bench.setups import PEER_ATTNS
     from mtnlg.model.flops import flops_per_token
     from mtnlg.training.peak import gemm_peaks, nominal_peak_tflops
 
     if opts.steps < 1 or opts.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if opts.peer and (not opts.peer_attns or set(opts.peer_attns) - set(PEER_ATTNS)):
+        raise UserError(f"--peer-attn {','.join(opts.peer_attns)}: give one or more of {', '.join(PEER_ATTNS)}")
     out_dir = Path(opts.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
@@ -250,6 +285,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                    "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
                    "deepspeed_config": base.get("deepspeed_config")},
         "flops_per_token": fpt, "steps": opts.steps, "warmup": opts.warmup, "threads": threads,
+        "peer_attns": list(opts.peer_attns) if opts.peer else [],
     }
     try:
         import deepspeed
@@ -283,31 +319,9 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     precisions_main = precisions if opts.main else []
     result["main"] = {}
     for prec in precisions_main:
-        specs = {"mtnlg": (1, threads), **({"peer": (1, threads)} if opts.peer else {})}
-        workers = start_workers(specs, logs)
-        try:
-            cfg_p = _variant(base, 1, train__precision=prec)
-            _log(f"[{prec}] building mtnlg{' and the HF peer' if opts.peer else ''}")
-            infos = {"mtnlg": workers["mtnlg"].build("mtnlg", cfg_p)}
-            if opts.peer:
-                infos["peer"] = workers["peer"].build("peer", cfg_p, optimizer=infos["mtnlg"]["optimizer"])
-            _log(f"[{prec}] timing {opts.steps} steps each after {opts.warmup} warm-up steps, interleaved")
-            timed = interleave(workers, opts.steps, opts.warmup)
-            entry: dict[str, Any] = {}
-            for name, t in timed.items():
-                info = infos[name]
-                entry[name] = {**throughput(t["times"], info["tokens_per_step"], fpt, peak_of.get(prec)),
-                               "times": t["times"], "loss": t["loss"], "peak_mem_mb": t["mem_mb"], "info": info}
-                _log(f"[{prec}] {name}: {entry[name]['tokens_per_s_median']:.0f} tok/s median "
-                     f"({entry[name]['tokens_per_s_best']:.0f} best), MFU {_pct(entry[name]['mfu_median'])}")
-            if opts.peer:
-                entry["ratio_median"] = entry["mtnlg"]["tokens_per_s_median"] / entry["peer"]["tokens_per_s_median"]
-                entry["ratio_best"] = entry["mtnlg"]["tokens_per_s_best"] / entry["peer"]["tokens_per_s_best"]
-                _log(f"[{prec}] mtnlg / peer = {entry['ratio_median']:.2f}x (median), "
-                     f"{entry['ratio_best']:.2f}x (best)")
-            result["main"][prec] = entry
-        finally:
-            close_workers(workers)
+        cfg_p = _variant(base, 1, train__precision=prec)
+        attns = list(opts.peer_attns) if opts.peer else []
+        result["main"][prec] = _mtnlg_vs_peer(opts, cfg_p, attns, 1, threads, peak_of.get(prec), fpt, logs, prec)
 
     if device == "cpu" and precisions_main:  # the peak again, after the runs: MFU uses the best seen
         saved = torch.get_num_threads()
@@ -320,14 +334,17 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 peaks[name] = p
         result["gemm_peak"] = {"threads": threads, **peaks}
         for prec, entry in result["main"].items():
-            for name in ("mtnlg", "peer"):
-                if name in entry:
-                    s = entry[name]
-                    s["mfu_best"] = s["tflops_best"] / peaks[prec]["best"] if prec in peaks else None
-                    s["mfu_median"] = s["tflops_median"] / peaks[prec]["best"] if prec in peaks else None
+            for s in (entry["mtnlg"], *entry.get("peer_variants", {}).values()):  # "peer" is one of the variants
+                s["mfu_best"] = s["tflops_best"] / peaks[prec]["best"] if prec in peaks else None
+                s["mfu_median"] = s["tflops_median"] / peaks[prec]["best"] if prec in peaks else None
 
-    # --- layouts
     ranks_available = cores if device == "cpu" else torch.accelerator.device_count()
+    # --- data parallel
+    if opts.dp and ranks_available >= 2:
+        result["data_parallel"] = _data_parallel(opts, base, precisions[0], result["main"], peak_1, fpt, logs)
+    elif opts.dp:
+        _log("dp=2 skipped: it needs 2 cores (CPU) or 2 devices")
+    # --- layouts
     if opts.layouts and ranks_available >= 2:
         result["layouts"] = _layouts(opts, base, precisions[0], peak_1, fpt, logs)
     elif opts.layouts:
@@ -339,6 +356,69 @@ def run(opts: BenchOptions) -> dict[str, Any]:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mtnlg_vs_peer(opts: BenchOptions, cfg: dict, attns: list[str], ranks: int, threads: int, peak: float | None,
+                   fpt: float, logs: Path, tag: str, suffix: str = "") -> dict[str, Any]:
+    """mtnlg and an HF peer per attention in ``attns`` (none: mtnlg alone), built from ``cfg`` in workers of
+    ``ranks`` x ``threads``, timed interleaved. The entry holds each one's figures; "peer" is the variant
+    with the higher median tokens/s (the peer at its best), and the ratios are mtnlg's against it."""
+    names = {"mtnlg": f"mtnlg{suffix}", **{a: f"peer-{a}{suffix}" for a in attns}}
+    workers = start_workers({n: (ranks, threads) for n in names.values()}, logs)
+    try:
+        _log(f"[{tag}] building mtnlg" + (f" and the HF peer ({' and '.join(attns)} attention)" if attns else ""))
+        infos = {"mtnlg": workers[names["mtnlg"]].build("mtnlg", cfg)}
+        for a in attns:  # the peer variants build at the same time
+            workers[names[a]].send(build_command("peer", cfg, infos["mtnlg"]["optimizer"], a))
+        for a in attns:
+            infos[a] = workers[names[a]].answer()["info"]
+        _log(f"[{tag}] timing {opts.steps} steps each after {opts.warmup} warm-up steps, interleaved")
+        timed = interleave(workers, opts.steps, opts.warmup)
+    finally:
+        close_workers(workers)
+
+    def figures(key: str, label: str) -> dict[str, Any]:
+        t, info = timed[names[key]], infos[key]
+        s = {**throughput(t["times"], info["tokens_per_step"], fpt, peak),
+             "times": t["times"], "loss": t["loss"], "peak_mem_mb": t["mem_mb"], "info": info}
+        _log(f"[{tag}] {label}: {s['tokens_per_s_median']:.0f} tok/s median ({s['tokens_per_s_best']:.0f} best), "
+             f"MFU {_pct(s['mfu_median'])}")
+        return s
+
+    entry: dict[str, Any] = {"mtnlg": figures("mtnlg", "mtnlg")}
+    if not attns:
+        return entry
+    variants = {a: figures(a, f"peer ({a})") for a in attns}
+    for v in variants.values():  # mtnlg against each variant, for the report
+        v["mtnlg_ratio_median"] = entry["mtnlg"]["tokens_per_s_median"] / v["tokens_per_s_median"]
+        v["mtnlg_ratio_best"] = entry["mtnlg"]["tokens_per_s_best"] / v["tokens_per_s_best"]
+    best = max(attns, key=lambda a: variants[a]["tokens_per_s_median"])
+    entry.update(peer=variants[best], peer_attn=best, peer_variants=variants,
+                 ratio_median=variants[best]["mtnlg_ratio_median"], ratio_best=variants[best]["mtnlg_ratio_best"])
+    _log(f"[{tag}] the peer is the faster attention, {best}: mtnlg / peer = {entry['ratio_median']:.2f}x (median), "
+         f"{entry['ratio_best']:.2f}x (best)")
+    return entry
+
+
+def _data_parallel(opts: BenchOptions, base: dict, prec: str, main: dict, peak_1: dict, fpt: float,
+                   logs: Path) -> dict:
+    """mtnlg vs the peer at dp=2, 1 thread per rank: the same micro batch size and micro batches per rank as
+    the one-rank config (global batch doubled), so each rank does a one-thread dp=1 step's work plus the
+    gradient all-reduce that DeepSpeed really runs at dp > 1, on both sides. The peer's attention is the
+    one that won the one-rank comparison at ``prec`` (one 2-rank peer less: time and memory); without that
+    comparison (``--no-main``) every variant is timed here and the faster kept."""
+    one = resolve(from_dict(_variant(base, 1, train__precision=prec)), 1).train
+    cfg = _variant(base, 2, train__precision=prec, train__global_batch_size=2 * one.global_batch_size)
+    won = (main.get(prec) or {}).get("peer_attn")
+    attns = ([won] if won else list(opts.peer_attns)) if opts.peer else []
+    _log(f"[dp=2] mtnlg{' and the HF peer' if opts.peer else ''} on 2 ranks, 1 thread per rank, {prec}"
+         + (f"; the peer's attention: {won}, the faster on one rank" if won else ""))
+    peak = peak_1.get(prec)
+    entry = _mtnlg_vs_peer(opts, cfg, attns, 2, 1, 2 * peak if peak else None, fpt, logs, "dp=2", suffix="-dp2")
+    entry.update(dp=2, precision=prec, threads_per_rank=1, micro_batch_size=one.micro_batch_size,
+                 grad_accum_steps=one.grad_accum_steps, global_batch_size=2 * one.global_batch_size,
+                 peer_attn_source="main" if won else "timed")  # main: the one-rank winner; timed: here
+    return entry
 
 
 def _layouts(opts: BenchOptions, base: dict, prec: str, peak_1: dict, fpt: float, logs: Path) -> dict:

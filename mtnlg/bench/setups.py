@@ -5,10 +5,13 @@ fixed global batch) through ``deepspeed.initialize`` with the same DeepSpeed con
 sizes, precision and AdamW settings. ``step()`` runs one optimizer step and returns its loss
 as a Python float (one host sync per step, on both sides).
 
-The peer uses Hugging Face's stock fast settings: ``attn_implementation="sdpa"``, the fused
-``gelu_pytorch_tanh`` (the same tanh-GELU as mtnlg's gpt2 preset), weights built locally from
-a config (no hub). Its vocabulary is not padded (HF's default); its loss is HF's own
-(``ForCausalLMLoss``: fp32 logits, ``F.cross_entropy``), given the same next-token labels.
+The peer's attention implementation is a parameter (``"eager"`` or ``"sdpa"``): which is faster
+depends on the machine (on CPU, bf16, the unfused form often wins), so ``mtnlg bench`` times both
+and compares mtnlg against the faster. Otherwise the peer uses HF's stock fast settings: the fused
+``gelu_pytorch_tanh`` (the same tanh-GELU as mtnlg's gpt2 preset), weights built locally from a
+config (no hub). Its vocabulary is not padded (HF's default); its loss is HF's own
+(``ForCausalLMLoss``: fp32 logits, ``F.cross_entropy``), given the same next-token labels. It runs
+at any data-parallel size (tp = pp = 1); each dp rank trains on its own micro batches, as mtnlg's.
 """
 
 from __future__ import annotations
@@ -74,12 +77,19 @@ class MtnlgSetup:
         return {"kind": self.kind, "params": param_count(self.cfg.model),
                 "flops_per_token": flops_per_token(self.cfg.model), "optimizer": optimizer_flags(opt),
                 "ds_optimizer": type(self.engine.engine.optimizer).__name__, "build_s": self.build_s,
+                "zero_stage": self.engine.engine.zero_optimization_stage(),
                 "tokens_per_step": self.cfg.train.global_batch_size * self.cfg.model.seq_length,
                 "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads()}
 
 
-def hf_model(cfg: RunConfig) -> torch.nn.Module:
-    """A randomly initialised HF model with mtnlg's model dims (GPT2LMHeadModel or LlamaForCausalLM)."""
+PEER_ATTNS = ("eager", "sdpa")  # the HF attention implementations the bench times
+
+
+def hf_model(cfg: RunConfig, attn: str = "sdpa") -> torch.nn.Module:
+    """A randomly initialised HF model with mtnlg's model dims (GPT2LMHeadModel or LlamaForCausalLM) and
+    attention implementation ``attn`` (one of ``PEER_ATTNS``)."""
+    if attn not in PEER_ATTNS:
+        raise ValueError(f"attention implementation {attn!r}: use one of {', '.join(PEER_ATTNS)}")
     m = cfg.model
     if m.preset == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -91,7 +101,7 @@ def hf_model(cfg: RunConfig) -> torch.nn.Module:
             attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
             tie_word_embeddings=True, use_cache=False,
         )
-        hf_cfg._attn_implementation = "sdpa"
+        hf_cfg._attn_implementation = attn
         return GPT2LMHeadModel(hf_cfg)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,30 +112,31 @@ def hf_model(cfg: RunConfig) -> torch.nn.Module:
         tie_word_embeddings=bool(m.tie_embeddings), attention_dropout=m.attention_dropout, use_cache=False,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
     )
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = attn
     return LlamaForCausalLM(hf_cfg)
 
 
 class PeerSetup:
-    """The same model dims as a Hugging Face model, trained by ``deepspeed.initialize`` (one rank)."""
+    """The same model dims as a Hugging Face model (attention ``attn``), trained by ``deepspeed.initialize``
+    on every rank of the world as pure data parallelism (tp = pp = 1)."""
 
     kind = "peer"
 
-    def __init__(self, cfg_dict: dict, device: torch.device, optimizer: dict[str, Any] | None = None):
+    def __init__(self, cfg_dict: dict, device: torch.device, optimizer: dict[str, Any] | None = None,
+                 attn: str = "sdpa"):
         import deepspeed
         import torch.distributed as dist
 
         from mtnlg.training.ds_config import adam_hyperparams, build_ds_config
         from mtnlg.training.schedule import LRSchedule, param_groups
 
-        if dist.get_world_size() != 1:
-            raise ValueError("the HF peer is timed on one rank")
-        self.cfg = cfg = resolve(from_dict(cfg_dict), 1)
+        self.cfg = cfg = resolve(from_dict(cfg_dict), dist.get_world_size())
         if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
             raise ValueError("the HF peer has no tensor or pipeline parallelism; bench it at tp = pp = 1")
-        torch.manual_seed(cfg.train.seed)
+        self.dp_rank = dist.get_rank()  # tp = pp = 1: the rank is the data-parallel rank
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         t0 = time.perf_counter()
-        model = hf_model(cfg)
+        model = hf_model(cfg, attn)
         ds_config = build_ds_config(cfg)
         ds = dict(ds_config)
         ds.pop("optimizer", None)
@@ -136,7 +147,9 @@ class PeerSetup:
                                                     config=ds)
         self.build_s = time.perf_counter() - t0
         self.opt = opt
-        self.batches = [(ids.to(device), lab.to(device)) for ids, lab in synthetic_batches(cfg)]
+        # each dp rank trains on its own micro batches, the same ones as mtnlg's rank with that dp rank
+        self.batches = [(ids.to(device), lab.to(device))
+                        for ids, lab in synthetic_batches(cfg, seed=1234 + self.dp_rank)]
 
     def step(self) -> float:
         self.engine.train()
@@ -154,14 +167,17 @@ class PeerSetup:
         return {"kind": self.kind, "params": n, "flops_per_token": flops_per_token(self.cfg.model),
                 "optimizer": optimizer_flags(self.opt), "ds_optimizer": type(self.engine.optimizer).__name__,
                 "build_s": self.build_s, "model_class": type(self.engine.module).__name__,
+                "zero_stage": self.engine.zero_optimization_stage(),
                 "attn_implementation": self.engine.module.config._attn_implementation,
                 "tokens_per_step": self.cfg.train.global_batch_size * self.cfg.model.seq_length,
                 "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads()}
 
 
-def build(kind: str, cfg_dict: dict, device: torch.device, optimizer: dict | None = None):
+def build(kind: str, cfg_dict: dict, device: torch.device, optimizer: dict | None = None,
+          attn: str | None = None) -> MtnlgSetup | PeerSetup:
+    """The setup ``kind`` ("mtnlg" or "peer"; ``optimizer`` and ``attn`` apply to the peer)."""
     if kind == "mtnlg":
         return MtnlgSetup(cfg_dict, device)
     if kind == "peer":
-        return PeerSetup(cfg_dict, device, optimizer)
+        return PeerSetup(cfg_dict, device, optimizer, attn or "sdpa")
     raise ValueError(f"unknown setup kind {kind!r}")

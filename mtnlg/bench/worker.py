@@ -1,6 +1,6 @@
 """A benchmark worker: one process group that builds a training setup and times its steps on command.
 
-``mtnlg bench`` starts one worker per setup it compares (mtnlg, the HF peer, a 2-rank pipeline,
+``mtnlg bench`` starts one worker per setup it compares (mtnlg, each HF peer variant, a 2-rank pipeline,
 ...) and drives them turn by turn, so their steps interleave in time and machine drift cancels:
 
     python -m mtnlg.bench.worker                                              # one rank
@@ -10,7 +10,8 @@ The parent listens on MTNLG_BENCH_ADDR (host:port, auth key MTNLG_BENCH_KEY in h
 connects, receives each command and broadcasts it to the other ranks; every rank executes it;
 rank 0 sends the answer back. Commands (dicts):
 
-- ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}}`` -> info
+- ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}, "attn": "eager"|"sdpa"}``
+  -> info (``optimizer``: the AdamW flags the peer matches; ``attn``: the peer's attention)
 - ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank]}``
 - ``{"op": "exit"}``
 
@@ -51,7 +52,7 @@ def _run(conn, device: torch.device) -> None:
                 setup = None
                 gc.collect()
                 reset_peak_memory(device)
-                setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"))
+                setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"), cmd.get("attn"))
                 answer = {"ok": True, "info": setup.info()}
             elif op == "steps":
                 times, loss = [], None

@@ -30,7 +30,7 @@ from mtnlg.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAME = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-VERIFY_TOL = 1e-4  # max abs logit difference, relative to max(1, max |logit|)
+VERIFY_TOL = 1e-5  # max abs logit difference, relative to max(1, max |logit|)
 
 
 @dataclass

@@ -131,6 +131,13 @@ def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
     return range(parts[pp_rank], parts[pp_rank + 1])
 
 
+def saved_layers(cfg: ModelConfig, pp_size: int, pp_rank: int) -> list[int]:
+    """The spec indices of pipeline stage ``pp_rank`` that DeepSpeed saves a layer file for: every spec of the stage
+    with parameters of its own (not the tied output layer, which reuses the embedding's)."""
+    tied_head = cfg.num_layers + 2 if cfg.tie_embeddings else None
+    return [i for i in stage_specs(cfg, pp_size, pp_rank) if i != tied_head]
+
+
 class GPTModel(nn.Module):
     """The layer specs built into one module, named as DeepSpeed's PipelineModule names them.
 

@@ -86,7 +86,7 @@ def record_writes(engine) -> list[str]:
     """The paths DeepSpeed's checkpoint engine writes on this rank, recorded as it writes them (the list is
     cleared by ``save`` before each checkpoint). DeepSpeed 0.19.8 writes every checkpoint file (model states,
     pipeline layer files, ZeRO optimizer partitions) through ``engine.checkpoint_engine.save(state, path)``;
-    pinned by tests/test_checkpoint_durability.py."""
+    pinned by tests/test_checkpoints.py."""
     ce = engine.checkpoint_engine
     if not hasattr(ce, "_mtnlg_written"):
         original = ce.save
@@ -152,25 +152,24 @@ def listing(tag_dir: Path) -> dict[str, int]:
     return {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
 
 
-def native_files(names: dict[str, int], tp_rank: int, pp_rank: int, dp_rank: int, tp: int,
-                 layers: range) -> list[str]:
-    """Of a native checkpoint's files, the ones DeepSpeed (0.19.8) loads on the rank at (tp_rank, pp_rank, dp_rank):
-    its model states (``mp_rank_MM_model_states.pt``, or ZeRO-3's ``zero_pp_rank_D_mp_rank_MM_model_states.pt``),
-    its own ZeRO optimizer partition (``[bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt``) and, under pipeline
-    parallelism, the layer files of its stage (``layer_LL-model_TT-model_states.pt``)."""
+def native_files(seen: dict[str, int], tp_rank: int, pp_rank: int, dp_rank: int, tp: int, pp: int,
+                 layer_files: list[int]) -> list[str]:
+    """The files of a native checkpoint DeepSpeed (0.19.8) opens on the rank at (tp_rank, pp_rank, dp_rank) of a
+    tp x pp layout: the model states of every model-parallel rank (``mp_rank_MM_model_states.pt``, or ZeRO-3's
+    ``zero_pp_rank_D_mp_rank_MM_model_states.pt`` of its own D: its loader counts them against the saved
+    model-parallel size), its own ZeRO optimizer partition (``[bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt``)
+    and, under pipeline parallelism, the files of its stage's layers (``layer_LL-model_TT-model_states.pt`` for LL in
+    ``layer_files``). ``seen``: the files rank 0 sees, which tell the ZeRO-3 and optimizer-file naming in use."""
     mp = pp_rank * tp + tp_rank
-    wanted = []
-    for name in names:
-        if "/" in name:
-            continue
-        zero3_model = re.fullmatch(rf"zero_pp_rank_(\d+)_mp_rank_{mp:02d}_model_states\.pt", name)
-        optim = re.fullmatch(rf"(bf16_)?zero_pp_rank_(\d+)_mp_rank_{mp:02d}_optim_states\.pt", name)
-        layer = re.fullmatch(rf"layer_(\d+)-model_{tp_rank:02d}-model_states\.pt", name)
-        if (name == f"mp_rank_{mp:02d}_model_states.pt"
-                or (zero3_model and int(zero3_model.group(1)) == dp_rank)
-                or (optim and int(optim.group(2)) == dp_rank)
-                or (layer and int(layer.group(1)) in layers)):
-            wanted.append(name)
+    zero3 = any(re.fullmatch(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt", n) for n in seen)
+    states = "zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" if zero3 else "mp_rank_{m:02d}_model_states.pt"
+    wanted = [states.format(d=dp_rank, m=m) for m in range(tp * pp)]
+    optim = [n for n in seen if n.endswith("optim_states.pt")]
+    if optim:
+        prefix = "bf16_" if optim[0].startswith("bf16_") else ""
+        wanted.append(f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")
+    if pp > 1:
+        wanted += [f"layer_{i:02d}-model_{tp_rank:02d}-model_states.pt" for i in layer_files]
     return wanted
 
 

@@ -118,8 +118,10 @@ class Engine:
         seed = cfg.train.seed
         self.rng = TPRandom(seed, ps.tp_rank, ps.pp_rank)
         self.pipelined = ps.pp_size > 1
+        show = cfg.logging.deepspeed == "info"
         if self.pipelined:
-            module = pipeline_module(cfg.model, ps, seed, self.rng)
+            with deepspeed_output(show):  # DeepSpeed's PipelineModule prints its seeds and topology
+                module = pipeline_module(cfg.model, ps, seed, self.rng)
         else:
             module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
         module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)
@@ -132,7 +134,7 @@ class Engine:
         self.group_decay = [g["weight_decay"] for g in optimizer.param_groups]
         schedule = LRSchedule(optimizer, cfg.train)
         self.guard = optimizer
-        with deepspeed_output(cfg.logging.deepspeed == "info"):
+        with deepspeed_output(show):  # memory reports per optimizer group, ...
             self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
                 model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg,
                 mpu=None if self.pipelined else ps,

@@ -33,6 +33,10 @@ class _Guard:
         self._clip = (float(max_norm), ps)
         self._global_grad_norm: float | None = None  # DeepSpeed's engine reports it as its global grad norm
 
+    def _device(self) -> torch.device:
+        """Where this optimizer's parameters live (the CPU when it has none)."""
+        return next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
 
@@ -53,9 +57,8 @@ class _Guard:
             return super().step(closure)
         grads = self._grads()
         bad = _any_nonfinite(grads)
-        if bad is None:  # no gradient on this rank: agree on the device the parameters live on
-            device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
-            bad = torch.zeros(1, device=device)
+        if bad is None:  # no gradient on this rank: a verdict on the parameters' device (NCCL needs a GPU tensor)
+            bad = torch.zeros(1, device=self._device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:  # one host sync per optimizer step

@@ -138,14 +138,14 @@ def plan_load(cfg: RunConfig, ps: ParallelState | None = None) -> LoadPlan | Non
         return plan
     tag_dir = Path(plan.directory) / plan.tag
     names = list(sizes)  # universal and weights-only checkpoints: every rank reads from all of it
-    if plan.kind == "native":
-        from mtnlg.model.gpt import stage_specs
+    if plan.kind == "native":  # the layout is this run's (plan_load refuses another)
+        from mtnlg.model.gpt import saved_layers
 
         if ps is None:
             ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline) if distributed \
                 else ParallelState.single()
-        layers = stage_specs(cfg.model, ps.pp_size, ps.pp_rank) if ps.pp_size > 1 else range(0)
-        names = checkpoint.native_files(sizes, ps.tp_rank, ps.pp_rank, ps.dp_rank, ps.tp_size, layers)
+        layers = saved_layers(cfg.model, ps.pp_size, ps.pp_rank) if ps.pp_size > 1 else []
+        names = checkpoint.native_files(sizes, ps.tp_rank, ps.pp_rank, ps.dp_rank, ps.tp_size, ps.pp_size, layers)
     checkpoint.agree_readable(tag_dir, names, sizes, "checkpoint.load:")
     return plan
 
