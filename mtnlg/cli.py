@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reshard(args: argparse.Namespace) -> int:
-    from mtnlg.training.reshard import reshard
+    from mtnlg.checkpoint.reshard import reshard
 
     reshard(args.checkpoint, args.output, args.iteration, args.workers)
     return 0

@@ -22,20 +22,20 @@ def _save_and_record(rank: int, world: int, save: str) -> dict:
     import torch
     import torch.distributed as dist
 
+    from mtnlg.checkpoint import saver as checkpoint
     from mtnlg.config import resolve
     from mtnlg.parallel import ParallelState
-    from mtnlg.training import checkpoint
     from mtnlg.training.engine import Engine
 
     cfg = resolve(run_config("gpt2", tp=2, pp=2, zero=1, save=save), dist.get_world_size())
     engine = Engine(cfg, ParallelState.create(2, 2), torch.device("cpu"))
     synced = []
-    fsync = checkpoint._fsync
-    checkpoint._fsync = lambda path: (synced.append(str(path)), fsync(path))[1]
+    fsync = checkpoint.fsync_path
+    checkpoint.fsync_path = lambda path: (synced.append(str(path)), fsync(path))[1]
     try:
         checkpoint.save(engine.engine, cfg, 1, {"iteration": 1, "consumed_samples": 8}, dist.get_rank())
     finally:
-        checkpoint._fsync = fsync
+        checkpoint.fsync_path = fsync
     return {"written": list(checkpoint.record_writes(engine.engine)), "synced": synced}
 
 

@@ -125,7 +125,7 @@ def roundtrips(hf_dirs, tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_roundtrip_tp2_pp2_equal_logits_and_weights(hf_dirs, roundtrips, family):
-    from mtnlg.convert import load_native_model
+    from mtnlg.checkpoint import load_native_model
 
     model, _ = hf_dirs[family]
     ckpt, back = roundtrips[family]
@@ -161,7 +161,7 @@ def test_exported_config_matches_source(hf_dirs, roundtrips, family):
 
 
 def test_import_writes_deepspeed_file_names_for_each_layout(hf_dirs, roundtrips, tmp_path):
-    from mtnlg.convert import load_native_model
+    from mtnlg.checkpoint import load_native_model
 
     model, src = hf_dirs["llama"]
     ckpt, _ = roundtrips["llama"]
@@ -187,7 +187,8 @@ def test_import_writes_deepspeed_file_names_for_each_layout(hf_dirs, roundtrips,
 @pytest.mark.parametrize("family,tied", [("gpt2", False), ("llama", True)])
 def test_roundtrip_other_tying(family, tied, tmp_path):
     """An untied GPT-2 head and a tied Llama head survive tp=2, pp=2 (the pipeline's tied module)."""
-    from mtnlg.convert import export_hf, import_hf, load_native_model
+    from mtnlg.checkpoint import load_native_model
+    from mtnlg.convert import export_hf, import_hf
 
     model = hf_model(family, tie_word_embeddings=tied)
     src = save_hf(model, tmp_path / "src")
@@ -207,7 +208,7 @@ def test_roundtrip_other_tying(family, tied, tmp_path):
 
 def test_rope_needs_no_permutation(hf_dirs, roundtrips):
     """mtnlg's RoPE is HF's rotate-half: no q/k permutation, and the check would catch one."""
-    from mtnlg.convert import load_native_model
+    from mtnlg.checkpoint import load_native_model
 
     model, _ = hf_dirs["llama"]
     native, _, _ = load_native_model(roundtrips["llama"][0])
@@ -286,7 +287,7 @@ def test_tokenizer_travels_both_ways(hf_dirs, roundtrips, tokenizer):
 
 
 def test_full_state_dict_is_unpadded_and_merged(hf_dirs, roundtrips):
-    from mtnlg.convert import full_state_dict
+    from mtnlg.checkpoint import full_state_dict
 
     model, _ = hf_dirs["llama"]
     sd = full_state_dict(roundtrips["llama"][0])

@@ -65,17 +65,17 @@ def _master_check(import_dir: str, tp: int, pp: int, zero: int, precision: str) 
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from mtnlg.checkpoint import load, plan_load
+    from mtnlg.checkpoint.reader import open_checkpoint, shard_for
     from mtnlg.config import resolve
-    from mtnlg.convert.native import open_checkpoint, shard_for
     from mtnlg.parallel import ParallelState
     from mtnlg.training.engine import Engine
-    from mtnlg.training.loop import _load, plan_load
 
     cfg = resolve(finetune_config(import_dir, tp, pp, zero, precision), dist.get_world_size())
     ps = ParallelState.create(tp, pp)
     engine = Engine(cfg, ps, torch.device("cpu"))
-    plan = plan_load(cfg)
-    assert plan.kind == "weights" and _load(engine, plan) == (0, 0)
+    plan = plan_load(cfg, zero, ps)
+    assert plan.kind == "weights" and load(engine, plan) == (0, 0)
     params = dict(engine.engine.module.named_parameters())
     lp_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     out = {"lp": 0.0, "master": 0.0, "master_vs_lp_rounding": 0.0, "count": 0, "zero3": engine.zero3_partitioned()}
@@ -106,8 +106,8 @@ def _deepspeed_module_load(import_dir: str, tp: int, pp: int) -> float:
     """DeepSpeed's own ``load_checkpoint(load_module_only=True)`` on an import: max abs weight error."""
     import torch.distributed as dist
 
+    from mtnlg.checkpoint.reader import open_checkpoint, shard_for
     from mtnlg.config import resolve
-    from mtnlg.convert.native import open_checkpoint, shard_for
     from mtnlg.parallel import ParallelState
     from mtnlg.training.engine import Engine
 
@@ -259,7 +259,7 @@ def greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def check_export_generates_like_mtnlg(ckpt: Path, out: Path, iteration: int | None = None) -> float:
-    from mtnlg.convert import load_native_model
+    from mtnlg.checkpoint import load_native_model
 
     args = ["export-hf", "--checkpoint", str(ckpt), "--output", str(out), "--verify"]
     assert convert_main(args + (["--iteration", str(iteration)] if iteration else [])) == 0
@@ -278,7 +278,7 @@ def check_export_generates_like_mtnlg(ckpt: Path, out: Path, iteration: int | No
 
 def loss_from_checkpoint(ckpt: Path, iteration: int, next_iteration: int) -> float:
     """mtnlg's tp=1 model loaded from global_step<iteration>, evaluated on the next iteration's batch."""
-    from mtnlg.convert import load_native_model
+    from mtnlg.checkpoint import load_native_model
 
     model, _, _ = load_native_model(ckpt, iteration)
     b = batch(96, 32, next_iteration)
@@ -306,7 +306,7 @@ def test_zero3_checkpoint_exports_and_generates_like_mtnlg(four, tmp_path):
 
 def check_masters_round_to_module(ckpt_dir: Path, layout: tuple, precision: str) -> None:
     """The fp32 masters the reader finds, rounded, are exactly the saved module weights (and hold more)."""
-    from mtnlg.convert import open_checkpoint
+    from mtnlg.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(ckpt_dir)
     assert (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.dp, ckpt.layout.zero_stage) == layout
@@ -343,7 +343,7 @@ def test_reader_agrees_with_deepspeeds_universal_conversion(eight, tmp_path):
 
     from deepspeed.checkpoint import ds_to_universal
 
-    from mtnlg.convert import full_state_dict
+    from mtnlg.checkpoint import full_state_dict
 
     _, save_root = eight
     ckpt_dir = save_root / "llama-tp2pp2dp2-zero1-bf16"

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mtnlg.training.checkpoint import TAG_RE, complete_tags, latest_tag
+from mtnlg.checkpoint.tags import TAG_RE, complete_tags, latest_tag
 from mtnlg.training.guard import LossWatch
 from tests.dist_helper import ds_config, free_port, run_distributed
 

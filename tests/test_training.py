@@ -128,7 +128,7 @@ def parity(tmp_path_factory):
 def sgd_update(save: str, preset: str) -> dict[str, torch.Tensor]:
     """Every parameter's change in the one SGD step, at full (tp=1) size: the checkpoint minus the initial weights
     (initialisation is layout-independent: the same seed gives the same full tensors in every layout)."""
-    from mtnlg.convert import full_state_dict
+    from mtnlg.checkpoint import full_state_dict
     from mtnlg.model import GPTModel
 
     after = full_state_dict(save)

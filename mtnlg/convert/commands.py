@@ -48,9 +48,9 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
+    from mtnlg.checkpoint.tags import CONFIG_NAME
     from mtnlg.config import load_config
     from mtnlg.convert.hf_import import import_hf
-    from mtnlg.training.checkpoint import CONFIG_NAME
 
     out = import_hf(args.model, args.output, args.overrides, overwrite=args.overwrite)
     cfg = load_config(out / CONFIG_NAME)

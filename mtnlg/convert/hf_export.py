@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint.reader import NativeCheckpoint, load_native_model, open_checkpoint
 from mtnlg.config import ModelConfig
 from mtnlg.convert import keymaps
 from mtnlg.convert.hf_import import check_output
-from mtnlg.convert.native import NativeCheckpoint, load_native_model, open_checkpoint
 from mtnlg.convert.safetensors_io import ShardedWriter, parse_size
 from mtnlg.errors import UserError
+from mtnlg.files import atomic_dir
+from mtnlg.model.layout import full_shape, groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAME = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -69,8 +71,8 @@ def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]):
 def hf_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of every tensor in write order (mapped on meta tensors: no data)."""
     plan = []
-    for group in keymaps.groups(cfg):
-        meta = {local: torch.empty(keymaps.full_shape(local, cfg), device="meta") for local in group.locals}
+    for group in groups(cfg):
+        meta = {local: torch.empty(full_shape(local, cfg), device="meta") for local in group.locals}
         plan += [(k, tuple(v.shape)) for k, v in keymaps.to_hf(cfg, group, meta).items()]
     return plan
 
@@ -90,8 +92,6 @@ def export_hf(checkpoint: str | Path, output: str | Path, iteration: int | None 
               overwrite: bool = False) -> ExportResult:
     """Write the HF directory of a checkpoint; with ``verify``, fail if its logits differ from mtnlg's."""
     from transformers import GenerationConfig
-
-    from mtnlg.data.tokenizer import atomic_dir
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}")

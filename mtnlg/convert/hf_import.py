@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint.reader import resolve_model
+from mtnlg.checkpoint.tags import CONFIG_NAME, TOKENIZER_DIR
+from mtnlg.checkpoint.writer import write_weights_only
 from mtnlg.config import ConfigError, ModelConfig, RunConfig, apply_override, from_dict, save_config
 from mtnlg.convert import keymaps
-from mtnlg.convert.native import resolve_model
-from mtnlg.convert.native_write import write_weights_only
 from mtnlg.convert.safetensors_io import HFWeights
 from mtnlg.errors import UserError
-from mtnlg.training.checkpoint import CONFIG_NAME, TOKENIZER_DIR
+from mtnlg.files import atomic_dir
+from mtnlg.model.layout import full_shape, groups
 
 IGNORED = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")  # buffers, not weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -108,8 +110,8 @@ def model_section(kind: str, hf, where: Path) -> dict:
 def _expected(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every weight the model needs (computed on meta tensors, no data)."""
     out = {}
-    for group in keymaps.groups(model_cfg):
-        meta = {local: torch.empty(keymaps.full_shape(local, model_cfg), device="meta") for local in group.locals}
+    for group in groups(model_cfg):
+        meta = {local: torch.empty(full_shape(local, model_cfg), device="meta") for local in group.locals}
         out.update({k: tuple(v.shape) for k, v in keymaps.to_hf(model_cfg, group, meta).items()})
     return out
 
@@ -188,8 +190,6 @@ def copy_tokenizer(src: Path, dst: Path) -> bool:
 def import_hf(model_dir: str | Path, output: str | Path, overrides: list[str] | None = None,
               overwrite: bool = False) -> Path:
     """Convert an HF GPT-2/Llama directory to a weights-only mtnlg checkpoint; returns the output."""
-    from mtnlg.data.tokenizer import atomic_dir
-
     model_dir, output = Path(model_dir), Path(output)
     check_output(output, overwrite)
     kind, hf, raw = read_hf_config(model_dir)

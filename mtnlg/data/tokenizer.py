@@ -13,15 +13,13 @@ of course keeps its usual special-token matching).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mtnlg.errors import UserError
+from mtnlg.files import atomic_dir
 
 EOD = "<|endoftext|>"
 # GPT-2's pre-tokenizer regex (as used by tiktoken's "gpt2" encoding and HF's ByteLevel).
@@ -286,26 +284,3 @@ def _nonempty(documents: Iterable[str]) -> Iterator[str]:
     if n == 0:
         raise UserError("no text to train the tokenizer on: every input document is empty")
 
-
-# --------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Fill a temp directory, then swap it in for ``path`` (the temp is removed on error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.old")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -50,7 +50,7 @@ def _open_native(checkpoint: str, iteration: int | None, device: torch.device, b
                  for_generation: bool) -> OpenedModel:
     import torch.distributed as dist
 
-    from mtnlg.convert.native import open_checkpoint
+    from mtnlg.checkpoint.reader import open_checkpoint
     from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.eval.generate import Generator
     from mtnlg.eval.native import NativeScorer, build_model

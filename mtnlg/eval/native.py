@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtnlg.convert.native import open_checkpoint, resolve_model, shard_for
+from mtnlg.checkpoint.reader import open_checkpoint, resolve_model, shard_for
 from mtnlg.parallel import ParallelState
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.mappings import group_rank, group_size

@@ -16,6 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from mtnlg.checkpoint.universal import universal_checkpoint_info
 from mtnlg.config import RunConfig
 from mtnlg.model import GPTModel, pipeline_module
 from mtnlg.parallel import ParallelState, TPRandom
@@ -23,7 +24,6 @@ from mtnlg.training.distributed import allow_cpu_fp16, deepspeed_output
 from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, optimizer_kind, sgd_hyperparams, zero_stage
 from mtnlg.training.guard import GuardedAdamW, GuardedSGD
 from mtnlg.training.schedule import LRSchedule, param_groups
-from mtnlg.training.universal import universal_checkpoint_info
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_length)
 

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtnlg import checkpoint
 from mtnlg.config import RunConfig, resolve
-from mtnlg.errors import JobError, TrainingAborted, UserError
+from mtnlg.errors import JobError, TrainingAborted
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.parallel import ParallelState
-from mtnlg.training import checkpoint
 from mtnlg.training.distributed import init_distributed, local_world_size
+from mtnlg.training.ds_config import load_ds_json, zero_stage
 from mtnlg.training.engine import Batch, Engine
 from mtnlg.training.guard import LossWatch, all_finite
 from mtnlg.training.metrics import Metrics
@@ -107,111 +108,6 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-@dataclass
-class LoadPlan:
-    directory: str
-    tag: str
-    kind: str  # "native" (same layout), "universal" (from `mtnlg checkpoint reshard`), "weights" (import-hf)
-
-
-def plan_load(cfg: RunConfig, ps: ParallelState | None = None) -> LoadPlan | None:
-    """What checkpoint.load holds and how to load it into this run's layout (checked before building engines).
-
-    Rank 0 decides from its own disk and tells the other ranks; every rank then checks that the files it will
-    load are there and whole (nodes need not share a filesystem). A collective when torch.distributed runs."""
-    if not cfg.checkpoint.load:
-        return None
-    distributed = dist.is_initialized()
-    box: list = [None]
-    if not distributed or dist.get_rank() == 0:
-        try:
-            plan = _plan_on_this_host(cfg)
-            box = [(plan, None if plan is None else checkpoint.listing(Path(plan.directory) / plan.tag))]
-        except UserError as e:
-            box = [e]
-    if distributed:
-        dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], UserError):
-        raise JobError(str(box[0]))
-    plan, sizes = box[0]
-    if plan is None:
-        return plan
-    tag_dir = Path(plan.directory) / plan.tag
-    names = list(sizes)  # universal and weights-only checkpoints: every rank reads from all of it
-    if plan.kind == "native":  # the layout is this run's (plan_load refuses another)
-        from mtnlg.model.gpt import saved_layers
-
-        if ps is None:
-            ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline) if distributed \
-                else ParallelState.single()
-        layers = saved_layers(cfg.model, ps.pp_size, ps.pp_rank) if ps.pp_size > 1 else []
-        names = checkpoint.native_files(sizes, ps.tp_rank, ps.pp_rank, ps.dp_rank, ps.tp_size, ps.pp_size, layers)
-    checkpoint.agree_readable(tag_dir, names, sizes, "checkpoint.load:")
-    return plan
-
-
-def _plan_on_this_host(cfg: RunConfig) -> LoadPlan | None:
-    from mtnlg.convert.native import NativeCheckpoint, is_weights_only
-    from mtnlg.training.ds_config import load_ds_json, zero_stage
-    from mtnlg.training.reshard import is_universal
-
-    load = cfg.checkpoint.load
-    if Path(load).exists() and not Path(load).is_dir():
-        raise UserError(f"checkpoint.load = {load} is a file; name the checkpoint.save directory of a run")
-    tag = checkpoint.latest_tag(load)
-    if tag is None:
-        if cfg.checkpoint.save and Path(load).resolve() == Path(cfg.checkpoint.save).resolve():
-            return None  # resuming into the save directory: nothing saved yet
-        raise UserError(f"checkpoint.load = {load} holds no complete checkpoint (no global_step*/complete)")
-    tag_dir = Path(load) / tag
-    if is_weights_only(tag_dir):
-        return LoadPlan(load, tag, "weights")
-    stage = zero_stage(load_ds_json(cfg.deepspeed_config))
-    if is_universal(tag_dir):
-        if stage == 0:
-            raise UserError(f"{tag_dir} is a universal checkpoint; loading it needs ZeRO stage >= 1 "
-                            "(ds_configs/zero1.json)")
-        if stage == 3 and cfg.parallel.tensor > 1:
-            raise UserError(f"DeepSpeed cannot load a universal checkpoint into ZeRO-3 with tensor parallelism "
-                            f"({tag_dir}); use ZeRO-1/2 or parallel.tensor = 1")
-        m = cfg.model
-        if stage == 3 and m.padded_vocab_size != m.vocab_size:
-            raise UserError(f"DeepSpeed's ZeRO-3 universal loader cannot re-pad the vocabulary ({m.vocab_size} -> "
-                            f"{m.padded_vocab_size}); resume {tag_dir} under ZeRO-1/2, or train with a vocabulary "
-                            f"size that is a multiple of {m.make_vocab_size_divisible_by} x tensor")
-        return LoadPlan(load, tag, "universal")
-    saved = NativeCheckpoint(Path(load), tag_dir, int(checkpoint.TAG_RE.match(tag).group(1))).layout
-    p = cfg.parallel
-    moved = (saved.tp, saved.pp) != (p.tensor, p.pipeline) or saved.zero_stage != stage or (
-        saved.dp != p.data and stage > 0)
-    if moved:
-        raise UserError(
-            f"{tag_dir} was saved with tensor={saved.tp}, pipeline={saved.pp}, data={saved.dp}, "
-            f"ZeRO-{saved.zero_stage} but this run is tensor={p.tensor}, pipeline={p.pipeline}, data={p.data}, "
-            f"ZeRO-{stage}; convert it first: "
-            f"mtnlg checkpoint reshard --checkpoint {load} --output {load}-universal, then load that"
-        )
-    return LoadPlan(load, tag, "native")
-
-
-def _load(engine: Engine, plan: LoadPlan | None) -> tuple[int, int]:
-    """Load the planned checkpoint: (iteration, consumed samples) to resume from."""
-    if plan is None:
-        return 0, 0
-    if plan.kind == "weights":  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
-        from mtnlg.convert.native import load_weights
-
-        load_weights(engine, Path(plan.directory) / plan.tag)
-        return 0, 0
-    _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if state is None:
-        raise UserError(f"could not load checkpoint {plan.directory}/{plan.tag}; it is not a checkpoint of this "
-                        "model/layout")
-    engine.after_load(universal=plan.kind == "universal")
-    return int(state["iteration"]), int(state["consumed_samples"])
-
-
 def _check_save_dir(cfg: RunConfig) -> None:
     save = cfg.checkpoint.save
     if save and Path(save).exists() and not Path(save).is_dir():
@@ -244,9 +140,9 @@ def train(cfg: RunConfig) -> RunSummary:
         print(describe(cfg), flush=True)
 
     train_src, valid_src = build_sources(cfg)
-    plan = plan_load(cfg, ps)
+    plan = checkpoint.plan_load(cfg, zero_stage(load_ds_json(cfg.deepspeed_config)), ps)
     engine = Engine(cfg, ps, device, load_universal=plan is not None and plan.kind == "universal")
-    start_iter, consumed = _load(engine, plan)
+    start_iter, consumed = checkpoint.load(engine, plan)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = total_peak_tflops(device, dtype, world, local_world_size(), t.peak_tflops) if is_logger else None

@@ -15,7 +15,7 @@ The layout comes from DeepSpeed's files and ``mtnlg_config.yaml``: tensor (tp) a
 - else the module weights (ZeRO-0, and weights-only checkpoints from ``mtnlg import-hf``):
   ``mp_rank_XX_model_states.pt`` (pp = 1) or ``layer_LL-model_TT-model_states.pt`` (pp > 1).
 
-Then the tp shards of each parameter are merged by the rule of its kind (``keymaps.tp_rule``) and
+Then the tp shards of each parameter are merged by the rule of its kind (``mtnlg.model.layout.tp_rule``) and
 the vocabulary padding is stripped. Files are memory-mapped and re-opened for every group, so
 memory holds about one layer (not the model) whatever the checkpoint's size.
 """
@@ -30,53 +30,11 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint.tags import CONFIG_NAME, TOKENIZER_DIR, find_tag, is_weights_only
 from mtnlg.config import ConfigError, ModelConfig, RunConfig, load_config, resolve
-from mtnlg.convert import keymaps
-from mtnlg.convert.keymaps import Group
 from mtnlg.errors import UserError
+from mtnlg.model.layout import Group, groups, local_shape, tp_rule
 from mtnlg.parallel.layers import shard_tensor
-from mtnlg.training.checkpoint import CONFIG_NAME, MARKER, TAG_RE, TOKENIZER_DIR, complete_tags, tag_for
-
-WEIGHTS_ONLY = "weights_only"  # marker file of a checkpoint with module weights only (`mtnlg import-hf`)
-
-
-# --------------------------------------------------------------------------- locating
-
-
-def find_tag(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int]:
-    """(root, tag directory, iteration) of a complete checkpoint under ``path`` (or ``path`` itself)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"checkpoint directory {p} not found; pass the checkpoint.save directory of a run")
-    m = TAG_RE.match(p.name)
-    if m and (p / CONFIG_NAME).is_file():  # a global_stepN directory itself
-        if iteration is not None and iteration != int(m.group(1)):
-            raise UserError(f"{p} is the checkpoint of iteration {m.group(1)}, not {iteration}; drop --iteration")
-        if not (p / MARKER).is_file():
-            raise UserError(f"{p} is incomplete (no '{MARKER}' marker: the run stopped while saving it)")
-        return p.parent, p, int(m.group(1))
-    tags = complete_tags(p)
-    if not tags:
-        raise UserError(
-            f"{p} is not an mtnlg checkpoint (no complete global_step*/ inside); pass the checkpoint.save "
-            "directory of a training run or the output of `mtnlg import-hf`"
-        )
-    if iteration is None:
-        it, tag = tags[-1]
-        return p, p / tag, it
-    found = dict(tags)
-    if iteration not in found:
-        have = ", ".join(str(i) for i, _ in tags)
-        if (p / tag_for(iteration)).is_dir():
-            raise UserError(f"{p / tag_for(iteration)} is incomplete (no '{MARKER}' marker); "
-                            f"complete iterations: {have}")
-        raise UserError(f"{p} has no checkpoint of iteration {iteration}; complete iterations: {have}")
-    return p, p / found[iteration], iteration
-
-
-def is_weights_only(tag_dir: str | Path) -> bool:
-    """True for a checkpoint holding module weights only (written by ``mtnlg import-hf``)."""
-    return (Path(tag_dir) / WEIGHTS_ONLY).is_file()
 
 
 # DeepSpeed pickles a few of its own types next to tensors; allow exactly those (no arbitrary code).
@@ -133,7 +91,7 @@ class NativeCheckpoint:
         self.run_config = raw
         self.layout = self._detect_layout(raw)
         self.model_cfg: ModelConfig = resolve_model(raw, self.layout.tp, self.layout.pp, tag_dir / CONFIG_NAME)
-        self.groups = keymaps.groups(self.model_cfg)
+        self.groups = groups(self.model_cfg)
         self._index: dict[str, tuple[int, dict[int, torch.Size]]] | None = None
         self._z3: dict[int, dict[str, tuple[int, int, torch.Size]]] = {}
 
@@ -188,7 +146,7 @@ class NativeCheckpoint:
         for t, shards in reader(group):
             for local in group.locals:
                 x = shards.pop(local)
-                want = keymaps.local_shape(local, self.model_cfg, tp)
+                want = local_shape(local, self.model_cfg, tp)
                 if tuple(x.shape) != want:
                     raise UserError(
                         f"{self.tag_dir}: {group.full(local)} (tp rank {t}) has shape {list(x.shape)} but "
@@ -196,7 +154,7 @@ class NativeCheckpoint:
                     )
                 self._merge_into(merged, group, local, t, x)
         V = self.model_cfg.vocab_size
-        return {k: (v[:V] if keymaps.tp_rule(k, self.model_cfg).kind == "vocab" else v) for k, v in merged.items()}
+        return {k: (v[:V] if tp_rule(k, self.model_cfg).kind == "vocab" else v) for k, v in merged.items()}
 
     def source(self, source: str = "auto") -> str:
         """'master' or 'module': where weights are read from ('auto': masters when the checkpoint has them)."""
@@ -213,7 +171,7 @@ class NativeCheckpoint:
     def _merge_into(self, merged: dict[str, torch.Tensor], group: Group, local: str, t: int,
                     x: torch.Tensor) -> None:
         """Place tp rank ``t``'s shard ``x`` of a parameter into its merged (padded) tensor."""
-        rule, tp = keymaps.tp_rule(local, self.model_cfg), self.layout.tp
+        rule, tp = tp_rule(local, self.model_cfg), self.layout.tp
         if rule.kind == "replicated":
             if t == 0:
                 merged[local] = x.clone()  # not a view that would keep a mapped file alive
@@ -383,7 +341,7 @@ def full_state_dict(path: str | Path, iteration: int | None = None, source: str 
 
 def shard_for(local: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int) -> torch.Tensor:
     """The tp-local tensor a rank holds of a full unpadded parameter (a fresh tensor)."""
-    rule = keymaps.tp_rule(local, cfg)
+    rule = tp_rule(local, cfg)
     if rule.kind == "replicated":
         return full.clone()
     if rule.kind == "vocab":
@@ -429,64 +387,3 @@ def load_native_model(checkpoint_dir: str | Path, iteration: int | None = None, 
     if params:  # a bug, not a user error: the groups must cover the model
         raise RuntimeError(f"parameters not loaded from the checkpoint: {sorted(params)}")
     return model.to(dtype).eval(), ckpt.run_config, ckpt.tokenizer_dir
-
-
-# --------------------------------------------------------------------------- into a training engine
-
-
-def load_weights(engine, tag_dir: str | Path) -> None:
-    """Load a checkpoint's weights (any layout) into a freshly built training ``Engine``; no optimizer state.
-
-    Every rank reads the groups its pipeline stage holds and copies its tp shard into the module;
-    ZeRO-3 parameters are gathered for the copy (``GatheredParameters(modifier_rank=0)``).
-    DeepSpeed made its fp32 master weights from the random init at ``deepspeed.initialize``, so
-    they are set too, from the fp32 values: through each parameter's ``_hp_mapping`` (ZeRO 1/2,
-    BF16 optimizer), or for ZeRO-3 by ``refresh_fp32_params`` (exact for fp32 training) and then,
-    with mixed precision, ``safe_set_full_fp32_param`` (a second read) for every parameter whose
-    size divides by the data-parallel size (DeepSpeed's setter cannot handle partition padding;
-    the rest keep masters rounded like the module weights).
-    """
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    tag_dir = Path(tag_dir)
-    ckpt = NativeCheckpoint(tag_dir.parent, tag_dir, int(TAG_RE.match(tag_dir.name).group(1)))
-    cfg, ps = engine.cfg.model, engine.ps
-    check_same_model(ckpt.model_cfg, cfg, f"checkpoint.load = {tag_dir.parent}")
-    ds = engine.engine
-    params = dict(ds.module.named_parameters())
-    zero3 = engine.zero_stage == 3
-
-    def mine(group: Group) -> dict[str, torch.nn.Parameter]:
-        return {local: params[group.full(local)] for local in group.locals if group.full(local) in params}
-
-    def values(group: Group, wanted) -> dict[str, torch.Tensor]:
-        tensors = ckpt.read_group(group)
-        return {local: shard_for(local, tensors[local], cfg, ps.tp_rank, ps.tp_size) for local in wanted}
-
-    with torch.no_grad():
-        for group in ckpt.groups:
-            wanted = mine(group)
-            if not wanted:
-                continue
-            vals = values(group, wanted)
-            if zero3:
-                with deepspeed.zero.GatheredParameters(list(wanted.values()), modifier_rank=0):
-                    for local, p in wanted.items():
-                        p.data.copy_(vals[local])
-                continue
-            for local, p in wanted.items():
-                p.data.copy_(vals[local])
-                if hasattr(p, "_hp_mapping"):  # ZeRO 1/2 and the BF16 optimizer: the exact fp32 master
-                    safe_set_full_fp32_param(p, vals[local].float())
-        if zero3:
-            ds.optimizer.refresh_fp32_params()
-            if engine.cfg.train.precision != "fp32":
-                for group in ckpt.groups:
-                    wanted = {k: p for k, p in mine(group).items() if p.ds_numel % ps.dp_size == 0}
-                    if wanted:
-                        for local, v in values(group, wanted).items():
-                            safe_set_full_fp32_param(wanted[local], v.float())
-    if ps.rank == 0:
-        print(f"loaded the weights of {tag_dir} (weights only: training starts at iteration 0 with a fresh "
-              "optimizer)", flush=True)

@@ -8,7 +8,7 @@
 
 These are the names DeepSpeed's engines write (and its ``load_checkpoint(load_module_only=True)``
 reads) for that layout; there are no optimizer files. ``mtnlg train`` with ``checkpoint.load``
-on it starts at iteration 0 with a fresh optimizer (``native.load_weights``), under any layout
+on it starts at iteration 0 with a fresh optimizer (``resume.load_weights``), under any layout
 and ZeRO stage.
 """
 
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint.reader import shard_for
+from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, WEIGHTS_ONLY, tag_for
+from mtnlg.checkpoint.universal import universal_checkpoint_info
 from mtnlg.config import ModelConfig, RunConfig, save_config
-from mtnlg.convert import keymaps
-from mtnlg.convert.keymaps import Group
-from mtnlg.convert.native import WEIGHTS_ONLY, shard_for
-from mtnlg.training.checkpoint import CONFIG_NAME, MARKER, tag_for
-from mtnlg.training.universal import universal_checkpoint_info
+from mtnlg.model.layout import Group, groups
 
 
 def _metadata(model_cfg: ModelConfig, tp: int, pp: int) -> dict:
@@ -54,9 +53,8 @@ def write_weights_only(root: Path, run_cfg: RunConfig, model_cfg: ModelConfig,
     tag_dir = root / tag_for(0)
     tag_dir.mkdir(parents=True)
     meta = _metadata(model_cfg, tp, pp)
-    groups = keymaps.groups(model_cfg)
     if pp > 1:
-        for group in groups:
+        for group in groups(model_cfg):
             tensors = read_group(group)
             for t in range(tp):
                 sd = {local: shard_for(local, x, model_cfg, t, tp) for local, x in tensors.items()}
@@ -66,7 +64,7 @@ def write_weights_only(root: Path, run_cfg: RunConfig, model_cfg: ModelConfig,
     else:
         for t in range(tp):
             module = {}
-            for group in groups:
+            for group in groups(model_cfg):
                 for local, x in read_group(group).items():
                     module[group.full(local)] = shard_for(local, x, model_cfg, t, tp)
             torch.save({"module": module, **meta}, tag_dir / f"mp_rank_{t:02d}_model_states.pt")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from mtnlg.checkpoint.universal import universal_checkpoint_info
 from mtnlg.model import GPTModel
-from mtnlg.training.universal import universal_checkpoint_info
 
 CASES = {
     "gpt2-tied": {"preset": "gpt2"},

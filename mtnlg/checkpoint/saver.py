@@ -1,0 +1,82 @@
+"""Saving a checkpoint on every rank (a collective), crash-safe and durable.
+
+DeepSpeed writes its files (``engine.save_checkpoint``); every rank then fsyncs the files it wrote
+(recorded as DeepSpeed writes them) and reports; only when every rank has, rank 0 writes the
+``complete`` marker and ``latest`` (DeepSpeed would write ``latest`` before its final barrier). A
+crash anywhere in between leaves the previous complete checkpoint the one that is resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, TOKENIZER_DIR, complete_tags, tag_for
+from mtnlg.config import RunConfig, save_config
+from mtnlg.errors import JobError
+from mtnlg.files import fsync_path, write_atomic
+
+
+def record_writes(engine) -> list[str]:
+    """The paths DeepSpeed's checkpoint engine writes on this rank, recorded as it writes them (the list is
+    cleared by ``save`` before each checkpoint). DeepSpeed 0.19.8 writes every checkpoint file (model states,
+    pipeline layer files, ZeRO optimizer partitions) through ``engine.checkpoint_engine.save(state, path)``;
+    pinned by tests/test_checkpoints.py."""
+    ce = engine.checkpoint_engine
+    if not hasattr(ce, "_mtnlg_written"):
+        original = ce.save
+        ce._mtnlg_written = []
+
+        def save(state_dict, path, *args, **kwargs):
+            out = original(state_dict, path, *args, **kwargs)
+            ce._mtnlg_written.append(str(path))
+            return out
+
+        ce.save = save
+    return ce._mtnlg_written
+
+
+def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int, tokenizer=None) -> Path:
+    """Save on every rank (a collective); returns the tag directory.
+
+    Each rank fsyncs what it wrote (its DeepSpeed files, the tag directory) and reports; only when every rank
+    has, rank 0 writes the ``complete`` marker and ``latest``."""
+    save_dir = Path(cfg.checkpoint.save)
+    tag = tag_for(iteration)
+    written = record_writes(engine)
+    written.clear()
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    mine = [Path(p) for p in written]
+    if rank == 0:
+        save_config(cfg, save_dir / tag / CONFIG_NAME)
+        mine.append(save_dir / tag / CONFIG_NAME)
+        if tokenizer is not None and not (save_dir / TOKENIZER_DIR).is_dir():
+            tokenizer.save(save_dir / TOKENIZER_DIR)
+            mine += [f for f in (save_dir / TOKENIZER_DIR).iterdir() if f.is_file()]
+    problem = None
+    try:
+        for f in mine:
+            fsync_path(f)
+        for d in {f.parent for f in mine} | {save_dir / tag}:
+            fsync_path(d)
+    except OSError as e:
+        problem = f"{e.filename or save_dir / tag}: {e.strerror}"
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (socket.gethostname(), problem))  # every rank's shards are durable
+    bad = [(r, host, why) for r, (host, why) in enumerate(reports) if why]
+    if bad:
+        r, host, why = bad[0]
+        raise JobError(f"saving {save_dir / tag} failed on host {host} (rank {r}: {why}); it is left incomplete and "
+                       "the previous checkpoint stays the one to resume from")
+    if rank == 0:
+        write_atomic(save_dir / tag / MARKER, f"{iteration}\n")
+        write_atomic(save_dir / "latest", tag)
+        if cfg.checkpoint.keep_last:
+            for _, old in complete_tags(save_dir)[: -cfg.checkpoint.keep_last]:
+                (save_dir / old / MARKER).unlink()  # incomplete first, then gone
+                shutil.rmtree(save_dir / old, ignore_errors=True)
+    dist.barrier()
+    return save_dir / tag

@@ -1,0 +1,66 @@
+"""Writing files so that a crash never leaves a half-written one: write to a temporary name beside the target,
+flush and fsync, then rename over it (an atomic step on POSIX filesystems).
+
+    write_atomic(path, "text")            # or bytes
+    with atomic_dir(out) as tmp: ...      # fill tmp; it replaces ``out`` only if the body finishes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def temp_path(path: str | Path, suffix: str = "tmp") -> Path:
+    """A unique hidden name beside ``path`` (same directory, so a rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.{suffix}")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name: flush, fsync, rename, fsync the directory."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a temporary directory, then swap it in for ``path`` (the temporary is removed on error; an existing
+    ``path`` is replaced only once the new one is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = temp_path(path, "old")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
