@@ -1,4 +1,6 @@
-"""The `mtnlg` command. Each subcommand lives with its feature; this file only wires them up.
+"""The `mtnlg` command, the one entry point (``mtnlg ...``, ``python -m mtnlg ...``). Each subcommand
+lives with its feature, whose ``add_commands(subparsers)`` registers it here; this file only wires them up
+(feature modules never import it).
 
 A user error (``UserError``) prints one line on stderr and exits with status 2; no traceback.
 """
@@ -9,6 +11,8 @@ import argparse
 import sys
 
 from mtnlg.errors import TrainingAborted, UserError
+
+QUIET_RANK_EXIT_DELAY_S = 3.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,7 +43,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
-    from mtnlg.training.distributed import comm_failure
+    from mtnlg.parallel.distributed import comm_failure
     from mtnlg.training.loop import train
 
     try:
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        if not _quiet_rank(e):
-            print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+        if _quiet_rank(e):
+            # rank 0 reports it; give it the moment to do so before this exit makes the launcher stop the job
+            import time
+
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
+        else:
+            print(f"mtnlg {args.command}: error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
@@ -144,6 +153,3 @@ def _quiet_rank(e: UserError) -> bool:
 
     return e.on_every_rank and os.environ.get("RANK", "0") != "0"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

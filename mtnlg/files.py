@@ -2,6 +2,7 @@
 flush and fsync, then rename over it (an atomic step on POSIX filesystems).
 
     write_atomic(path, "text")            # or bytes
+    with atomic_file(path) as f: ...      # stream bytes into f; it replaces ``path`` only if the body finishes
     with atomic_dir(out) as tmp: ...      # fill tmp; it replaces ``out`` only if the body finishes
 """
 
@@ -12,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def temp_path(path: str | Path, suffix: str = "tmp") -> Path:
@@ -29,19 +31,27 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name: flush, fsync, rename, fsync the directory."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to stream into; on a clean exit it is flushed, fsynced and renamed over ``path`` (then the
+    directory is fsynced). On an error the temporary is removed and ``path`` is untouched."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name: flush, fsync, rename, fsync the directory."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager

@@ -92,7 +92,7 @@ def test_report_files(tmp_path):
     assert e["ratio_median"] == 2.0 and e["peer"]["info"]["attn_implementation"] == "eager"
     assert set(e["peer_variants"]) == {"eager", "sdpa"} and r["data_parallel"]["dp"] == 2
     w, h = _png_size(tmp_path / "bench.png")
-    assert w >= 760 and h > 100
+    assert w == 900 and h > 300  # four panels
 
 
 def test_report_of_an_older_result(tmp_path):
@@ -125,19 +125,33 @@ def test_bench_options_on_the_command_line():
         parser.parse_args(["bench", "--config", "x.yaml", "--peer-attn", "flash"])
 
 
-def test_png_text_and_bars(tmp_path):
-    from mtnlg.bench.png import BarChart
+def test_chart_bars_are_to_scale(tmp_path):
+    """bench.png's bars: a bar of half the value is half as long (read back from the PNG's pixels)."""
+    import io
 
-    c = BarChart("T", width=200)
-    c.section("s")
-    c.bar("a", 1.0, "1", color=0)
-    c.bar("b", 0.5, "0.5", color=1)
-    canvas = c.render()
-    blue = bytes((31, 119, 180))
-    rows = [bytes(canvas.px[3 * y * canvas.w: 3 * (y + 1) * canvas.w]) for y in range(canvas.h)]
-    widths = [r.count(blue) for r in rows if r.count(blue)]
-    assert widths and max(widths) > 20  # the full-length bar
-    assert _png_size(c.save(tmp_path / "c.png")) == (canvas.w, canvas.h)
+    from matplotlib.image import imread
+
+    from mtnlg.bench.report import PALETTE, Section, chart_sections, draw_chart
+
+    s = Section("s")
+    s.bar("a", 1.0, "1", color=0)
+    s.bar("b", 0.5, "0.5", color=1)
+    png = draw_chart("T", [s], width_px=600)
+    img = (imread(io.BytesIO(png))[..., :3] * 255).round().astype(int)
+    assert img.shape[1] == 600
+
+    def longest_run(color: str) -> int:
+        rgb = [int(color[i: i + 2], 16) for i in (1, 3, 5)]
+        return int((abs(img - rgb).sum(axis=2) <= 6).sum(axis=1).max())
+
+    a, b = longest_run(PALETTE[0]), longest_run(PALETTE[1])
+    assert a > 150 and b / a == pytest.approx(0.5, abs=0.02)
+    # the report's panels: one per comparison, pipeline efficiency against the ideal, the tp speedup
+    titles = [x.title for x in chart_sections(_result())]
+    assert titles == ["training tokens/s (median), bf16", "training tokens/s (median), dp=2, bf16",
+                      "pipeline efficiency pp=2 (median) vs ideal m/(m+1)",
+                      "tensor parallel speedup tp=2 vs tp=1 (ideal 2)"]
+    assert [b[0] for b in chart_sections(_result())[0].bars] == ["mtnlg", "HF eager (peer)", "HF sdpa"]
 
 
 def test_bench_end_to_end_tiny(tmp_path, capsys):

@@ -95,14 +95,17 @@ def test_chunked_ce_tp2_matches_torch():
 
 def test_pipeline_stages_balance_flops():
     from mtnlg.config import from_dict, resolve
-    from mtnlg.model.gpt import balanced_parts, spec_weights
+    from mtnlg.model.layout import block_anchors, spec_flops, stage_bounds
+    from mtnlg.parallel.pipeline import balanced_parts
 
     cfg = resolve(from_dict({"model": {"preset": "gpt2", "num_layers": 12, "hidden_size": 768,
                                        "num_attention_heads": 12, "vocab_size": 50257, "seq_length": 512}}), 2).model
-    w = spec_weights(cfg)
+    w = spec_flops(cfg)  # read off the parameters: the tied head is the embedding's [V, h] matrix again
     assert len(w) == 12 + 3 and w[0] == 0 and w[-1] == 2 * 768 * 50257
+    assert w[1] == 2 * 12 * 768**2 + 4 * 512 * 768  # a block: its four matrices (qkv, proj, fc, proj) + attention
+    assert block_anchors(cfg) == [False] + [True] * 12 + [False, False]
     # the LM head is ~4.9 blocks of work: 8 blocks on stage 0, 4 blocks + head on stage 1
-    assert balanced_parts(w, 2) == [0, 9, 15]
+    assert balanced_parts(w, 2) == stage_bounds(cfg, 2) == [0, 9, 15]
     assert balanced_parts([1, 1, 1, 1], 4) == [0, 1, 2, 3, 4]
     assert balanced_parts([1.0] * 5, 2) == [0, 3, 5]  # ties: more work early
     assert balanced_parts([0, 1, 1, 0, 5], 3) == [0, 2, 4, 5]

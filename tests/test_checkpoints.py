@@ -24,6 +24,7 @@ def _save_and_record(rank: int, world: int, save: str) -> dict:
 
     from mtnlg.checkpoint import saver as checkpoint
     from mtnlg.config import resolve
+    from mtnlg.deepspeed_compat import record_writes
     from mtnlg.parallel import ParallelState
     from mtnlg.training.engine import Engine
 
@@ -36,7 +37,7 @@ def _save_and_record(rank: int, world: int, save: str) -> dict:
         checkpoint.save(engine.engine, cfg, 1, {"iteration": 1, "consumed_samples": 8}, dist.get_rank())
     finally:
         checkpoint.fsync_path = fsync
-    return {"written": list(checkpoint.record_writes(engine.engine)), "synced": synced}
+    return {"written": list(record_writes(engine.engine)), "synced": synced}
 
 
 def test_every_checkpoint_file_is_fsynced_before_the_marker(tmp_path):

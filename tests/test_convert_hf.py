@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtnlg.convert.commands import main as convert_main
+from mtnlg.cli import main as convert_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -370,8 +370,8 @@ def test_error_existing_output_and_bad_layout(hf_dirs, roundtrips, tmp_path, cap
 
 
 def test_python_module_entry_point(tmp_path):
-    """``python -m mtnlg.convert.commands`` works and a user error is one line, exit 2."""
-    r = subprocess.run([sys.executable, "-m", "mtnlg.convert.commands", "export-hf", "--checkpoint",
+    """``python -m mtnlg`` works and a user error is one line, exit 2."""
+    r = subprocess.run([sys.executable, "-m", "mtnlg", "export-hf", "--checkpoint",
                         str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtnlg.convert.commands import main as convert_main
+from mtnlg.cli import main as convert_main
 from tests.dist_helper import ds_config, run_distributed
 from tests.test_convert_hf import hf_model, load_hf, save_hf
 from tests.test_training import run_config

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mtnlg.cli import main as cli
 from mtnlg.data import corpus
-from mtnlg.data.commands import main as cli
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.tokenizer import load_tokenizer
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtnlg.cli import main as cli
 from mtnlg.data import preprocess as pp
-from mtnlg.data.commands import main as cli
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.tokenizer import load_tokenizer, train_tokenizer
 from mtnlg.errors import UserError
@@ -123,6 +123,39 @@ def test_parquet_input_streams_the_column(gpt2, tmp_path):
         pp.preprocess([tmp_path / "c.parquet"], "text", gpt2, tmp_path / "q", log=None)
 
 
+def test_hf_dataset_and_parquet_give_the_ids_of_jsonl(gpt2, tmp_path):
+    """A directory saved by ``datasets`` (and one of its .arrow files) and a parquet file, with the documents
+    in a column named by --json-key, preprocess to the same bytes as the same documents given as JSON lines."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = DOCS[:120]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": docs, "n": list(range(len(docs)))}).save_to_disk(str(saved))
+    (arrow,) = saved.glob("*.arrow")
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=16)
+    for name, src, key in [("j", "c.jsonl", "text"), ("d", "saved", "body"), ("a", arrow, "body"),
+                           ("p", "c.parquet", "body")]:
+        stats = pp.preprocess([tmp_path / src], key, gpt2, tmp_path / name, workers=2, log=None, chunk_bytes=2048)
+        assert stats.documents == len(docs) and stats.input_bytes > 0, name
+    ids = [gpt2.encode(d) + [gpt2.eod_id] for d in docs]
+    ds = IndexedDataset(tmp_path / "j")
+    assert [ds[i].tolist() for i in range(len(ds))] == ids
+    for name in ("d", "a", "p"):
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"{name}.{ext}").read_bytes() == (tmp_path / f"j.{ext}").read_bytes(), (name, ext)
+    with pytest.raises(UserError, match=r"saved: no column 'text' \(columns: body, n\); pass --json-key"):
+        pp.preprocess([saved], "text", gpt2, tmp_path / "x", log=None)
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["a"]})).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match=r"dd holds the splits train; pass one, e.g. --input .*dd/train"):
+        pp.preprocess([tmp_path / "dd"], "text", gpt2, tmp_path / "x", log=None)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match=r"plain is a directory but not a saved Hugging Face dataset"):
+        pp.preprocess([tmp_path / "plain"], "text", gpt2, tmp_path / "x", log=None)
+
+
 def test_parquet_null_row_is_a_bad_line(gpt2, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -227,7 +260,7 @@ def test_cli_needs_a_tokenizer(tmp_path, capsys):
 
 def test_cli_subprocess_exits_nonzero_with_one_line(gpt2_files, tmp_path):
     src = write_jsonl(tmp_path / "bad.jsonl", ["fine"], raw_lines={1: '{"text": '})
-    cmd = [sys.executable, "-m", "mtnlg.data.commands", "preprocess", "--input", str(src)]
+    cmd = [sys.executable, "-m", "mtnlg", "preprocess", "--input", str(src)]
     cmd += ["--vocab-file", gpt2_files[0], "--merge-file", gpt2_files[1], "--output-prefix", str(tmp_path / "o")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert r.returncode == 2

@@ -126,7 +126,7 @@ def _grads_full(model) -> dict[str, torch.Tensor]:
         if model.ps.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(g) for _ in range(model.ps.tp_size)]
             dist.all_gather(parts, g.contiguous(), group=model.ps.tp_group)
-            g = merge_shards(parts, p.partition_dim, p.partition_sizes)
+            g = merge_shards(parts, p.sharding.dim, p.sharding.blocks)
         out[name] = g
     return out
 

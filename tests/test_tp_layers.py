@@ -38,7 +38,7 @@ def _layer_checks(rank: int, world: int) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def slice_of(full, p):
-        return shard_tensor(full, p.partition_dim, p.partition_sizes, rank, world)
+        return shard_tensor(full, p.sharding.dim, p.sharding.blocks, rank, world)
 
     # --- mappings: forward and backward of the four collectives
     x = torch.randn(3, 8 * world, requires_grad=True)

@@ -1,15 +1,15 @@
-"""The ``mtnlg bench`` subcommand. ``add_commands(subparsers)`` registers it on the mtnlg CLI;
-standalone: ``python -m mtnlg.bench.commands bench --config RUN.yaml [--peer] ...``."""
+"""The ``mtnlg bench`` subcommand. ``add_commands(subparsers)`` registers it on the CLI (``mtnlg.cli``,
+the one entry point): ``mtnlg bench --config RUN.yaml [--peer] ...``."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mtnlg.errors import UserError
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: ``"1,2,4"`` -> ``(1, 2, 4)``, positive integers only."""
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -28,6 +28,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench`` on the mtnlg CLI."""
     p = subparsers.add_parser(
         "bench", help="training throughput/MFU benchmark (vs the HF+DeepSpeed peer with --peer), dp=2, pp/tp scaling")
     p.add_argument("--config", required=True, help="YAML run config (model, batch, precision, DeepSpeed JSON)")
@@ -49,7 +50,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peer-attn", type=_names, default=("eager", "sdpa"), metavar="LIST",
                    help="the peer's attention implementations to time, e.g. sdpa (default eager,sdpa); mtnlg is "
                         "compared against the fastest")
-    p.add_argument("--micro-batches", type=_ints, default=(1, 2, 4, 8), metavar="LIST",
+    p.add_argument("--micro-batches", type=int_list, default=(1, 2, 4, 8), metavar="LIST",
                    help="micro-batch counts m for the pipeline runs (default 1,2,4,8)")
     p.add_argument("--layout-micro-batch-size", type=int, default=1, help="micro batch size of the pipeline runs")
     p.add_argument("--layout-steps", type=int, default=None, help="timed steps of the layout runs (default --steps)")
@@ -78,13 +79,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"{e}\n(full worker logs under {args.output}/logs)") from None
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mtnlg.bench.commands COMMAND ...``: the same as ``mtnlg COMMAND ...``."""
-    from mtnlg.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

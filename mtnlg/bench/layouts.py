@@ -19,18 +19,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mtnlg.files import write_atomic
+
 
 def main(argv: list[str] | None = None) -> int:
-    from mtnlg.bench.commands import _ints
-    from mtnlg.bench.runner import BenchOptions, _bench_config, _variant, throughput
+    from mtnlg.bench.commands import int_list
+    from mtnlg.bench.runner import BenchOptions, bench_config, config_variant, throughput
     from mtnlg.bench.setups import MtnlgSetup
-    from mtnlg.training.distributed import init_distributed
+    from mtnlg.parallel.distributed import init_distributed
     from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--micro-batches", type=_ints, default=(1, 2, 4, 8))
+    ap.add_argument("--micro-batches", type=int_list, default=(1, 2, 4, 8))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--output", default="bench_layouts")
@@ -39,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer
     world, rank = dist.get_world_size(), dist.get_rank()
-    base = _bench_config(BenchOptions(config=args.config, overrides=args.overrides))
+    base = bench_config(BenchOptions(config=args.config, overrides=args.overrides))
     rows = []
     for m in args.micro_batches:
         mbs = base["train"]["micro_batch_size"]
         tp, pp = base["parallel"]["tensor"], base["parallel"]["pipeline"]
         dp = world // (tp * pp)
-        cfg = _variant(base, world, train__global_batch_size=m * mbs * dp)
+        cfg = config_variant(base, world, train__global_batch_size=m * mbs * dp)
         reset_peak_memory(device)
         setup = MtnlgSetup(cfg, device)
         times = []
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         name = f"layouts_tp{tp}_pp{pp}_dp{dp}.json"
-        (out / name).write_text(json.dumps(rows, indent=1) + "\n")
+        write_atomic(out / name, json.dumps(rows, indent=1) + "\n")
         print(f"wrote {out / name}")
     dist.barrier()
     dist.destroy_process_group()

@@ -1,18 +1,22 @@
 """The outputs of ``mtnlg bench``: ``bench.json`` (every figure and every step time), ``bench.md``
-(the tables the README shows) and ``bench.png`` (the same as bars)."""
+(the tables the README shows) and ``bench.png`` (the same as bars, drawn with matplotlib when installed)."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtnlg.bench.png import BarChart
+from mtnlg.files import write_atomic
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal ("-" for None)."""
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
@@ -117,7 +121,7 @@ def markdown(r: dict[str, Any]) -> str:
 
         def cells(s: dict) -> str:
             return (f"{s['tokens_per_s_median']:.0f} | {s['tokens_per_s_best']:.0f} | {s['tflops_median']:.3g} | "
-                    f"{_pct(s['mfu_median'])} | {_pct(s['mfu_best'])} | {_mem(s['peak_mem_mb'])}")
+                    f"{pct(s['mfu_median'])} | {pct(s['mfu_best'])} | {_mem(s['peak_mem_mb'])}")
 
         for prec, e in main.items():
             lines += [f"| {prec} | {row}" for row in _comparison_rows(e, cells)]
@@ -141,7 +145,7 @@ def markdown(r: dict[str, Any]) -> str:
 
         def dp_cells(s: dict) -> str:
             return (f"{s['step_s_median']:.2f} | {s['tokens_per_s_median']:.0f} | {s['tokens_per_s_best']:.0f} | "
-                    f"{s['tflops_median']:.3g} | {_pct(s['mfu_median'])} | {_mem(s['peak_mem_mb'])}")
+                    f"{s['tflops_median']:.3g} | {pct(s['mfu_median'])} | {_mem(s['peak_mem_mb'])}")
 
         lines += [f"| {row}" for row in _comparison_rows(dp, dp_cells)]
         lines.append("")
@@ -159,8 +163,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         for row in lay["pipeline"]:
             lines.append(f"| {row['m']} | {row['pp1']['step_s_median']:.2f} | {row['pp2']['step_s_median']:.2f} | "
-                         f"{_pct(row['efficiency_median'])} | {_pct(row['efficiency_best'])} | "
-                         f"{_pct(row['ideal'])} | {_mem(row['pp2']['peak_mem_mb'])} |")
+                         f"{pct(row['efficiency_median'])} | {pct(row['efficiency_best'])} | "
+                         f"{pct(row['ideal'])} | {_mem(row['pp2']['peak_mem_mb'])} |")
         tp = lay.get("tensor")
         if tp:
             lines += ["", "## Tensor parallelism: tp=2 (2 ranks) vs tp=1 (1 rank), 1 thread per rank", "",
@@ -174,38 +178,94 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(r: dict[str, Any]) -> BarChart:
-    c = BarChart(f"mtnlg bench: {_model_line(r)}")
-    sections = [(f"training tokens/s (median), {prec}", e) for prec, e in (r.get("main") or {}).items()]
+@dataclass
+class Section:
+    """One panel of ``bench.png``: horizontal bars ``(label, value, text, color index)``, scaled to
+    ``max_value`` (default: the largest bar)."""
+
+    title: str
+    bars: list[tuple[str, float, str, int]] = field(default_factory=list)
+    max_value: float | None = None
+
+    def bar(self, label: str, value: float, text: str, color: int = 0) -> None:
+        self.bars.append((label, float(value), text, color))
+
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c8c8c")  # mtnlg, peer, pipeline, tensor, other
+
+
+def chart_sections(r: dict[str, Any]) -> list[Section]:
+    """What ``bench.png`` shows: tokens/s of mtnlg and each peer variant per comparison, pipeline efficiency
+    against the ideal, the tensor-parallel speedup."""
+    comparisons = [(f"training tokens/s (median), {prec}", e) for prec, e in (r.get("main") or {}).items()]
     if r.get("data_parallel"):
         dp = r["data_parallel"]
-        sections.append((f"training tokens/s (median), dp={dp['dp']}, {dp['precision']}", dp))
-    for title, e in sections:
-        c.section(title)
-        c.bar("mtnlg", e["mtnlg"]["tokens_per_s_median"], f"{e['mtnlg']['tokens_per_s_median']:.0f} tok/s, "
-              f"MFU {_pct(e['mtnlg']['mfu_median'])}", color=0)
+        comparisons.append((f"training tokens/s (median), dp={dp['dp']}, {dp['precision']}", dp))
+    sections = []
+    for title, e in comparisons:
+        s = Section(title)
+        s.bar("mtnlg", e["mtnlg"]["tokens_per_s_median"], f"{e['mtnlg']['tokens_per_s_median']:.0f} tok/s, "
+              f"MFU {pct(e['mtnlg']['mfu_median'])}", color=0)
         variants, chosen = peer_variants(e), _peer_attn(e)
         for attn, v in variants.items():
             ratio = v.get("mtnlg_ratio_median", e.get("ratio_median"))
-            c.bar(f"HF {attn}" + (" (peer)" if attn == chosen else ""), v["tokens_per_s_median"],
+            s.bar(f"HF {attn}" + (" (peer)" if attn == chosen else ""), v["tokens_per_s_median"],
                   f"{v['tokens_per_s_median']:.0f} tok/s" + (f", mtnlg {ratio:.2f}x" if ratio else ""),
                   color=1 if attn == chosen else 4)
+        sections.append(s)
     lay = r.get("layouts")
     if lay:
-        c.section("pipeline efficiency pp=2 (median) vs ideal m/(m+1)", max_value=1.0)
+        s = Section("pipeline efficiency pp=2 (median) vs ideal m/(m+1)", max_value=1.0)
         for row in lay["pipeline"]:
-            c.bar(f"m={row['m']}", row["efficiency_median"], _pct(row["efficiency_median"]), color=2)
-            c.bar(f"m={row['m']} ideal", row["ideal"], _pct(row["ideal"]), color=4)
+            s.bar(f"m={row['m']}", row["efficiency_median"], pct(row["efficiency_median"]), color=2)
+            s.bar(f"m={row['m']} ideal", row["ideal"], pct(row["ideal"]), color=4)
+        sections.append(s)
         if lay.get("tensor"):
             tp = lay["tensor"]
-            c.section("tensor parallel speedup tp=2 vs tp=1 (ideal 2)", max_value=2.0)
-            c.bar("tp=2", tp["speedup_median"], f"{tp['speedup_median']:.2f}x", color=3)
-    return c
+            s = Section("tensor parallel speedup tp=2 vs tp=1 (ideal 2)", max_value=2.0)
+            s.bar("tp=2", tp["speedup_median"], f"{tp['speedup_median']:.2f}x", color=3)
+            sections.append(s)
+    return sections
 
 
-def write_report(r: dict[str, Any], out_dir: str | Path) -> None:
+def draw_chart(title: str, sections: list[Section], width_px: int = 900, dpi: int = 100) -> bytes:
+    """The sections as a PNG: one panel of horizontal bars each, values written beside the bars. Needs
+    matplotlib; draws off-screen (Agg), never touches pyplot's global state or a display."""
+    from matplotlib.figure import Figure
+
+    rows = [max(len(s.bars), 1) for s in sections]
+    fig = Figure(figsize=(width_px / dpi, 0.8 + sum(0.3 * n + 0.5 for n in rows)), dpi=dpi, layout="constrained")
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    axes = fig.subplots(len(sections), 1, squeeze=False, height_ratios=[n + 1.5 for n in rows])[:, 0]
+    for ax, s in zip(axes, sections):
+        labels, values, texts, colors = zip(*s.bars) if s.bars else ((), (), (), ())
+        y = range(len(values))
+        ax.barh(y, values, color=[PALETTE[c % len(PALETTE)] for c in colors], height=0.7)
+        top = s.max_value or max([*values, 1e-12])
+        ax.set_xlim(0, top * 1.45)  # room for the text after the longest bar
+        for i, (v, t) in enumerate(zip(values, texts)):
+            ax.text(max(v, 0.0) + top * 0.01, i, t, va="center", fontsize=8)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(s.title, loc="left", fontsize=9, color="0.25")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def write_report(r: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write ``bench.json``, ``bench.md`` and (with matplotlib installed) ``bench.png``; returns what was written."""
     out = Path(out_dir)
     r.setdefault("time", time.time())
-    (out / "bench.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
-    (out / "bench.md").write_text(markdown(r))
-    chart(r).save(out / "bench.png")
+    written = [out / "bench.json", out / "bench.md"]
+    write_atomic(written[0], json.dumps(r, indent=1, default=str) + "\n")
+    write_atomic(written[1], markdown(r))
+    try:
+        png = draw_chart(f"mtnlg bench: {_model_line(r)}", chart_sections(r))
+    except ImportError:
+        print("bench: bench.png skipped: matplotlib is not installed (pip install 'mtnlg[bench]')", file=sys.stderr)
+        return written
+    write_atomic(out / "bench.png", png)
+    return [*written, out / "bench.png"]

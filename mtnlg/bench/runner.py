@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from mtnlg.bench.report import pct, write_report
 from mtnlg.config import ConfigError, from_dict, load_config, resolve, to_dict
 from mtnlg.errors import UserError
 
@@ -223,7 +224,7 @@ def _device_kind() -> str:
     return torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
 
 
-def _bench_config(opts: BenchOptions) -> dict:
+def bench_config(opts: BenchOptions) -> dict:
     """The run config as a dict, made safe to bench: no checkpoints, no logs, a vocabulary size."""
     cfg = load_config(opts.config, opts.overrides)
     if cfg.model.vocab_size is None:
@@ -240,7 +241,7 @@ def _bench_config(opts: BenchOptions) -> dict:
     return d
 
 
-def _variant(base: dict, world: int, **changes: Any) -> dict:
+def config_variant(base: dict, world: int, **changes: Any) -> dict:
     """``base`` with section.key changes (e.g. parallel__pipeline=2), checked by resolving it."""
     d = copy.deepcopy(base)
     for key, value in changes.items():
@@ -257,7 +258,6 @@ def _variant(base: dict, world: int, **changes: Any) -> dict:
 
 
 def run(opts: BenchOptions) -> dict[str, Any]:
-    from mtnlg.bench.report import write_report
     from mtnlg.bench.setups import PEER_ATTNS
     from mtnlg.model.flops import flops_per_token
     from mtnlg.training.peak import gemm_peaks, nominal_peak_tflops
@@ -270,8 +270,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
-    base = _bench_config(opts)
-    base = _variant(base, 1, parallel__tensor=1, parallel__pipeline=1)
+    base = bench_config(opts)
+    base = config_variant(base, 1, parallel__tensor=1, parallel__pipeline=1)
     precisions = opts.precisions or [base["train"]["precision"]]
     device = _device_kind()
     cores = os.cpu_count() or 1
@@ -319,7 +319,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     precisions_main = precisions if opts.main else []
     result["main"] = {}
     for prec in precisions_main:
-        cfg_p = _variant(base, 1, train__precision=prec)
+        cfg_p = config_variant(base, 1, train__precision=prec)
         attns = list(opts.peer_attns) if opts.peer else []
         result["main"][prec] = _mtnlg_vs_peer(opts, cfg_p, attns, 1, threads, peak_of.get(prec), fpt, logs, prec)
 
@@ -349,13 +349,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         result["layouts"] = _layouts(opts, base, precisions[0], peak_1, fpt, logs)
     elif opts.layouts:
         _log("layouts skipped: they need 2 cores (CPU) or 2 devices")
-    write_report(result, out_dir)
-    _log(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+    _log(f"wrote {', '.join(map(str, write_report(result, out_dir)))}")
     return result
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _mtnlg_vs_peer(opts: BenchOptions, cfg: dict, attns: list[str], ranks: int, threads: int, peak: float | None,
@@ -382,7 +377,7 @@ def _mtnlg_vs_peer(opts: BenchOptions, cfg: dict, attns: list[str], ranks: int, 
         s = {**throughput(t["times"], info["tokens_per_step"], fpt, peak),
              "times": t["times"], "loss": t["loss"], "peak_mem_mb": t["mem_mb"], "info": info}
         _log(f"[{tag}] {label}: {s['tokens_per_s_median']:.0f} tok/s median ({s['tokens_per_s_best']:.0f} best), "
-             f"MFU {_pct(s['mfu_median'])}")
+             f"MFU {pct(s['mfu_median'])}")
         return s
 
     entry: dict[str, Any] = {"mtnlg": figures("mtnlg", "mtnlg")}
@@ -407,8 +402,8 @@ def _data_parallel(opts: BenchOptions, base: dict, prec: str, main: dict, peak_1
     gradient all-reduce that DeepSpeed really runs at dp > 1, on both sides. The peer's attention is the
     one that won the one-rank comparison at ``prec`` (one 2-rank peer less: time and memory); without that
     comparison (``--no-main``) every variant is timed here and the faster kept."""
-    one = resolve(from_dict(_variant(base, 1, train__precision=prec)), 1).train
-    cfg = _variant(base, 2, train__precision=prec, train__global_batch_size=2 * one.global_batch_size)
+    one = resolve(from_dict(config_variant(base, 1, train__precision=prec)), 1).train
+    cfg = config_variant(base, 2, train__precision=prec, train__global_batch_size=2 * one.global_batch_size)
     won = (main.get(prec) or {}).get("peer_attn")
     attns = ([won] if won else list(opts.peer_attns)) if opts.peer else []
     _log(f"[dp=2] mtnlg{' and the HF peer' if opts.peer else ''} on 2 ranks, 1 thread per rank, {prec}"
@@ -440,7 +435,8 @@ def _layouts(opts: BenchOptions, base: dict, prec: str, peak_1: dict, fpt: float
     for m in opts.micro_batches:
         common = dict(train__precision=prec, train__micro_batch_size=mbs, train__global_batch_size=m * mbs)
         _log(f"[pipeline m={m}] pp=1 (1 rank) and pp=2 (2 ranks), 1 thread per rank")
-        t, info = timed(f"m{m}", _variant(base, 1, **common), _variant(base, 2, parallel__pipeline=2, **common))
+        t, info = timed(f"m{m}", config_variant(base, 1, **common),
+                        config_variant(base, 2, parallel__pipeline=2, **common))
         tokens = info["tokens_per_step"]
         row = {"m": m, "ideal": m / (m + 1)}
         for tag, f in (("median", statistics.median), ("best", min)):
@@ -450,11 +446,11 @@ def _layouts(opts: BenchOptions, base: dict, prec: str, peak_1: dict, fpt: float
         row["pp2"] = {**throughput(t["pair"]["times"], tokens, fpt, 2 * peak if peak else None),
                       "peak_mem_mb": t["pair"]["mem_mb"], "times": t["pair"]["times"]}
         out["pipeline"].append(row)
-        _log(f"[pipeline m={m}] efficiency {_pct(row['efficiency_median'])} median "
-             f"({_pct(row['efficiency_best'])} best), ideal {_pct(row['ideal'])}")
+        _log(f"[pipeline m={m}] efficiency {pct(row['efficiency_median'])} median "
+             f"({pct(row['efficiency_best'])} best), ideal {pct(row['ideal'])}")
     _log("[tensor] tp=1 (1 rank) vs tp=2 (2 ranks), 1 thread per rank")
     common = dict(train__precision=prec)
-    t, info = timed("tp", _variant(base, 1, **common), _variant(base, 2, parallel__tensor=2, **common))
+    t, info = timed("tp", config_variant(base, 1, **common), config_variant(base, 2, parallel__tensor=2, **common))
     tokens = info["tokens_per_step"]
     row = {"ideal_speedup": 2.0}
     for tag, f in (("median", statistics.median), ("best", min)):

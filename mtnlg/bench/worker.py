@@ -79,7 +79,7 @@ def _run(conn, device: torch.device) -> None:
 def main() -> int:
     import warnings
 
-    from mtnlg.training.distributed import init_distributed
+    from mtnlg.parallel.distributed import init_distributed
 
     if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # as the mtnlg CLI does

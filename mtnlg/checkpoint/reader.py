@@ -15,7 +15,7 @@ The layout comes from DeepSpeed's files and ``mtnlg_config.yaml``: tensor (tp) a
 - else the module weights (ZeRO-0, and weights-only checkpoints from ``mtnlg import-hf``):
   ``mp_rank_XX_model_states.pt`` (pp = 1) or ``layer_LL-model_TT-model_states.pt`` (pp > 1).
 
-Then the tp shards of each parameter are merged by the rule of its kind (``mtnlg.model.layout.tp_rule``) and
+Then the tp shards of each parameter are merged by its sharding (``param.sharding``, see ``mtnlg.model.layout``) and
 the vocabulary padding is stripped. Files are memory-mapped and re-opened for every group, so
 memory holds about one layer (not the model) whatever the checkpoint's size.
 """
@@ -33,7 +33,7 @@ import torch
 from mtnlg.checkpoint.tags import CONFIG_NAME, TOKENIZER_DIR, find_tag, is_weights_only
 from mtnlg.config import ConfigError, ModelConfig, RunConfig, load_config, resolve
 from mtnlg.errors import UserError
-from mtnlg.model.layout import Group, groups, local_shape, tp_rule
+from mtnlg.model.layout import Group, groups, local_shape, sharding
 from mtnlg.parallel.layers import shard_tensor
 
 
@@ -154,7 +154,7 @@ class NativeCheckpoint:
                     )
                 self._merge_into(merged, group, local, t, x)
         V = self.model_cfg.vocab_size
-        return {k: (v[:V] if tp_rule(k, self.model_cfg).kind == "vocab" else v) for k, v in merged.items()}
+        return {k: (v[:V] if group.sharding(k).kind == "vocab" else v) for k, v in merged.items()}
 
     def source(self, source: str = "auto") -> str:
         """'master' or 'module': where weights are read from ('auto': masters when the checkpoint has them)."""
@@ -171,7 +171,7 @@ class NativeCheckpoint:
     def _merge_into(self, merged: dict[str, torch.Tensor], group: Group, local: str, t: int,
                     x: torch.Tensor) -> None:
         """Place tp rank ``t``'s shard ``x`` of a parameter into its merged (padded) tensor."""
-        rule, tp = tp_rule(local, self.model_cfg), self.layout.tp
+        rule, tp = group.sharding(local), self.layout.tp
         if rule.kind == "replicated":
             if t == 0:
                 merged[local] = x.clone()  # not a view that would keep a mapped file alive
@@ -188,7 +188,7 @@ class NativeCheckpoint:
             shape[d] *= tp
             merged[local] = x.new_empty(shape)
         out = merged[local]
-        sizes = rule.sizes or (out.shape[d],)  # fused blocks are split separately
+        sizes = rule.blocks or (out.shape[d],)  # fused blocks are split separately
         src, dst = 0, 0
         for size in sizes:
             n = size // tp
@@ -341,14 +341,14 @@ def full_state_dict(path: str | Path, iteration: int | None = None, source: str 
 
 def shard_for(local: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int) -> torch.Tensor:
     """The tp-local tensor a rank holds of a full unpadded parameter (a fresh tensor)."""
-    rule = tp_rule(local, cfg)
+    rule = sharding(local, cfg)
     if rule.kind == "replicated":
         return full.clone()
     if rule.kind == "vocab":
         padded = full.new_zeros(cfg.padded_vocab_size, *full.shape[1:])
         padded[: full.shape[0]] = full
         return padded.chunk(tp, dim=0)[tp_rank].clone()
-    return shard_tensor(full, rule.dim, rule.sizes, tp_rank, tp).clone()
+    return shard_tensor(full, rule.dim, rule.blocks, tp_rank, tp).clone()
 
 
 def check_same_model(have: ModelConfig, want: ModelConfig, where: str) -> None:

@@ -22,40 +22,9 @@ from pathlib import Path
 
 from mtnlg.checkpoint.reader import NativeCheckpoint
 from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, TOKENIZER_DIR, UNIVERSAL_MARKER, find_tag, is_universal
+from mtnlg.deepspeed_compat import universal_model_state_names, universal_stage3_optimizer_state
 from mtnlg.errors import UserError
-from mtnlg.files import atomic_dir, temp_path, write_atomic
-
-
-def _both_model_state_names(tag_dir: Path) -> None:
-    """DeepSpeed looks for ``mp_rank_XX_model_states.pt`` when loading into ZeRO 1/2 and for
-    ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` into ZeRO-3; with a universal checkpoint both
-    carry the same metadata (weights come from ``zero/``), so provide both names (hard links)."""
-    for f in list(tag_dir.glob("mp_rank_*_model_states.pt")):
-        other = tag_dir / f"zero_pp_rank_0_{f.name}"
-        if not other.exists():
-            os.link(f, other)
-    for f in list(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")):
-        other = tag_dir / f.name.removeprefix("zero_pp_rank_0_")
-        if not other.exists():
-            os.link(f, other)
-
-
-def _stage3_optimizer_state(zero_dir: Path) -> None:
-    """A ZeRO-1/2 source writes its global optimizer state flat; DeepSpeed's ZeRO-3 universal loader
-    reads ``optimizer_state_dict`` (the step and the param groups). Add that view, so a ZeRO-1/2
-    checkpoint also resumes under ZeRO-3."""
-    import torch
-
-    path = zero_dir / "optimizer_state.pt"
-    sd = torch.load(path, weights_only=False)
-    if "optimizer_state_dict" in sd:
-        return
-    step_file = next(zero_dir.glob("*/step.pt"), None)
-    step = torch.load(step_file, weights_only=False) if step_file is not None else 0
-    sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
-    tmp = temp_path(path)
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
+from mtnlg.files import atomic_dir, write_atomic
 
 
 def reshard(checkpoint_dir: str | Path, output_dir: str | Path, iteration: int | None = None,
@@ -80,8 +49,8 @@ def reshard(checkpoint_dir: str | Path, output_dir: str | Path, iteration: int |
         if proc.returncode != 0:
             last = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-1:]
             raise UserError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {last[0] if last else '?'}")
-        _both_model_state_names(tmp / tag)
-        _stage3_optimizer_state(tmp / tag / "zero")
+        universal_model_state_names(tmp / tag)
+        universal_stage3_optimizer_state(tmp / tag / "zero")
         shutil.copy2(tag_dir / CONFIG_NAME, tmp / tag / CONFIG_NAME)
         if (root / TOKENIZER_DIR).is_dir():
             shutil.copytree(root / TOKENIZER_DIR, tmp / TOKENIZER_DIR)

@@ -23,8 +23,7 @@ from mtnlg.checkpoint.reader import NativeCheckpoint, check_same_model, shard_fo
 from mtnlg.checkpoint.tags import TAG_RE, is_universal, is_weights_only, latest_tag
 from mtnlg.config import RunConfig
 from mtnlg.errors import JobError, UserError
-from mtnlg.model.gpt import saved_layers
-from mtnlg.model.layout import Group
+from mtnlg.model.layout import Group, saved_layers
 from mtnlg.parallel import ParallelState
 
 

@@ -16,27 +16,9 @@ import torch.distributed as dist
 
 from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, TOKENIZER_DIR, complete_tags, tag_for
 from mtnlg.config import RunConfig, save_config
+from mtnlg.deepspeed_compat import record_writes
 from mtnlg.errors import JobError
 from mtnlg.files import fsync_path, write_atomic
-
-
-def record_writes(engine) -> list[str]:
-    """The paths DeepSpeed's checkpoint engine writes on this rank, recorded as it writes them (the list is
-    cleared by ``save`` before each checkpoint). DeepSpeed 0.19.8 writes every checkpoint file (model states,
-    pipeline layer files, ZeRO optimizer partitions) through ``engine.checkpoint_engine.save(state, path)``;
-    pinned by tests/test_checkpoints.py."""
-    ce = engine.checkpoint_engine
-    if not hasattr(ce, "_mtnlg_written"):
-        original = ce.save
-        ce._mtnlg_written = []
-
-        def save(state_dict, path, *args, **kwargs):
-            out = original(state_dict, path, *args, **kwargs)
-            ce._mtnlg_written.append(str(path))
-            return out
-
-        ce.save = save
-    return ce._mtnlg_written
 
 
 def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int, tokenizer=None) -> Path:

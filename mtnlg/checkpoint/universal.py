@@ -2,60 +2,61 @@
 
 DeepSpeed's ``ds_to_universal`` merges the shards of each parameter by the first rule whose
 regex ``re.match``es its name; a sliced parameter matched by none is concatenated on dim 0,
-which silently garbles anything else. So every kind of parameter gets a rule here:
+which silently garbles anything else. So every parameter gets a rule, read off its sharding
+(``param.sharding``, see ``mtnlg.model.layout``), never from a list kept here:
 
 - replicated across tp (norms, row-parallel biases, learned positions): take one copy;
-- row-parallel weights (attention and MLP output projections): concatenate on dim 1;
+- row-parallel weights: concatenate on dim 1;
 - vocabulary-parallel (word embeddings, untied LM head): concatenate, strip the padding;
-- fused column-parallel [q; k; v] (unequal blocks under GQA): each block merged on its own;
-- fused [gate; up] (SwiGLU): two equal blocks;
-- plain column-parallel (gpt2 MLP input): concatenate on dim 0 (DeepSpeed's default);
+- column-parallel with fused blocks ([q; k; v], unequal under GQA; [gate; up]): each block merged on its own;
+- plain column-parallel: concatenate on dim 0 (DeepSpeed's default);
 - the tied embedding's copy on the last pipeline stage: skipped (pipeline-replicated).
 
 Names are those of DeepSpeed's PipelineModule (``<layer index>.<name>``,
-``tied_modules.embed.<name>``), which GPTModel uses too, so one rule set serves every layout.
+``tied_modules.embed.<name>``), which GPTModel uses too, so one rule set serves every layout:
+a layer index becomes ``\\d+`` in the patterns.
 """
 
 from __future__ import annotations
 
-from mtnlg.config import ModelConfig
+import re
 
-L = r"\d+"  # a layer index
-EMBED = rf"(tied_modules\.embed|{L})"
+from mtnlg.config import ModelConfig
+from mtnlg.model.gpt import tied_weight_names
+from mtnlg.model.layout import groups
+
+
+def _pattern(prefix: str, local: str) -> str:
+    head = r"\d+\." if re.fullmatch(r"\d+\.", prefix) else re.escape(prefix)
+    return head + re.escape(local) + "$"
 
 
 def universal_checkpoint_info(cfg: ModelConfig, tp: int) -> dict:
     """The ``universal_checkpoint_info`` of a model with config ``cfg`` trained at tensor size ``tp``."""
-    norms = [rf"{L}\.norm\d?\.weight$"] + ([rf"{L}\.norm\d?\.bias$"] if cfg.bias else [])
-    replicated = list(norms)
-    if cfg.bias:
-        replicated += [rf"{L}\.attn\.proj\.bias$", rf"{L}\.mlp\.proj\.bias$"]
-    if cfg.position_embedding == "learned":
-        replicated.append(rf"{EMBED}\.position_embeddings\.weight$")
-    vocab = [rf"{EMBED}\.word_embeddings\.weight$"]
-    if not cfg.tie_embeddings:
-        vocab.append(rf"{L}\.head\.weight$")
-
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_kv_heads * cfg.head_dim
-    widths = [[q // tp] * tp, [kv // tp] * tp, [kv // tp] * tp]
-    qkv = [{"patterns": [rf"{L}\.attn\.qkv\.weight$"], "shape": ((q, kv, kv), -1), "partition_dim": 0}]
-    shard_widths = {rf"{L}\.attn\.qkv\.weight$": widths}
-    if cfg.bias:
-        qkv.append({"patterns": [rf"{L}\.attn\.qkv\.bias$"], "shape": ((q, kv, kv),), "partition_dim": 0})
-        shard_widths[rf"{L}\.attn\.qkv\.bias$"] = widths
-
+    kinds: dict[str, str] = {}
+    sub_params, widths = [], {}
+    for group in groups(cfg):
+        for local, sharding in group.params:
+            pattern = _pattern(group.prefix, local)
+            kind = "blocks" if sharding.blocks else sharding.kind
+            if kinds.setdefault(pattern, kind) != kind:
+                raise ValueError(f"{pattern}: parameters of two shardings ({kinds[pattern]}, {kind}) share a name")
+            if kind == "blocks" and pattern not in widths:
+                rest = (-1,) * (len(sharding.full_shape) - 1)
+                sub_params.append({"patterns": [pattern], "shape": (sharding.blocks, *rest),
+                                   "partition_dim": sharding.dim})
+                widths[pattern] = [[b // tp] * tp for b in sharding.blocks]
+    of = {kind: [p for p, k in kinds.items() if k == kind] for kind in ("replicated", "row", "vocab")}
     info = {
         "universal_checkpoint_version": 0.4,
-        "tp_replicated_parameter_patterns": replicated,
-        "parameter_with_row_parallelism_patterns": [rf"{L}\.attn\.proj\.weight$", rf"{L}\.mlp\.proj\.weight$"],
-        "vocabulary_parameter_patterns": vocab,
+        "tp_replicated_parameter_patterns": of["replicated"],
+        "parameter_with_row_parallelism_patterns": of["row"],
+        "vocabulary_parameter_patterns": of["vocab"],
         "original_vocab_size": cfg.vocab_size,
-        "parameter_with_sub_params": qkv,
-        "sub_param_shard_widths": shard_widths,
+        "parameter_with_sub_params": sub_params,
+        "sub_param_shard_widths": widths,
     }
-    if cfg.activation == "swiglu":
-        info["parameter_with_2_sub_params_cat_dim_0"] = [rf"{L}\.mlp\.fc\.weight$"]
-    if cfg.tie_embeddings:
-        info["pipeline_replicated_parameter_patterns"] = [r"tied_modules\.embed\.word_embeddings\.weight$"]
+    tied = tied_weight_names(cfg)
+    if tied:
+        info["pipeline_replicated_parameter_patterns"] = [re.escape(name) + "$" for name in tied]
     return info

@@ -1,13 +1,12 @@
 """The converter subcommands of ``mtnlg``: export-hf and import-hf.
 
-``add_commands(subparsers)`` registers them; each handler takes the parsed args, returns an exit
-code and raises ``UserError`` for bad input. Standalone: ``python -m mtnlg.convert.commands ...``.
+``add_commands(subparsers)`` registers them on the CLI (``mtnlg.cli``, the one entry point); each
+handler takes the parsed args, returns an exit code and raises ``UserError`` for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -59,13 +58,3 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
           "--set checkpoint.save=DIR")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mtnlg.convert.commands COMMAND ...``: the same as ``mtnlg COMMAND ...``."""
-    from mtnlg.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

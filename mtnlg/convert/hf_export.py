@@ -28,7 +28,7 @@ from mtnlg.convert.hf_import import check_output
 from mtnlg.convert.safetensors_io import ShardedWriter, parse_size
 from mtnlg.errors import UserError
 from mtnlg.files import atomic_dir
-from mtnlg.model.layout import full_shape, groups
+from mtnlg.model.layout import groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAME = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -72,7 +72,7 @@ def hf_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of every tensor in write order (mapped on meta tensors: no data)."""
     plan = []
     for group in groups(cfg):
-        meta = {local: torch.empty(full_shape(local, cfg), device="meta") for local in group.locals}
+        meta = {local: torch.empty(s.full_shape, device="meta") for local, s in group.params}
         plan += [(k, tuple(v.shape)) for k, v in keymaps.to_hf(cfg, group, meta).items()]
     return plan
 
@@ -134,13 +134,6 @@ def sample_ids(vocab_size: int, seq_len: int, batch: int = 3, seed: int = 0) -> 
 
 
 @torch.no_grad()
-def compare_logits(hf_model, native_model, ids: torch.Tensor) -> tuple[float, float]:
-    """(max abs logit difference, max abs logit) of two models on ``ids`` (fp32 comparison)."""
-    ref = native_model(ids).float()
-    got = hf_model(input_ids=ids).logits.float()[..., : ref.shape[-1]]
-    return float((got - ref).abs().max()), float(ref.abs().max())
-
-
 def _release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise), so two models never add up."""
     import ctypes

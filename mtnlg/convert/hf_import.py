@@ -28,7 +28,7 @@ from mtnlg.convert import keymaps
 from mtnlg.convert.safetensors_io import HFWeights
 from mtnlg.errors import UserError
 from mtnlg.files import atomic_dir
-from mtnlg.model.layout import full_shape, groups
+from mtnlg.model.layout import groups
 
 IGNORED = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")  # buffers, not weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -111,7 +111,7 @@ def _expected(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every weight the model needs (computed on meta tensors, no data)."""
     out = {}
     for group in groups(model_cfg):
-        meta = {local: torch.empty(full_shape(local, model_cfg), device="meta") for local in group.locals}
+        meta = {local: torch.empty(s.full_shape, device="meta") for local, s in group.params}
         out.update({k: tuple(v.shape) for k, v in keymaps.to_hf(model_cfg, group, meta).items()})
     return out
 

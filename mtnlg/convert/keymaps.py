@@ -1,13 +1,17 @@
-"""Key maps as data: the Hugging Face names mtnlg's parameters map to, and how each HF tensor is made.
+"""Key maps as data: the Hugging Face names of mtnlg's parameters, and how each HF tensor is made.
 
-The native side (groups, local names, tensor-parallel rules) is ``mtnlg.model.layout``.
+A row maps a native module (``attn.qkv``) to an HF module (``model.layers.{}.self_attn.q_proj``);
+every parameter the native module has (``weight``, and ``bias`` where the model has one) maps to
+the HF module's parameter of the same name. So a knob that adds a parameter to a layer (a bias)
+needs no new row. The native side (groups, local names, shardings) is ``mtnlg.model.layout``,
+read off the model.
 
-The HF maps list ``(hf name, native local name, op)``; an op says how the HF tensor is made
-from the native one (and, inverted, how import makes the native one):
+An op says how the HF tensor is made from the native one (and, inverted, how import makes the
+native one):
 
-    COPY        same tensor
-    T           transpose (GPT-2's Conv1D stores [in, out])
-    ("part", i, "qkv" | "gate_up")   block i of a fused native tensor (dim 0)
+    COPY          same tensor
+    T             transpose a matrix (GPT-2's Conv1D stores [in, out]); vectors are copied
+    ("part", i)   block i of a fused native tensor (dim 0), blocks as the parameter's sharding lists them
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.layout import Group, full_shape, split_sizes
+from mtnlg.model.layout import Group
 
 COPY, T = "copy", "T"
 
@@ -23,47 +27,36 @@ COPY, T = "copy", "T"
 
 # gpt2 -> GPT2LMHeadModel
 GPT2 = {
-    "embed": [
-        ("transformer.wte.weight", "word_embeddings.weight", COPY),
-        ("transformer.wpe.weight", "position_embeddings.weight", COPY),
-    ],
+    "embed": [("transformer.wte", "word_embeddings", COPY), ("transformer.wpe", "position_embeddings", COPY)],
     "layer": [
-        ("transformer.h.{}.ln_1.weight", "norm1.weight", COPY),
-        ("transformer.h.{}.ln_1.bias", "norm1.bias", COPY),
-        ("transformer.h.{}.attn.c_attn.weight", "attn.qkv.weight", T),  # [q; k; v] rows = HF's columns
-        ("transformer.h.{}.attn.c_attn.bias", "attn.qkv.bias", COPY),
-        ("transformer.h.{}.attn.c_proj.weight", "attn.proj.weight", T),
-        ("transformer.h.{}.attn.c_proj.bias", "attn.proj.bias", COPY),
-        ("transformer.h.{}.ln_2.weight", "norm2.weight", COPY),
-        ("transformer.h.{}.ln_2.bias", "norm2.bias", COPY),
-        ("transformer.h.{}.mlp.c_fc.weight", "mlp.fc.weight", T),
-        ("transformer.h.{}.mlp.c_fc.bias", "mlp.fc.bias", COPY),
-        ("transformer.h.{}.mlp.c_proj.weight", "mlp.proj.weight", T),
-        ("transformer.h.{}.mlp.c_proj.bias", "mlp.proj.bias", COPY),
+        ("transformer.h.{}.ln_1", "norm1", COPY),
+        ("transformer.h.{}.attn.c_attn", "attn.qkv", T),  # [q; k; v] rows = HF's columns
+        ("transformer.h.{}.attn.c_proj", "attn.proj", T),
+        ("transformer.h.{}.ln_2", "norm2", COPY),
+        ("transformer.h.{}.mlp.c_fc", "mlp.fc", T),
+        ("transformer.h.{}.mlp.c_proj", "mlp.proj", T),
     ],
-    "final_norm": [
-        ("transformer.ln_f.weight", "norm.weight", COPY),
-        ("transformer.ln_f.bias", "norm.bias", COPY),
-    ],
-    "head": [("lm_head.weight", "head.weight", COPY)],
+    "final_norm": [("transformer.ln_f", "norm", COPY)],
+    "head": [("lm_head", "head", COPY)],
 }
 
-# llama -> LlamaForCausalLM (mtnlg's RoPE is HF's rotate-half: q/k rows need no permutation)
+# llama -> LlamaForCausalLM (mtnlg's RoPE is HF's rotate-half: q/k rows need no permutation); Mistral and Qwen2
+# name their parameters the same way
 LLAMA = {
-    "embed": [("model.embed_tokens.weight", "word_embeddings.weight", COPY)],
+    "embed": [("model.embed_tokens", "word_embeddings", COPY)],
     "layer": [
-        ("model.layers.{}.input_layernorm.weight", "norm1.weight", COPY),
-        ("model.layers.{}.self_attn.q_proj.weight", "attn.qkv.weight", ("part", 0, "qkv")),
-        ("model.layers.{}.self_attn.k_proj.weight", "attn.qkv.weight", ("part", 1, "qkv")),
-        ("model.layers.{}.self_attn.v_proj.weight", "attn.qkv.weight", ("part", 2, "qkv")),
-        ("model.layers.{}.self_attn.o_proj.weight", "attn.proj.weight", COPY),
-        ("model.layers.{}.post_attention_layernorm.weight", "norm2.weight", COPY),
-        ("model.layers.{}.mlp.gate_proj.weight", "mlp.fc.weight", ("part", 0, "gate_up")),
-        ("model.layers.{}.mlp.up_proj.weight", "mlp.fc.weight", ("part", 1, "gate_up")),
-        ("model.layers.{}.mlp.down_proj.weight", "mlp.proj.weight", COPY),
+        ("model.layers.{}.input_layernorm", "norm1", COPY),
+        ("model.layers.{}.self_attn.q_proj", "attn.qkv", ("part", 0)),
+        ("model.layers.{}.self_attn.k_proj", "attn.qkv", ("part", 1)),
+        ("model.layers.{}.self_attn.v_proj", "attn.qkv", ("part", 2)),
+        ("model.layers.{}.self_attn.o_proj", "attn.proj", COPY),
+        ("model.layers.{}.post_attention_layernorm", "norm2", COPY),
+        ("model.layers.{}.mlp.gate_proj", "mlp.fc", ("part", 0)),
+        ("model.layers.{}.mlp.up_proj", "mlp.fc", ("part", 1)),
+        ("model.layers.{}.mlp.down_proj", "mlp.proj", COPY),
     ],
-    "final_norm": [("model.norm.weight", "norm.weight", COPY)],
-    "head": [("lm_head.weight", "head.weight", COPY)],
+    "final_norm": [("model.norm", "norm", COPY)],
+    "head": [("lm_head", "head", COPY)],
 }
 
 FAMILIES = {"gpt2": GPT2, "llama": LLAMA}
@@ -71,14 +64,20 @@ HF_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
 def hf_entries(cfg: ModelConfig, group: Group) -> list[tuple[str, str, object]]:
-    """(hf name, native local name, op) for the parameters of ``group``."""
+    """(hf name, native local name, op) for the parameters of ``group``, in map order."""
     table = FAMILIES[cfg.preset]
     if group.name.startswith("layers."):
         i = group.name.split(".")[1]
-        rows = [(hf.format(i), local, op) for hf, local, op in table["layer"]]
+        rows = [(hf.format(i), native, op) for hf, native, op in table["layer"]]
     else:
         rows = list(table[group.name])
-    return [r for r in rows if r[1] in group.locals]
+    out = []
+    for hf, native, op in rows:
+        for local in group.locals:
+            module, _, param = local.rpartition(".")
+            if module == native:
+                out.append((f"{hf}.{param}", local, op))
+    return out
 
 
 def to_hf(cfg: ModelConfig, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,11 +85,10 @@ def to_hf(cfg: ModelConfig, group: Group, tensors: dict[str, torch.Tensor]) -> d
     out = {}
     for hf, local, op in hf_entries(cfg, group):
         x = tensors[local]
-        if op == T:
+        if op == T and x.dim() == 2:
             x = x.t()
         elif isinstance(op, tuple):
-            _, i, key = op
-            x = x.split(split_sizes(cfg, key), dim=0)[i]
+            x = x.split(list(group.sharding(local).blocks), dim=0)[op[1]]
         out[hf] = x.contiguous()
     return out
 
@@ -100,13 +98,13 @@ def from_hf(cfg: ModelConfig, group: Group, get) -> dict[str, torch.Tensor]:
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     out = {}
     for hf, local, op in hf_entries(cfg, group):
-        shape = full_shape(local, cfg)
-        if op == T:
+        sharding = group.sharding(local)
+        shape = sharding.full_shape
+        if op == T and len(shape) == 2:
             out[local] = get(hf, (shape[1], shape[0])).t().contiguous()
         elif isinstance(op, tuple):
-            _, i, key = op
-            sizes = split_sizes(cfg, key)
-            parts.setdefault(local, []).append((i, get(hf, (sizes[i], *shape[1:]))))
+            size = sharding.blocks[op[1]]
+            parts.setdefault(local, []).append((op[1], get(hf, (size, *shape[1:]))))
         else:
             out[local] = get(hf, shape)
     for local, pieces in parts.items():

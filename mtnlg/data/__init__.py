@@ -2,7 +2,8 @@
 
 - ``tokenizer``: ``load_tokenizer``, ``train_tokenizer`` (byte-level BPE with <|endoftext|>)
 - ``indexed``: ``IndexedDataset`` / ``IndexedDatasetWriter`` (PREFIX.bin + PREFIX.idx)
-- ``preprocess``: ``preprocess`` (.jsonl/.txt/.parquet -> indexed, K workers), ``merge``
+- ``readers``: the input formats (.jsonl/.txt/.parquet, saved Hugging Face datasets and .arrow), in chunks
+- ``preprocess``: ``preprocess`` (inputs -> indexed, K workers), ``merge``
 - ``corpus``: ``ensure_default_data`` (Python stdlib docstrings, offline)
 - ``gpt_dataset``: ``build_datasets``, ``build_tokenizer`` (what the trainer calls)
 - ``commands``: the ``mtnlg tokenizer|preprocess|merge-data|corpus`` subcommands

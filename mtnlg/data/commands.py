@@ -1,14 +1,13 @@
 """The data subcommands of ``mtnlg``: tokenizer train, preprocess, merge-data, corpus.
 
-``add_commands(subparsers)`` registers them; each handler takes the parsed args, returns an
-exit code and raises ``UserError`` for bad input. Standalone: ``python -m mtnlg.data.commands ...``.
+``add_commands(subparsers)`` registers them on the CLI (``mtnlg.cli``, the one entry point); each
+handler takes the parsed args, returns an exit code and raises ``UserError`` for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from mtnlg.errors import UserError
 
@@ -18,17 +17,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     tsub.required = True
-    t = tsub.add_parser("train", help="train a byte-level BPE (with <|endoftext|>) on .jsonl/.txt/.parquet files")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text files")
+    t = tsub.add_parser("train", help="train a byte-level BPE (with <|endoftext|>) on .jsonl/.txt/.parquet/.arrow "
+                        "files or saved HF datasets")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="training text (files or dataset dirs)")
     t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size incl. 256 bytes and EOD")
     t.add_argument("--output", required=True, metavar="DIR", help="directory for the HF tokenizer files")
-    t.add_argument("--json-key", default="text", help="document key of JSON lines / parquet column (default text)")
+    t.add_argument("--json-key", default="text", help="document key of JSON lines / column of a parquet file or HF "
+                   "dataset (default text)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = subparsers.add_parser("preprocess", help="tokenize documents into PREFIX.bin/PREFIX.idx (Megatron format)")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl, .txt or .parquet files")
-    p.add_argument("--json-key", default="text", help="document key of JSON lines / parquet column (default text)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help=".jsonl, .txt, .parquet or .arrow files, or directories saved by datasets' save_to_disk")
+    p.add_argument("--json-key", default="text", help="document key of JSON lines / column of a parquet file or HF "
+                   "dataset (default text)")
     _add_tokenizer_args(p)
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
@@ -98,13 +101,3 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     print(f"corpus: data.tokenizer = {tokenizer_dir}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mtnlg.data.commands COMMAND ...``: the same as ``mtnlg COMMAND ...``."""
-    from mtnlg.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

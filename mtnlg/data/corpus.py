@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from mtnlg.data import indexed
-from mtnlg.data.indexed import fsync_dir, tmp_name
 from mtnlg.errors import UserError
+from mtnlg.files import atomic_file, write_atomic
 
 CORPUS_VERSION = 1
 DEFAULT_VOCAB_SIZE = 8192
@@ -105,20 +105,12 @@ def write_stdlib_corpus(path: str | Path, root: str | Path | None = None, limit:
     order = np.random.RandomState(_ORDER_SEED).permutation(len(docs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for i in order:
-                line = (json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n").encode("utf-8")
-                digest.update(line)
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        for i in order:
+            line = (json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n").encode("utf-8")
+            digest.update(line)
+            f.write(line)
     return {
         "version": CORPUS_VERSION,
         "python": sys.version,
@@ -171,9 +163,7 @@ def ensure_default_data(
             if not (current and corpus.is_file() and corpus.stat().st_size == meta["bytes"]):
                 say(f"corpus: writing the Python stdlib docstring corpus to {corpus}")
                 meta = write_stdlib_corpus(corpus, limit=limit)
-                tmp = tmp_name(meta_path)
-                tmp.write_text(json.dumps(meta, indent=1) + "\n")
-                os.replace(tmp, meta_path)
+                write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
             assert meta is not None
             say(f"corpus: {corpus}: {meta['documents']:,} documents, {meta['bytes'] / 1e6:.2f} MB")
             tag = f"{vocab_size}-{meta['sha256'][:10]}"

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from mtnlg.config import DataConfig, parse_split
-from mtnlg.data.indexed import IndexedDataset, fsync_dir, tmp_name
+from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.tokenizer import Tokenizer, load_tokenizer
 from mtnlg.errors import UserError
+from mtnlg.files import atomic_file, write_atomic
 
 INDEX_VERSION = 2
 SPLIT_NAMES = ("train", "valid", "test")
@@ -355,8 +356,7 @@ def cached_arrays(
         cache_dir.mkdir(parents=True, exist_ok=True)
         for n, a in arrays.items():
             _save_npy(Path(f"{base}-{n}.npy"), a)
-        _write_atomic(desc, json.dumps({"key": key, "arrays": list(arrays)}, indent=1).encode())
-        fsync_dir(cache_dir)
+        write_atomic(desc, json.dumps({"key": key, "arrays": list(arrays)}, indent=1))
     except OSError as e:
         raise UserError(
             f"cannot write the sample-index cache in {cache_dir} ({e.strerror}); "
@@ -366,27 +366,8 @@ def cached_arrays(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
 
 
 def _pickle_memmaps(state: dict) -> dict:

@@ -26,6 +26,7 @@ from types import TracebackType
 import numpy as np
 
 from mtnlg.errors import UserError
+from mtnlg.files import fsync_path, temp_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -62,24 +63,6 @@ def exists(prefix: str | Path) -> bool:
     return bin_path.is_file() and idx_path.is_file()
 
 
-def tmp_name(path: Path) -> Path:
-    """A per-process temporary name next to ``path`` (same filesystem, so rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 class IndexedDatasetWriter:
     """Streams sequences into ``PREFIX.bin``/``PREFIX.idx`` with memory independent of their number.
 
@@ -93,10 +76,10 @@ class IndexedDatasetWriter:
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"dtype {self.dtype} has no indexed-dataset code")
         self.bin_path, self.idx_path = data_paths(prefix)
-        self._tmp_bin = tmp_name(self.bin_path)
-        self._tmp_idx = tmp_name(self.idx_path)
-        self._tmp_sizes = tmp_name(self.idx_path.with_name(self.idx_path.name + ".sizes"))
-        self._tmp_docs = tmp_name(self.idx_path.with_name(self.idx_path.name + ".docs"))
+        self._tmp_bin = temp_path(self.bin_path)
+        self._tmp_idx = temp_path(self.idx_path)
+        self._tmp_sizes = temp_path(self.idx_path, "sizes")
+        self._tmp_docs = temp_path(self.idx_path, "docs")
         opened = []
         try:
             self.bin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,14 +139,13 @@ class IndexedDatasetWriter:
             _copy_file(self._tmp_docs, out)
             out.flush()
             os.fsync(out.fileno())
-        with open(self._tmp_bin, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(self._tmp_bin)
         self._cleanup_scratch()
         if self.idx_path.exists():
             self.idx_path.unlink()
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(self._tmp_idx, self.idx_path)
-        fsync_dir(self.idx_path.parent)
+        fsync_path(self.idx_path.parent)
         self._done = True
 
     def abort(self) -> None:

@@ -73,7 +73,8 @@ def preprocess(
     log: Callable[[str], None] | None = _stderr,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> PreprocessStats:
-    """Write ``output_prefix.bin/.idx`` from .jsonl/.txt/.parquet inputs; see the module doc."""
+    """Write ``output_prefix.bin/.idx`` from .jsonl/.txt/.parquet/.arrow inputs or saved HF datasets; see the
+    module doc."""
     if workers < 1:
         raise UserError(f"--workers {workers} must be >= 1")
     paths = readers.check_inputs(inputs, json_key)
@@ -82,7 +83,7 @@ def preprocess(
         raise AssertionError("token dtype too small")
     log = log or (lambda _msg: None)
     stats = PreprocessStats(workers=workers)
-    progress = _Progress(sum(p.stat().st_size for p in paths), log)
+    progress = _Progress(sum(readers.input_bytes(p) for p in paths), log)
     t0 = time.perf_counter()
     chunks = itertools.chain.from_iterable(readers.iter_chunks(p, json_key, chunk_bytes) for p in paths)
     state = (tokenizer, json_key, skip_bad_lines, np.dtype(dtype).str)

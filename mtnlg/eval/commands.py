@@ -1,4 +1,8 @@
-"""The evaluation subcommands of ``mtnlg``: evaluate, generate, lm-eval."""
+"""The evaluation subcommands of ``mtnlg``: evaluate, generate, lm-eval.
+
+``add_commands(subparsers)`` registers them on the CLI (``mtnlg.cli``, the one entry point); each
+handler takes the parsed args, returns an exit code and raises ``UserError`` for bad input.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from mtnlg.errors import UserError
+from mtnlg.files import write_atomic
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``evaluate``, ``generate`` and ``lm-eval`` on the mtnlg CLI."""
     p = subparsers.add_parser("evaluate", help="zero-shot perplexity / cloze / multiple-choice evaluation")
     _add_model_args(p)
     p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"])
@@ -72,10 +77,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if model.rank == 0:
         print(json.dumps(results, indent=2))
         if args.output:
-            out = Path(args.output)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            tmp.replace(out)
+            write_atomic(args.output, json.dumps(results, indent=2) + "\n")
     return 0
 
 

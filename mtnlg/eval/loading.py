@@ -61,7 +61,7 @@ def _open_native(checkpoint: str, iteration: int | None, device: torch.device, b
         raise UserError(f"{checkpoint} has no tokenizer/ directory (a run on synthetic data?); text tasks need one")
     tok = load_tokenizer(str(ckpt.tokenizer_dir))
     if launched():
-        from mtnlg.training.distributed import init_distributed
+        from mtnlg.parallel.distributed import init_distributed
 
         device = init_distributed()
         world = dist.get_world_size()

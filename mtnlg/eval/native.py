@@ -26,12 +26,13 @@ def build_model(checkpoint: str, iteration: int | None, ps: ParallelState, devic
                 dtype: torch.dtype = torch.float32):
     """(this rank's module, its model config, the checkpoint) for layout ``ps``."""
     from mtnlg.model import GPTModel
+    from mtnlg.model.layout import stage_specs
 
     ckpt = open_checkpoint(checkpoint, iteration)
     cfg = resolve_model(ckpt.run_config, ps.tp_size, ps.pp_size, ckpt.tag_dir)
     cfg = dataclasses.replace(cfg, activation_checkpointing=False, hidden_dropout=0.0, attention_dropout=0.0)
     with torch.device("meta"):
-        module = GPTModel(cfg, ps, stage=None if ps.pp_size == 1 else ps.pp_rank)
+        module = GPTModel(cfg, ps, specs=None if ps.pp_size == 1 else stage_specs(cfg, ps.pp_size, ps.pp_rank))
     module.to_empty(device=device)
     params = dict(module.named_parameters())
     with torch.no_grad():

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
-from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom
+from mtnlg.model.kv_cache import KVSlot
+from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom, replicated
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +31,10 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm or RMSNorm over the hidden size; its parameters are replicated over tensor parallelism."""
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        return replicated(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
+    return replicated(RMSNorm(cfg.hidden_size, cfg.norm_eps))
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,32 +49,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, nh, T, hd). Rotates the pairs (i, i + hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class KVSlot:
-    """One layer's key/value cache for incremental decoding: (B, nkv, T_max, hd) per tensor.
-
-    Row b holds ``lengths[b]`` valid positions; ``append`` writes the new keys/values of every
-    row at its own position, so prompts of different lengths decode in one batch.
-    """
-
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.rows = slice(None)  # the rows a forward writes (one row during a prompt's prefill)
-        self.start = torch.zeros(batch, dtype=torch.long, device=device)  # per-row position of the new tokens
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) at each row's start; return all keys, values and the attention mask."""
-        ks, vs, start = self.k[self.rows], self.v[self.rows], self.start[self.rows]
-        T, max_len = k.size(2), ks.size(2)
-        for b in range(k.size(0)):
-            s = int(start[b])
-            ks[b, :, s : s + T] = k[b]
-            vs[b, :, s : s + T] = v[b]
-        query_pos = start[:, None] + torch.arange(T, device=k.device)  # (B, T)
-        mask = torch.arange(max_len, device=k.device)[None, None, :] <= query_pos[:, :, None]  # (B, T, T_max)
-        return ks, vs, mask.unsqueeze(1)  # mask (B, 1, T, T_max)
 
 
 UNFUSED_MAX_SEQ = 1024
@@ -206,13 +182,20 @@ class ParallelMLP(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, layer_number: int):
         super().__init__()
-        name = f"layers.{layer_number}"
+        name = self.group = f"layers.{layer_number}"  # its parameter group (checkpoints, converters)
         self.layer_number = layer_number
         self.dropout = cfg.hidden_dropout
         self.norm1 = make_norm(cfg)
         self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn")
         self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp")
+
+    def forward_flops(self, seq: int) -> float:
+        """Forward FLOPs per token at full (tp = 1) size (Narayanan et al. 2021): 2 per multiply-add of every matrix
+        (read off the parameters' shardings) plus the attention core, QK^T and AV: 4 x seq x the query width."""
+        mats = sum(math.prod(p.sharding.full_shape) for p in self.parameters()
+                   if p.sharding.kind != "replicated" and len(p.sharding.full_shape) == 2)
+        return 2.0 * mats + 4.0 * seq * self.attn.qkv.weight.sharding.blocks[0]
 
     def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
         x = x + F.dropout(self.attn(self.norm1(x), kv), self.dropout, self.training)

@@ -1,4 +1,5 @@
-"""Parameter counts and model FLOPs of a resolved config (no model is built).
+"""Parameter counts and model FLOPs of a resolved config, read off the model's parameters (built on the meta
+device: no memory).
 
 FLOPs follow Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
 Clusters"): every matmul of the forward pass (QKV, attention scores and values, output
@@ -10,33 +11,14 @@ ffn = 4h this is the paper's 72 * B * s * l * h^2 * (1 + s / 6h + V / 12lh).
 from __future__ import annotations
 
 from mtnlg.config import ModelConfig, RunConfig
+from mtnlg.model.layout import param_count, spec_flops
 
-
-def param_count(m: ModelConfig) -> int:
-    h, ffn, V = m.hidden_size, m.ffn_hidden_size, m.vocab_size
-    q, kv = m.num_attention_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    norm = 2 * h if m.norm == "layernorm" else h
-    mlp_in = 2 * ffn if m.activation == "swiglu" else ffn
-    per_layer = 2 * norm + h * (q + 2 * kv) + q * h + h * mlp_in + ffn * h
-    if m.bias:
-        per_layer += (q + 2 * kv) + h + mlp_in + h
-    total = V * h + m.num_layers * per_layer + norm
-    if m.position_embedding == "learned":
-        total += m.max_position_embeddings * h
-    if not m.tie_embeddings:
-        total += V * h
-    return total
+__all__ = ["describe", "flops_per_token", "param_count"]
 
 
 def flops_per_token(m: ModelConfig, seq_length: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token."""
-    s = seq_length or m.seq_length
-    h, ffn = m.hidden_size, m.ffn_hidden_size
-    q, kv = m.num_attention_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    mlp_mats = 3 if m.activation == "swiglu" else 2
-    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * mlp_mats * h * ffn + 4 * s * q
-    forward = m.num_layers * per_layer + 2 * h * m.vocab_size
-    return 3.0 * forward
+    return 3.0 * sum(spec_flops(m, seq_length))
 
 
 def describe(cfg: RunConfig) -> str:

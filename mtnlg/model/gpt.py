@@ -2,7 +2,7 @@
 
     [embedding] + [TransformerBlock] * num_layers + [final norm] + [LM head]
 
-For pp > 1 the list goes into DeepSpeed's ``PipelineModule`` (see ``pipeline_module``); for
+For pp > 1 the list goes into DeepSpeed's ``PipelineModule`` (``mtnlg.training.pipeline``); for
 pp = 1, ``GPTModel`` builds the same list in one module whose parameters have exactly the
 names the PipelineModule gives them (``"<index>.<name>"``, tied ones under
 ``tied_modules.embed``), so checkpoints, converters and DeepSpeed's universal checkpoints
@@ -20,6 +20,7 @@ Python API (one process, no launcher):
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
-from mtnlg.model.blocks import KVSlot, TransformerBlock, make_norm
-from mtnlg.model.flops import flops_per_token
-from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
+from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.model.kv_cache import KVSlot
+from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 TIED_KEY = "embed"
@@ -42,6 +43,8 @@ TIED_ATTR = "word_embeddings.weight"
 class Embedding(nn.Module):
     """Token embeddings (vocab-parallel) plus learned positions (gpt2) and dropout."""
 
+    group = "embed"  # its parameter group (checkpoints, converters)
+
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, with_positions: bool = True):
         super().__init__()
         self.dropout = cfg.hidden_dropout
@@ -50,10 +53,18 @@ class Embedding(nn.Module):
         )
         self.position_embeddings = None
         if with_positions and cfg.position_embedding == "learned":
-            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.position_embeddings = replicated(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
             with torch.no_grad():
                 shape = (cfg.max_position_embeddings, cfg.hidden_size)
                 self.position_embeddings.weight.copy_(init.normal("embed.position", shape))
+
+    def forward_flops(self, seq: int) -> float:
+        """Forward FLOPs per token (lookups: none)."""
+        return 0.0
+
+    def head_flops(self) -> float:
+        """Forward FLOPs per token of the tied output layer that reuses this embedding: one [V, h] matrix."""
+        return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
 
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` (B,): the position of each row's first token (incremental decoding)."""
@@ -74,20 +85,30 @@ def tied_lm_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
 class LMHead(nn.Module):
     """Untied output layer: this rank's slice of the padded-vocabulary logits."""
 
+    group = "head"
+
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         self.head = VocabParallelEmbedding(
             cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="head"
         )
 
+    def forward_flops(self, seq: int) -> float:
+        return 2.0 * math.prod(self.head.weight.sharding.full_shape)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden, logits=True)  # (B, T, V_padded / tp)
 
 
 class FinalNorm(nn.Module):
+    group = "final_norm"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = make_norm(cfg)
+
+    def forward_flops(self, seq: int) -> float:
+        return 0.0  # model FLOPs count matrix products only (Narayanan et al. 2021)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -119,59 +140,51 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     return [first, *blocks, LayerSpec(FinalNorm, cfg), last]
 
 
-def block_index(spec_index: int) -> int | None:
-    """The transformer-layer number of a spec index, or None for embedding/norm/head."""
-    return spec_index - 1 if spec_index >= 1 else None
-
-
-def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
-    """The spec indices pipeline stage ``pp_rank`` holds, as ``pipeline_module`` partitions them
-    (contiguous stages balanced by forward FLOPs: ``balanced_parts(spec_weights(cfg), pp_size)``)."""
-    parts = balanced_parts(spec_weights(cfg), pp_size, block_anchors(cfg))
-    return range(parts[pp_rank], parts[pp_rank + 1])
-
-
-def saved_layers(cfg: ModelConfig, pp_size: int, pp_rank: int) -> list[int]:
-    """The spec indices of pipeline stage ``pp_rank`` that DeepSpeed saves a layer file for: every spec of the stage
-    with parameters of its own (not the tied output layer, which reuses the embedding's)."""
-    tied_head = cfg.num_layers + 2 if cfg.tie_embeddings else None
-    return [i for i in stage_specs(cfg, pp_size, pp_rank) if i != tied_head]
+def tied_weight_names(cfg: ModelConfig) -> list[str]:
+    """Full names of the weights shared by two specs (the tied embedding), which DeepSpeed's pipeline engine keeps a
+    copy of on the last stage (``ds_pipe_replicated``)."""
+    return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"] if cfg.tie_embeddings else []
 
 
 class GPTModel(nn.Module):
     """The layer specs built into one module, named as DeepSpeed's PipelineModule names them.
 
-    With the default ``stage=None`` it is the whole model (pp = 1, training and inference);
-    ``stage=s`` builds only pipeline stage s of ``ps.pp_size`` (for inference: its forward takes
-    the previous stage's hidden states, or token ids on the first stage).
+    With the default ``specs=None`` it is the whole model (pp = 1, training and inference);
+    ``specs=range(a, b)`` builds only those specs, e.g. one pipeline stage
+    (``mtnlg.model.layout.stage_specs``; for inference: its forward takes the previous stage's
+    hidden states, or token ids on the first stage).
     """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
-                 rng: TPRandom | None = None, stage: int | None = None):
+                 rng: TPRandom | None = None, specs: range | None = None):
         super().__init__()
         if cfg.padded_vocab_size is None:
             raise ValueError("GPTModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
         self.cfg = cfg
         self.ps = ps or ParallelState.single()
-        if self.ps.pp_size != 1 and stage is None:
-            raise ValueError("for pp > 1 train with pipeline_module(), or build one stage with stage=")
+        if self.ps.pp_size != 1 and specs is None:
+            raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
+                             "with specs=")
         self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
         self.loss_fn = GPTLoss(self.ps.tp_group, cfg.vocab_size)
         self.tied_modules = nn.ModuleDict()
         self._funcs: list = []
-        specs = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        keep = range(len(specs)) if stage is None else stage_specs(cfg, self.ps.pp_size, stage)
-        for idx in keep:
-            spec = specs[idx]
+        self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
+        layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
+        for idx in range(len(layers)) if specs is None else specs:
+            spec = layers[idx]
             if isinstance(spec, TiedLayerSpec):
                 if spec.key not in self.tied_modules:
                     self.tied_modules[spec.key] = spec.build()
+                    self.owners.append((idx, f"tied_modules.{spec.key}.", self.tied_modules[spec.key]))
                 module = self.tied_modules[spec.key]
                 self._funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
             else:
                 module = spec.build()
                 self.add_module(str(idx), module)
                 self._funcs.append(module)
+                if any(True for _ in module.parameters()):
+                    self.owners.append((idx, f"{idx}.", module))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | str | Path | ModelConfig | RunConfig, seed: int = 1234,
@@ -230,74 +243,12 @@ class GPTModel(nn.Module):
             slot.start[rows] += input_ids.size(1)
         return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
-
-def spec_weights(cfg: ModelConfig) -> list[float]:
-    """Forward FLOPs per token of each layer spec: what a pipeline stage's time is proportional to.
-
-    The output layer of a GPT costs 2 * h * V per token, several transformer blocks' worth
-    (GPT-2 small: 4.9 blocks); splitting the blocks evenly leaves the last stage the slowest.
-    """
-    head = 2.0 * cfg.hidden_size * cfg.vocab_size
-    block = (flops_per_token(cfg) / 3.0 - head) / cfg.num_layers
-    return [0.0] + [block] * cfg.num_layers + [0.0, head]
-
-
-def block_anchors(cfg: ModelConfig) -> list[bool]:
-    """Which specs are transformer blocks: every pipeline stage holds at least one."""
-    return [False] + [True] * cfg.num_layers + [False, False]
-
-
-def balanced_parts(weights: list[float], stages: int, anchors: list[bool] | None = None) -> list[int]:
-    """Stage boundaries (``stages + 1`` spec indices) of contiguous stages minimising the heaviest
-    stage, each stage holding at least one spec marked in ``anchors`` (default: every spec); ties
-    go to the split that puts more work early (the first stage also waits least)."""
-    n = len(weights)
-    anchors = [True] * n if anchors is None else anchors
-    if stages > sum(anchors):
-        raise ValueError(f"{stages} pipeline stages for {sum(anchors)} layers")
-    prefix, count = [0.0], [0]
-    for w, a in zip(weights, anchors):
-        prefix.append(prefix[-1] + w)
-        count.append(count[-1] + int(a))
-    inf = float("inf")
-    # best[j][i]: the smallest possible heaviest stage when the first i specs form j stages
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for j in range(1, stages + 1):
-        for i in range(j, n - (stages - j) + 1):
-            for k in range(j - 1, i):
-                if count[i] == count[k] or best[j - 1][k] == inf:
-                    continue
-                cost = max(best[j - 1][k], prefix[i] - prefix[k])
-                if cost < best[j][i] - 1e-9 * max(cost, 1.0) or (cost <= best[j][i] and k > cut[j][i]):
-                    best[j][i], cut[j][i] = cost, k
-    parts = [n]
-    for j in range(stages, 0, -1):
-        parts.append(cut[j][parts[-1]])
-    return parts[::-1]
-
-
-def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int, rng: TPRandom | None = None):
-    """The same layer specs as a DeepSpeed PipelineModule (pp >= 1), TP inside every stage, stages
-    balanced by forward FLOPs (``spec_weights``)."""
-    from deepspeed.pipe import PipelineModule
-
-    class BalancedPipelineModule(PipelineModule):
-        def _partition_layers(self, method: str = "uniform") -> None:
-            if method != "mtnlg:flops":
-                return super()._partition_layers(method)
-            self.parts = balanced_parts(spec_weights(cfg), self.num_stages, block_anchors(cfg))
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    rng = rng or TPRandom(seed, ps.tp_rank, ps.pp_rank)
-    return BalancedPipelineModule(
-        layers=layer_specs(cfg, ps, rng, Init(seed, cfg.init_std)),
-        topology=ps.dims.topology(),
-        loss_fn=GPTLoss(ps.tp_group, cfg.vocab_size),
-        partition_method="mtnlg:flops",
-        activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
-        activation_checkpoint_func=rng.checkpoint,
-        checkpointable_layers=["TransformerBlock"],
-    )
+    def spec_flops(self, seq: int) -> list[float]:
+        """Forward FLOPs per token of each spec this model holds, at full (tp = 1) size, read off its parameters."""
+        out = []
+        for f in self._funcs:
+            if isinstance(f, partial):  # a tied output layer: the embedding's matrix again
+                out.append(f.args[0].head_flops())
+            else:
+                out.append(f.forward_flops(seq))
+        return out

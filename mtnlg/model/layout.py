@@ -1,23 +1,33 @@
-"""How a model's parameters are placed and sharded: parameter groups (one per layer spec) and each
-parameter's tensor-parallel rule.
+"""How a model's parameters are placed and sharded, read off the model itself.
 
-A model is read and written one *group* at a time: ``embed``, ``layers.<i>``, ``final_norm``
-and (untied models) ``head``. Inside a group a parameter has a *local* name (``attn.qkv.weight``);
-its full name is the group's spec prefix plus the local name, exactly as DeepSpeed's
-PipelineModule and GPTModel name it (``3.attn.qkv.weight``, ``tied_modules.embed.word_embeddings.weight``).
+A model is read and written one *group* at a time, one per layer spec that holds parameters:
+``embed``, ``layers.<i>``, ``final_norm`` and (untied models) ``head``. Inside a group a
+parameter has a *local* name (``attn.qkv.weight``); its full name is the group's prefix plus
+the local name, exactly as DeepSpeed's PipelineModule and GPTModel name it
+(``3.attn.qkv.weight``, ``tied_modules.embed.word_embeddings.weight``).
 
-Every local name has one tensor-parallel rule (see ``tp_rule``): replicated, row-parallel
-(dim 1), column-parallel (dim 0, fused blocks split separately), vocabulary-parallel (dim 0,
-zero padding rows).
+Nothing here is a table: ``groups(cfg)`` builds the model on the meta device (no memory, no
+init) and returns each group's parameters with the ``Sharding`` the layer that made them set
+(``mtnlg.parallel.layers``): replicated, column (dim 0, fused blocks split separately), row
+(dim 1) or vocabulary-parallel (dim 0, zero padding rows). Checkpoint readers and writers,
+converters, universal-checkpoint metadata and parameter counts all use it, so a new kind of
+parameter is declared once, where it is created.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
-from mtnlg.config import ModelConfig
+import torch
 
-# --------------------------------------------------------------------------- native names
+from mtnlg.config import ModelConfig
+from mtnlg.model.blocks import TransformerBlock
+from mtnlg.model.gpt import GPTModel
+from mtnlg.parallel import ParallelState, Sharding
+from mtnlg.parallel.pipeline import balanced_parts
 
 
 @dataclass(frozen=True)
@@ -25,85 +35,92 @@ class Group:
     name: str  # "embed", "layers.3", "final_norm", "head"
     spec_index: int  # index in the layer-spec list (the pipeline layer file number)
     prefix: str  # full name = prefix + local name
-    locals: tuple[str, ...]
+    params: tuple[tuple[str, Sharding], ...]  # (local name, sharding), in the module's parameter order
+
+    @property
+    def locals(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.params)
 
     def full(self, local: str) -> str:
         return self.prefix + local
 
+    def sharding(self, local: str) -> Sharding:
+        return dict(self.params)[local]
+
 
 def groups(cfg: ModelConfig) -> list[Group]:
-    """The parameter groups of a model, in forward order."""
-    L = cfg.num_layers
-    embed = ["word_embeddings.weight"] + (["position_embeddings.weight"] if cfg.position_embedding == "learned" else [])
-    block = []
-    for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc", "mlp.proj"):
-        block.append(f"{part}.weight")
-        if cfg.bias:
-            block.append(f"{part}.bias")
-    norm = ["norm.weight"] + (["norm.bias"] if cfg.bias else [])
-    out = [Group("embed", 0, "tied_modules.embed." if cfg.tie_embeddings else "0.", tuple(embed))]
-    out += [Group(f"layers.{i}", i + 1, f"{i + 1}.", tuple(block)) for i in range(L)]
-    out.append(Group("final_norm", L + 1, f"{L + 1}.", tuple(norm)))
-    if not cfg.tie_embeddings:
-        out.append(Group("head", L + 2, f"{L + 2}.", ("head.weight",)))
-    return out
+    """The parameter groups of a (resolved) model config, in forward order."""
+    return list(_groups(_key(cfg)))
 
 
-def split_sizes(cfg: ModelConfig, key: str) -> list[int]:
-    """The logical blocks of a fused tensor along dim 0."""
-    if key == "qkv":
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [q, kv, kv]
-    if key == "gate_up":
-        return [cfg.ffn_hidden_size, cfg.ffn_hidden_size]
-    raise KeyError(key)
+def _key(cfg: ModelConfig) -> tuple:
+    return tuple(sorted(dataclasses.asdict(cfg).items()))
 
 
-@dataclass(frozen=True)
-class TPRule:
-    kind: str  # "replicated" | "row" | "column" | "vocab"
-    dim: int = 0
-    sizes: tuple[int, ...] | None = None  # fused blocks split separately (column)
+@functools.lru_cache(maxsize=32)
+def _meta_model(key: tuple) -> GPTModel:
+    """The whole model at tp = 1 on the meta device: shapes and shardings, no memory, no initialisation."""
+    with torch.device("meta"):
+        return GPTModel(ModelConfig(**dict(key)), ParallelState.single())
 
 
-def tp_rule(local: str, cfg: ModelConfig) -> TPRule:
-    """How the tensor-parallel shards of a parameter merge (and split)."""
-    if local in ("word_embeddings.weight", "head.weight"):
-        return TPRule("vocab", 0)
-    if local.startswith("attn.qkv."):
-        return TPRule("column", 0, tuple(split_sizes(cfg, "qkv")))
-    if local.startswith("mlp.fc."):
-        return TPRule("column", 0, tuple(split_sizes(cfg, "gate_up")) if cfg.activation == "swiglu" else None)
-    if local in ("attn.proj.weight", "mlp.proj.weight"):
-        return TPRule("row", 1)
-    return TPRule("replicated")
+@functools.lru_cache(maxsize=32)
+def _groups(key: tuple) -> tuple[Group, ...]:
+    return tuple(Group(module.group, idx, prefix, tuple((n, p.sharding) for n, p in module.named_parameters()))
+                 for idx, prefix, module in _meta_model(key).owners)
+
+
+def sharding(local: str, cfg: ModelConfig) -> Sharding:
+    """The sharding of the parameter with local name ``local`` (the same in every group that has it)."""
+    found = {g.sharding(local) for g in groups(cfg) if local in g.locals}
+    if len(found) != 1:
+        raise KeyError(f"{local}: {len(found)} different shardings in the model")
+    return found.pop()
 
 
 def full_shape(local: str, cfg: ModelConfig) -> tuple[int, ...]:
     """The merged (tp=1), unpadded shape of a parameter."""
-    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    fc_out = 2 * ffn if cfg.activation == "swiglu" else ffn
-    shapes = {
-        "word_embeddings.weight": (cfg.vocab_size, h),
-        "head.weight": (cfg.vocab_size, h),
-        "position_embeddings.weight": (cfg.max_position_embeddings, h),
-        "attn.qkv.weight": (q + 2 * kv, h),
-        "attn.qkv.bias": (q + 2 * kv,),
-        "attn.proj.weight": (h, q),
-        "mlp.fc.weight": (fc_out, h),
-        "mlp.fc.bias": (fc_out,),
-        "mlp.proj.weight": (h, ffn),
-    }
-    return shapes.get(local, (h,))  # norms and output biases
+    return sharding(local, cfg).full_shape
 
 
 def local_shape(local: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
     """The shape one tensor-parallel rank holds (vocabulary padded as ``cfg`` pads it for ``tp``)."""
-    shape = list(full_shape(local, cfg))
-    rule = tp_rule(local, cfg)
-    if rule.kind == "vocab":
-        shape[0] = cfg.padded_vocab_size // tp
-    elif rule.kind != "replicated":
-        shape[rule.dim] //= tp
-    return tuple(shape)
+    return sharding(local, cfg).local_shape(tp, cfg.padded_vocab_size)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the model (tied ones once, vocabulary unpadded)."""
+    return sum(math.prod(s.full_shape) for g in groups(cfg) for _, s in g.params)
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+def spec_flops(cfg: ModelConfig, seq: int | None = None) -> list[float]:
+    """Forward FLOPs per token of every layer spec at sequence length ``seq`` (default ``cfg.seq_length``),
+    read off each spec's parameters: what a pipeline stage's time is proportional to. (The output layer of a
+    GPT costs 2 * h * V per token, several transformer blocks' worth: GPT-2 small's is 4.9 blocks.)"""
+    return _meta_model(_key(cfg)).spec_flops(seq or cfg.seq_length)
+
+
+def block_anchors(cfg: ModelConfig) -> list[bool]:
+    """Which specs are transformer blocks: every pipeline stage holds at least one."""
+    return [isinstance(f, TransformerBlock) for f in _meta_model(_key(cfg))._funcs]
+
+
+def stage_bounds(cfg: ModelConfig, pp_size: int) -> list[int]:
+    """The ``pp_size + 1`` spec-index boundaries of the pipeline stages: contiguous, balanced by forward FLOPs."""
+    return balanced_parts(spec_flops(cfg), pp_size, block_anchors(cfg))
+
+
+def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
+    """The spec indices pipeline stage ``pp_rank`` of ``pp_size`` holds."""
+    parts = stage_bounds(cfg, pp_size)
+    return range(parts[pp_rank], parts[pp_rank + 1])
+
+
+def saved_layers(cfg: ModelConfig, pp_size: int, pp_rank: int) -> list[int]:
+    """The spec indices of pipeline stage ``pp_rank`` that DeepSpeed saves a layer file for: the specs of the stage
+    that own parameters (not a tied output layer, which reuses the embedding's)."""
+    owners = {idx for idx, _, _ in _meta_model(_key(cfg)).owners}
+    return [i for i in stage_specs(cfg, pp_size, pp_rank) if i in owners]

@@ -5,9 +5,12 @@ generator seeded by (seed, parameter name) on the CPU, and every rank keeps its 
 built at tp=1 therefore equals the concatenation of the same model built at tp=2, whatever
 the pipeline split or device.
 
-Sliced parameters carry ``tensor_model_parallel = True`` and ``partition_dim`` (DeepSpeed's
-gradient-norm code reads the first), plus ``partition_sizes``: the logical blocks that were
-sliced separately (a fused [q; k; v] has three), for checkpoint tools and converters.
+Every parameter carries how it is laid out over the tensor-parallel group, set where it is made:
+``param.sharding`` (a ``Sharding``: replicated, column, row or vocabulary-parallel, its full
+shape and fused sub-blocks). Checkpoint readers and writers, converters, DeepSpeed's
+universal-checkpoint metadata and parameter counts all read it (``mtnlg.model.layout``) instead
+of keeping tables of their own. Split parameters also carry DeepSpeed's
+``tensor_model_parallel = True`` and ``partition_dim`` (its gradient-norm code reads them).
 """
 
 from __future__ import annotations
@@ -43,11 +46,48 @@ class Init:
         return torch.randn(*shape, generator=gen) * (self.std if std is None else std)
 
 
-def mark_tp(param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int] | None = None) -> None:
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-    param.partition_stride = 1
-    param.partition_sizes = tuple(partition_sizes) if partition_sizes else None
+@dataclass(frozen=True)
+class Sharding:
+    """How one parameter is laid out over the tensor-parallel group.
+
+    kind: ``replicated`` (whole on every rank), ``column`` (split along dim 0, the output features),
+        ``row`` (split along dim 1, the input features) or ``vocab`` (the rows of a padded vocabulary
+        split along dim 0; the padding rows are zeros, not part of the model)
+    full_shape: the merged (tp = 1) shape, vocabulary unpadded
+    blocks: fused sub-blocks along ``dim`` (full sizes, e.g. [q, k, v] or [gate, up]), each split on its own
+    """
+
+    kind: str
+    full_shape: tuple[int, ...]
+    dim: int = 0
+    blocks: tuple[int, ...] | None = None
+
+    def local_shape(self, tp: int, padded_rows: int | None = None) -> tuple[int, ...]:
+        """The shape one of ``tp`` ranks holds (``padded_rows``: the padded vocabulary, for ``vocab``)."""
+        shape = list(self.full_shape)
+        if self.kind == "vocab":
+            shape[0] = (padded_rows or shape[0]) // tp
+        elif self.kind != "replicated":
+            shape[self.dim] //= tp
+        return tuple(shape)
+
+
+def set_sharding(param: nn.Parameter, sharding: Sharding) -> nn.Parameter:
+    """Record ``sharding`` on ``param`` (and DeepSpeed's attributes for split parameters)."""
+    param.sharding = sharding
+    if sharding.kind != "replicated":
+        param.tensor_model_parallel = True
+        param.partition_dim = sharding.dim
+        param.partition_stride = 1
+    return param
+
+
+def replicated(module: nn.Module) -> nn.Module:
+    """Mark every parameter of ``module`` (and its children) that has no sharding as replicated over tp."""
+    for p in module.parameters():
+        if not hasattr(p, "sharding"):
+            set_sharding(p, Sharding("replicated", tuple(p.shape)))
+    return module
 
 
 def _shard(full: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -103,11 +143,12 @@ class ColumnParallelLinear(nn.Module):
         self.local_sizes = [s // tp for s in out_sizes]
         names = [f"{name}.weight.{i}" for i in range(len(out_sizes))] if len(out_sizes) > 1 else [f"{name}.weight"]
         shards = [_shard(init.normal(n, (s, in_features), std), 0, tp_group) for n, s in zip(names, out_sizes)]
-        self.weight = nn.Parameter(torch.cat(shards, dim=0))
-        mark_tp(self.weight, 0, out_sizes)
+        blocks = tuple(out_sizes) if len(out_sizes) > 1 else None
+        self.weight = set_sharding(nn.Parameter(torch.cat(shards, dim=0)),
+                                   Sharding("column", (sum(out_sizes), in_features), 0, blocks))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes)))
-            mark_tp(self.bias, 0, out_sizes)
+            self.bias = set_sharding(nn.Parameter(torch.zeros(sum(self.local_sizes))),
+                                     Sharding("column", (sum(out_sizes),), 0, blocks))
         else:
             self.register_parameter("bias", None)
 
@@ -140,9 +181,11 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"{name}: in_features {in_features} not divisible by tp={group_size(tp_group)}")
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
-        self.weight = nn.Parameter(_shard(init.normal(f"{name}.weight", (out_features, in_features), std), 1, tp_group))
-        mark_tp(self.weight, 1)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        weight = _shard(init.normal(f"{name}.weight", (out_features, in_features), std), 1, tp_group)
+        self.weight = set_sharding(nn.Parameter(weight), Sharding("row", (out_features, in_features), 1))
+        self.bias = None
+        if bias:  # added once, after the sum over the group: the same on every rank
+            self.bias = set_sharding(nn.Parameter(torch.zeros(out_features)), Sharding("replicated", (out_features,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -195,8 +238,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = group_rank(tp_group) * self.per_rank
         full = torch.zeros(padded_vocab_size, dim)
         full[:vocab_size] = init.normal(f"{name}.weight", (vocab_size, dim))
-        self.weight = nn.Parameter(_shard(full, 0, tp_group))
-        mark_tp(self.weight, 0, (padded_vocab_size,))
+        self.weight = set_sharding(nn.Parameter(_shard(full, 0, tp_group)), Sharding("vocab", (vocab_size, dim)))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.fp32_grad is not None and torch.is_grad_enabled() and self.weight.requires_grad:

@@ -28,14 +28,6 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
     def topology(self) -> PipeModelDataParallelTopology:
         return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
 

@@ -18,11 +18,19 @@ import torch.distributed as dist
 
 from mtnlg.checkpoint.universal import universal_checkpoint_info
 from mtnlg.config import RunConfig
-from mtnlg.model import GPTModel, pipeline_module
+from mtnlg.deepspeed_compat import (
+    allow_cpu_fp16,
+    embedding_grads_into_fp32,
+    mend_universal_load,
+    skip_lone_gradient_reduction,
+)
+from mtnlg.model import GPTModel
+from mtnlg.model.gpt import Embedding
 from mtnlg.parallel import ParallelState, TPRandom
-from mtnlg.training.distributed import allow_cpu_fp16, deepspeed_output
+from mtnlg.parallel.distributed import deepspeed_output
 from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, optimizer_kind, sgd_hyperparams, zero_stage
 from mtnlg.training.guard import GuardedAdamW, GuardedSGD
+from mtnlg.training.pipeline import pipeline_module
 from mtnlg.training.schedule import LRSchedule, param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_length)
@@ -43,59 +51,6 @@ def fused_adam_supported(device: torch.device) -> bool:
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     return device.type in _get_fused_kernels_supported_devices()
-
-
-def skip_lone_gradient_reduction(engine) -> bool:
-    """With a single data-parallel rank, DeepSpeed's BF16 optimizer and plain-optimizer paths still flatten
-    every gradient into one buffer, "all-reduce" it over a group of one and copy it back: three passes
-    over all gradients for nothing (~0.2 s per step for GPT-2 small on a CPU). Turn that off where it is
-    all the reduction does; ZeRO-2/3 and ZeRO-1's own optimizer move gradients into partitions there."""
-    if engine.zero_optimization_partition_gradients():
-        return False
-    if engine.zero_optimization_stage() == 1 and hasattr(engine.optimizer, "reduce_gradients"):
-        return False
-    engine.enable_backward_allreduce = False
-    if hasattr(engine, "pipeline_enable_backward_allreduce"):
-        engine.pipeline_enable_backward_allreduce = False
-    return True
-
-
-def embedding_grads_into_fp32(engine) -> int:
-    """Where DeepSpeed's BF16 optimizer (bf16 with ZeRO 0/1) keeps an fp32 gradient for the token
-    embedding's weight, route the token lookup's gradient straight into it (``VocabParallelEmbedding
-    .fp32_grad``): per micro batch, no dense bf16 embedding gradient is made, added, and added again into
-    fp32 (GPT-2 small: 4% of a CPU step; on the first pipeline stage all of the tied copy's cost). The
-    gradient is the same sum in fp32 without the bf16 rounding of the dense path. Returns how many."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-    from mtnlg.model.gpt import Embedding
-
-    opt = engine.optimizer
-    if not isinstance(opt, BF16_Optimizer):
-        return 0
-    slots = {id(p): (i, j) for i, group in enumerate(opt.bf16_groups) for j, p in enumerate(group)}
-    routed = 0
-    for module in engine.module.modules():
-        lookup = module.word_embeddings if isinstance(module, Embedding) else None
-        if lookup is not None and id(lookup.weight) in slots:
-            lookup.fp32_grad = _Fp32GradSlot(opt, *slots[id(lookup.weight)], lookup.weight)
-            routed += 1
-    return routed
-
-
-class _Fp32GradSlot:
-    """The fp32 gradient DeepSpeed's BF16 optimizer keeps for one bf16 parameter, marked as holding a
-    gradient (it then enters the norm, clipping and the dp reduction) and linked where the pipeline
-    engine looks for a tied weight's gradient to all-reduce across stages."""
-
-    def __init__(self, opt, group: int, index: int, param: torch.nn.Parameter):
-        self.opt, self.group, self.index, self.param = opt, group, index, param
-
-    def __call__(self) -> torch.Tensor:
-        hp = self.opt.fp32_groups_gradients[self.group][self.index].view(self.param.shape)
-        self.opt.fp32_groups_has_gradients[self.group][self.index] = True
-        self.param._hp_grad = hp
-        return hp
 
 
 def build_optimizer(module: torch.nn.Module, cfg: RunConfig, ds: dict, device: torch.device):
@@ -142,7 +97,8 @@ class Engine:
         self.module = self.engine.module
         if ps.dp_size == 1:
             skip_lone_gradient_reduction(self.engine)
-        embedding_grads_into_fp32(self.engine)
+        embedding_grads_into_fp32(self.engine, [m.word_embeddings for m in self.module.modules()
+                                                if isinstance(m, Embedding)])
 
     def zero3_partitioned(self) -> tuple[int, int] | None:
         """(parameters ZeRO-3 partitions across dp, all parameters) on this rank; None below ZeRO-3. DeepSpeed keeps
@@ -154,20 +110,9 @@ class Engine:
         return len(split), len(params)
 
     def after_load(self, universal: bool) -> None:
-        """Mend three gaps of DeepSpeed's universal-checkpoint loading into ZeRO-3 (0.19.8): it copies the first
-        param group's hyperparameters onto every group (mtnlg puts back no weight decay on biases and norms),
-        fills the fp32 master partitions without copying them into the model's own partitions, and gives every
-        group the same Adam step tensor."""
-        for group, decay in zip(self.guard.param_groups, self.group_decay):
-            group["weight_decay"] = decay
-        self.schedule.load_state_dict(self.schedule.state_dict())  # re-applies the scheduled lr
-        if universal and self.zero_stage == 3:
-            opt = self.engine.optimizer
-            for sub_group in range(len(opt.fp16_groups)):
-                opt._reassign_or_swap_out_partitioned_parameters(sub_group)
-            for state in self.guard.state.values():  # one step tensor was shared by every group: Adam would
-                if torch.is_tensor(state.get("step")):  # count each step once per group
-                    state["step"] = state["step"].clone()
+        """After DeepSpeed's ``load_checkpoint``: mend its universal-checkpoint loading (``deepspeed_compat``)."""
+        mend_universal_load(self.engine, self.guard, self.group_decay, self.schedule,
+                            zero3=universal and self.zero_stage == 3)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, micro_batches: list[Batch]) -> StepResult:

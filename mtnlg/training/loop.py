@@ -32,7 +32,7 @@ from mtnlg.config import RunConfig, resolve
 from mtnlg.errors import JobError, TrainingAborted
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.parallel import ParallelState
-from mtnlg.training.distributed import init_distributed, local_world_size
+from mtnlg.parallel.distributed import init_distributed, local_world_size
 from mtnlg.training.ds_config import load_ds_json, zero_stage
 from mtnlg.training.engine import Batch, Engine
 from mtnlg.training.guard import LossWatch, all_finite

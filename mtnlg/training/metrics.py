@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -150,9 +149,3 @@ class Metrics:
         if self.tb is not None:
             self.tb.close()
 
-
-def env_local_world_size() -> int:
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1

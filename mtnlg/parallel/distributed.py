@@ -34,29 +34,6 @@ def local_world_size() -> int:
     return 1
 
 
-def allow_cpu_fp16() -> None:
-    """Let DeepSpeed's CPU accelerator run fp16 on CPUs without oneDNN fp16 kernels.
-
-    DeepSpeed refuses fp16 on such CPUs, yet torch computes fp16 on any CPU (slowly, by
-    conversion). mtnlg installs a CPU accelerator that says so, so fp16 runs (loss scaling,
-    skipped steps) can be trained and tested on any machine. Nothing changes on GPUs.
-    """
-    from deepspeed.accelerator import get_accelerator, set_accelerator
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-    if get_accelerator().device_name() != "cpu" or get_accelerator().is_fp16_supported():
-        return
-
-    class CPUAcceleratorFP16(CPU_Accelerator):
-        def is_fp16_supported(self) -> bool:
-            return True
-
-        def supported_dtypes(self) -> list:
-            return [torch.float, torch.bfloat16, torch.float16]
-
-    set_accelerator(CPUAcceleratorFP16())
-
-
 @contextlib.contextmanager
 def deepspeed_output(show: bool = False):
     """Keep DeepSpeed's set-up prints (topology, layer seeds, memory reports per optimizer group, op builds: bare
@@ -129,6 +106,8 @@ def init_distributed(timeout_s: float = 1800, show_deepspeed: bool = False) -> t
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         if accel.device_name() == "cpu":
+            from mtnlg.deepspeed_compat import release_shm_buffer
+
             release_shm_buffer()
     return device
 
@@ -151,22 +130,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
-
-    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank at initialisation and
-    removes none: every killed or crashed job would leave them behind until /dev/shm fills up.
-    The mappings stay valid after the unlink, so nothing changes for the running job.
-    """
-    dist.barrier()  # every rank has opened every other rank's buffer
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except OSError:
-        pass
 
 
 _COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Broken pipe",

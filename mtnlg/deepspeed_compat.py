@@ -1,0 +1,204 @@
+"""Every place mtnlg works around or reaches into DeepSpeed, in one module: each a named function with the
+DeepSpeed version it was written against and the test that pins it, so an upgrade knows what to re-check.
+
+Knows nothing of GPT: it works on DeepSpeed engines, optimizers, checkpoints and modules.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtnlg.files import temp_path
+
+# --------------------------------------------------------------------------- engine
+
+
+def skip_lone_gradient_reduction(engine) -> bool:
+    """[DeepSpeed 0.19.8; pinned by tests/test_training.py::test_layout_parity (dp=1 vs dp=2)] With a single
+    data-parallel rank, DeepSpeed's BF16 optimizer and plain-optimizer paths still flatten
+    every gradient into one buffer, "all-reduce" it over a group of one and copy it back: three passes
+    over all gradients for nothing (~0.2 s per step for GPT-2 small on a CPU). Turn that off where it is
+    all the reduction does; ZeRO-2/3 and ZeRO-1's own optimizer move gradients into partitions there."""
+    if engine.zero_optimization_partition_gradients():
+        return False
+    if engine.zero_optimization_stage() == 1 and hasattr(engine.optimizer, "reduce_gradients"):
+        return False
+    engine.enable_backward_allreduce = False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    return True
+
+
+def embedding_grads_into_fp32(engine, lookups: list) -> int:
+    """[DeepSpeed 0.19.8, its BF16_Optimizer internals; pinned by tests/test_fp32_grads.py] Where DeepSpeed's BF16
+    optimizer (bf16 with ZeRO 0/1) keeps an fp32 gradient for a token lookup's weight (``lookups``: modules with a
+    ``weight`` and an ``fp32_grad`` slot, e.g. ``VocabParallelEmbedding``), route the lookup's gradient straight
+    into it: per micro batch, no dense bf16 embedding gradient is made, added, and added again into fp32 (GPT-2
+    small: 4% of a CPU step; on the first pipeline stage all of the tied copy's cost). The gradient is the same
+    sum in fp32 without the bf16 rounding of the dense path. Returns how many were routed."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, BF16_Optimizer):
+        return 0
+    slots = {id(p): (i, j) for i, group in enumerate(opt.bf16_groups) for j, p in enumerate(group)}
+    routed = 0
+    for lookup in lookups:
+        if id(lookup.weight) in slots:
+            lookup.fp32_grad = _Fp32GradSlot(opt, *slots[id(lookup.weight)], lookup.weight)
+            routed += 1
+    return routed
+
+
+class _Fp32GradSlot:
+    """The fp32 gradient DeepSpeed's BF16 optimizer keeps for one bf16 parameter, marked as holding a
+    gradient (it then enters the norm, clipping and the dp reduction) and linked where the pipeline
+    engine looks for a tied weight's gradient to all-reduce across stages."""
+
+    def __init__(self, opt, group: int, index: int, param: torch.nn.Parameter):
+        self.opt, self.group, self.index, self.param = opt, group, index, param
+
+    def __call__(self) -> torch.Tensor:
+        hp = self.opt.fp32_groups_gradients[self.group][self.index].view(self.param.shape)
+        self.opt.fp32_groups_has_gradients[self.group][self.index] = True
+        self.param._hp_grad = hp
+        return hp
+
+
+def mend_universal_load(engine, guard, group_decay: list[float], schedule, zero3: bool) -> None:
+    """[DeepSpeed 0.19.8; pinned by tests/test_reshard.py] Mend three gaps of DeepSpeed's universal-checkpoint
+    loading: it copies the first param group's hyperparameters onto every group (put back: no weight decay on
+    biases and norms; the scheduled lr), and into ZeRO-3 it fills the fp32 master partitions without copying them
+    into the model's own partitions and gives every group the same Adam step tensor."""
+    for group, decay in zip(guard.param_groups, group_decay):
+        group["weight_decay"] = decay
+    schedule.load_state_dict(schedule.state_dict())  # re-applies the scheduled lr
+    if zero3:
+        opt = engine.optimizer
+        for sub_group in range(len(opt.fp16_groups)):
+            opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+        for state in guard.state.values():  # one step tensor was shared by every group: Adam would
+            if torch.is_tensor(state.get("step")):  # count each step once per group
+                state["step"] = state["step"].clone()
+
+
+def balanced_pipeline_module(bounds, **kwargs):
+    """[DeepSpeed 0.19.8's private ``PipelineModule._partition_layers``/``_set_bounds``; pinned by
+    tests/test_training.py (pp=2 parity) and tests/test_bench_kernels.py] A DeepSpeed PipelineModule whose stage
+    boundaries are ``bounds`` (``stages + 1`` layer indices, e.g. balanced by FLOPs) instead of one of DeepSpeed's
+    own partition methods. ``kwargs`` go to ``PipelineModule``."""
+    from deepspeed.pipe import PipelineModule
+
+    class BoundedPipelineModule(PipelineModule):
+        def _partition_layers(self, method: str = "uniform") -> None:
+            if method != "mtnlg:bounds":
+                return super()._partition_layers(method)
+            self.parts = list(bounds)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return BoundedPipelineModule(partition_method="mtnlg:bounds", **kwargs)
+
+
+# --------------------------------------------------------------------------- accelerator and process group
+
+
+def allow_cpu_fp16() -> None:
+    """[DeepSpeed 0.19.8's CPU accelerator; pinned by tests/test_precision.py and the fp16 case of
+    tests/test_training.py::test_resume_is_exact] Let DeepSpeed's CPU accelerator run fp16 on CPUs without oneDNN
+    fp16 kernels.
+
+    DeepSpeed refuses fp16 on such CPUs, yet torch computes fp16 on any CPU (slowly, by
+    conversion). mtnlg installs a CPU accelerator that says so, so fp16 runs (loss scaling,
+    skipped steps) can be trained and tested on any machine. Nothing changes on GPUs.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if get_accelerator().device_name() != "cpu" or get_accelerator().is_fp16_supported():
+        return
+
+    class CPUAcceleratorFP16(CPU_Accelerator):
+        def is_fp16_supported(self) -> bool:
+            return True
+
+        def supported_dtypes(self) -> list:
+            return [torch.float, torch.bfloat16, torch.float16]
+
+    set_accelerator(CPUAcceleratorFP16())
+
+
+def release_shm_buffer() -> None:
+    """[DeepSpeed 0.19.8's shm comm op; pinned by tests/test_faults.py::test_a_dead_rank_ends_the_job] Unlink this
+    rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank at initialisation and
+    removes none: every killed or crashed job would leave them behind until /dev/shm fills up.
+    The mappings stay valid after the unlink, so nothing changes for the running job.
+    """
+    dist.barrier()  # every rank has opened every other rank's buffer
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def record_writes(engine) -> list[str]:
+    """[DeepSpeed 0.19.8; pinned by tests/test_checkpoints.py::test_every_checkpoint_file_is_fsynced_before_the_marker]
+    The paths DeepSpeed's checkpoint engine writes on this rank, recorded as it writes them (the list is cleared
+    by the caller before each checkpoint): DeepSpeed writes every checkpoint file (model states, pipeline layer
+    files, ZeRO optimizer partitions) through ``engine.checkpoint_engine.save(state, path)``."""
+    ce = engine.checkpoint_engine
+    if not hasattr(ce, "_mtnlg_written"):
+        original = ce.save
+        ce._mtnlg_written = []
+
+        def save(state_dict, path, *args, **kwargs):
+            out = original(state_dict, path, *args, **kwargs)
+            ce._mtnlg_written.append(str(path))
+            return out
+
+        ce.save = save
+    return ce._mtnlg_written
+
+
+def universal_model_state_names(tag_dir: Path) -> None:
+    """[DeepSpeed 0.19.8; pinned by tests/test_reshard.py (the ZeRO-3 target)] DeepSpeed looks for
+    ``mp_rank_XX_model_states.pt`` when loading into ZeRO 1/2 and for
+    ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` into ZeRO-3; with a universal checkpoint both carry the same
+    metadata (weights come from ``zero/``), so provide both names (hard links)."""
+    for f in list(tag_dir.glob("mp_rank_*_model_states.pt")):
+        other = tag_dir / f"zero_pp_rank_0_{f.name}"
+        if not other.exists():
+            os.link(f, other)
+    for f in list(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")):
+        other = tag_dir / f.name.removeprefix("zero_pp_rank_0_")
+        if not other.exists():
+            os.link(f, other)
+
+
+def universal_stage3_optimizer_state(zero_dir: Path) -> None:
+    """[DeepSpeed 0.19.8; pinned by tests/test_reshard.py (zero1-to-zero3)] A ZeRO-1/2 source writes its global
+    optimizer state flat; DeepSpeed's ZeRO-3 universal loader reads ``optimizer_state_dict`` (the step and the
+    param groups). Add that view, so a ZeRO-1/2 checkpoint also resumes under ZeRO-3."""
+    import torch
+
+    path = zero_dir / "optimizer_state.pt"
+    sd = torch.load(path, weights_only=False)
+    if "optimizer_state_dict" in sd:
+        return
+    step_file = next(zero_dir.glob("*/step.pt"), None)
+    step = torch.load(step_file, weights_only=False) if step_file is not None else 0
+    sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    tmp = temp_path(path)
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
