@@ -1,6 +1,6 @@
 """The Python API in one page: build a GPT from a config dict, train it a little, sample from it.
 
-    python examples/quickstart.py [--preset gpt2|llama] [--steps 60] [--bf16]
+    python examples/quickstart.py [--architecture gpt2|llama|mistral|qwen2] [--steps 60] [--bf16]
 
 One process, no launcher, CPU or GPU. The data is a toy stream (each sequence counts up
 from a random start, modulo the vocabulary) so the loss visibly falls within a minute.
@@ -18,18 +18,18 @@ from mtnlg.model import GPTModel
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llama", choices=["gpt2", "llama"])
+    ap.add_argument("--architecture", default="llama", choices=["gpt2", "llama", "mistral", "qwen2"])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
 
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
     model = GPTModel.from_config(
-        {"preset": args.preset, "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+        {"architecture": args.architecture, "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
          "vocab_size": 256, "seq_length": 64},
         seed=0,
     ).to(device, torch.bfloat16 if args.bf16 else torch.float32)
-    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+    print(f"{args.architecture}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
     gen = torch.Generator().manual_seed(0)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,43 +34,48 @@ class ConfigError(JobError):
 # --------------------------------------------------------------------------- sections
 
 
+# model.architecture names a set of defaults (and the Hugging Face class export prefers); every knob it sets can
+# be stated in the YAML instead. Export picks the HF class that represents the result exactly, or refuses.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "gpt2": {"norm": "layernorm", "activation": "gelu", "position_embedding": "learned", "bias": True,
+             "tie_embeddings": True, "rope_theta": 10000.0},
+    "llama": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
+              "tie_embeddings": False, "rope_theta": 10000.0},
+    "mistral": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
+                "tie_embeddings": False, "rope_theta": 10000.0},  # full causal attention (no sliding window)
+    "qwen2": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
+              "qkv_bias": True, "tie_embeddings": False, "rope_theta": 1000000.0},
+}
+KNOBS = ("norm", "activation", "position_embedding", "bias", "qkv_bias", "tie_embeddings", "rope_theta")
+
+
 @dataclass
 class ModelConfig:
-    preset: Literal["gpt2", "llama"] = "gpt2"
+    architecture: Literal["gpt2", "llama", "mistral", "qwen2"] | None = None  # default gpt2: see ARCHITECTURES
+    preset: Literal["gpt2", "llama"] | None = None  # deprecated alias of architecture (one release)
     num_layers: int = 12
     hidden_size: int = 768
     num_attention_heads: int = 12
     num_kv_heads: int | None = None  # default: num_attention_heads (MHA); 1 = MQA
-    ffn_hidden_size: int | None = None  # default: 4h (gpt2), 8h/3 rounded up to 64 (llama)
+    ffn_hidden_size: int | None = None  # default: 4h (gelu), 8h/3 rounded up to 64 (swiglu)
     seq_length: int = 1024
-    max_position_embeddings: int | None = None  # learned positions (gpt2); default seq_length
+    max_position_embeddings: int | None = None  # learned positions: the table size; default seq_length
     vocab_size: int | None = None  # default: the tokenizer's (or the synthetic source's); padded for TP
     make_vocab_size_divisible_by: int = 128  # Megatron: padded to a multiple of this * tp
     padded_vocab_size: int | None = None  # derived
-    rope_theta: float = 10000.0
+    # the architecture's knobs (None: the architecture's default)
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    activation: Literal["gelu", "swiglu"] | None = None  # tanh GELU MLP, or SwiGLU with a fused [gate; up]
+    position_embedding: Literal["learned", "rope"] | None = None
+    bias: bool | None = None  # biases on every linear layer (qkv, attention output, MLP)
+    qkv_bias: bool | None = None  # biases on q, k and v (default: bias); Qwen2's are on q, k, v only
+    tie_embeddings: bool | None = None  # the output layer reuses the token embedding
+    rope_theta: float | None = None
     norm_eps: float = 1e-5
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
-    tie_embeddings: bool | None = None  # default: True for gpt2, False for llama
     activation_checkpointing: bool = False  # full recompute of every block in backward
-
-    # Preset-defined architecture; derived, not set by users.
-    @property
-    def position_embedding(self) -> str:
-        return "learned" if self.preset == "gpt2" else "rope"
-
-    @property
-    def norm(self) -> str:
-        return "layernorm" if self.preset == "gpt2" else "rmsnorm"
-
-    @property
-    def activation(self) -> str:
-        return "gelu" if self.preset == "gpt2" else "swiglu"
-
-    @property
-    def bias(self) -> bool:
-        return self.preset == "gpt2"
 
     @property
     def head_dim(self) -> int:
@@ -197,6 +204,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = loaded
     for item in overrides or []:
         apply_override(raw, item)
+    if isinstance(raw.get("model"), dict) and raw["model"].get("preset") is not None and os.environ.get(
+            "RANK", "0") == "0":
+        print(f"mtnlg: model.preset is deprecated and goes in the next release; write model.architecture: "
+              f"{raw['model']['preset']} (the same names)", file=sys.stderr)
     return from_dict(raw)
 
 
@@ -323,6 +334,7 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
 
     if m.vocab_size is None:
         raise ConfigError("model.vocab_size is not set and the data has no tokenizer to take it from; set it")
+    _resolve_architecture(m)
     for where, value in [
         ("model.num_layers", m.num_layers),
         ("model.hidden_size", m.hidden_size),
@@ -375,8 +387,6 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
             f"model.num_kv_heads = {m.num_kv_heads} must divide model.num_attention_heads = "
             f"{m.num_attention_heads} (query heads are shared in equal groups)"
         )
-    if m.preset == "gpt2" and m.num_kv_heads != m.num_attention_heads:
-        raise ConfigError("model.num_kv_heads applies to the llama preset only; remove it for gpt2")
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"model.num_attention_heads = {m.num_attention_heads} is not divisible by parallel.tensor = {tp}"
@@ -386,10 +396,10 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
             f"model.num_kv_heads = {m.num_kv_heads} is not divisible by parallel.tensor = {tp}; "
             "use more kv heads or a smaller tensor-parallel size"
         )
-    if m.preset == "llama" and m.head_dim % 2:
+    if m.position_embedding == "rope" and m.head_dim % 2:
         raise ConfigError(f"head dim {m.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
     if m.ffn_hidden_size is None:
-        if m.preset == "gpt2":
+        if m.activation == "gelu":
             m.ffn_hidden_size = 4 * m.hidden_size
         else:
             m.ffn_hidden_size = _round_up(int(8 * m.hidden_size / 3), 64)
@@ -397,8 +407,6 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError(
             f"model.ffn_hidden_size = {m.ffn_hidden_size} is not divisible by parallel.tensor = {tp}"
         )
-    if m.tie_embeddings is None:
-        m.tie_embeddings = m.preset == "gpt2"
     if m.position_embedding == "learned":
         if m.max_position_embeddings is None:
             m.max_position_embeddings = m.seq_length
@@ -456,6 +464,21 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
     return cfg
+
+
+def _resolve_architecture(m: ModelConfig) -> None:
+    """Fill the architecture's knobs that the config leaves unset (``model.preset`` is its old name)."""
+    if m.preset is not None:
+        if m.architecture is not None and m.architecture != m.preset:
+            raise ConfigError(f"model.preset = {m.preset} and model.architecture = {m.architecture} disagree; "
+                              "give model.architecture only (preset is its deprecated name)")
+        m.architecture, m.preset = m.preset, None
+    m.architecture = m.architecture or "gpt2"
+    for knob, value in ARCHITECTURES[m.architecture].items():
+        if getattr(m, knob) is None:
+            setattr(m, knob, value)
+    if m.qkv_bias is None:
+        m.qkv_bias = m.bias
 
 
 def parse_split(split: str) -> tuple[float, float, float]:

@@ -21,7 +21,7 @@ def skip_lone_gradient_reduction(engine) -> bool:
     """[DeepSpeed 0.19.8; pinned by tests/test_training.py::test_layout_parity (dp=1 vs dp=2)] With a single
     data-parallel rank, DeepSpeed's BF16 optimizer and plain-optimizer paths still flatten
     every gradient into one buffer, "all-reduce" it over a group of one and copy it back: three passes
-    over all gradients for nothing (~0.2 s per step for GPT-2 small on a CPU). Turn that off where it is
+    over all gradients for nothing (benchmarks/README.md). Turn that off where it is
     all the reduction does; ZeRO-2/3 and ZeRO-1's own optimizer move gradients into partitions there."""
     if engine.zero_optimization_partition_gradients():
         return False
@@ -37,8 +37,8 @@ def embedding_grads_into_fp32(engine, lookups: list) -> int:
     """[DeepSpeed 0.19.8, its BF16_Optimizer internals; pinned by tests/test_fp32_grads.py] Where DeepSpeed's BF16
     optimizer (bf16 with ZeRO 0/1) keeps an fp32 gradient for a token lookup's weight (``lookups``: modules with a
     ``weight`` and an ``fp32_grad`` slot, e.g. ``VocabParallelEmbedding``), route the lookup's gradient straight
-    into it: per micro batch, no dense bf16 embedding gradient is made, added, and added again into fp32 (GPT-2
-    small: 4% of a CPU step; on the first pipeline stage all of the tied copy's cost). The gradient is the same
+    into it: per micro batch, no dense bf16 embedding gradient is made, added, and added again into fp32
+    (benchmarks/README.md; on the first pipeline stage that was all of the tied copy's cost). The gradient is the same
     sum in fp32 without the bf16 rounding of the dense path. Returns how many were routed."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 

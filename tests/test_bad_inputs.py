@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MTNLG = str(Path(sys.executable).parent / "mtnlg")
 
 TINY = """
-model: {preset: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
+model: {architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
 train: {iters: 2, micro_batch_size: 2, global_batch_size: 2, log_interval: 1, peak_tflops: 1.0}
 data: {synthetic: {vocab_size: 64, branching: 2}}
 deepspeed_config: %s

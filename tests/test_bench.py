@@ -13,7 +13,7 @@ import pytest
 from mtnlg.bench.runner import throughput
 
 TINY = """
-model: {preset: gpt2, num_layers: 2, hidden_size: 64, num_attention_heads: 4, vocab_size: 500, seq_length: 32}
+model: {architecture: gpt2, num_layers: 2, hidden_size: 64, num_attention_heads: 4, vocab_size: 500, seq_length: 32}
 train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
 deepspeed_config: %s
 """
@@ -46,7 +46,7 @@ def _result() -> dict:
            "pp2": {**throughput([5.0], 4096, 8e8, 0.8), "peak_mem_mb": [1200.0, 1400.0]}}
     return {
         "machine": {"device": "cpu", "cpu": "x86_64", "cores": 2, "torch": "2", "deepspeed": "0", "transformers": "5"},
-        "config": {"model": {"preset": "gpt2", "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+        "config": {"model": {"architecture": "gpt2", "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
                              "seq_length": 512, "vocab_size": 50257},
                    "micro_batch_size": 2, "global_batch_size": 4, "deepspeed_config": "ds_configs/zero1.json"},
         "steps": 2, "warmup": 1, "threads": 2,

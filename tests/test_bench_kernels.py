@@ -98,7 +98,7 @@ def test_pipeline_stages_balance_flops():
     from mtnlg.model.layout import block_anchors, spec_flops, stage_bounds
     from mtnlg.parallel.pipeline import balanced_parts
 
-    cfg = resolve(from_dict({"model": {"preset": "gpt2", "num_layers": 12, "hidden_size": 768,
+    cfg = resolve(from_dict({"model": {"architecture": "gpt2", "num_layers": 12, "hidden_size": 768,
                                        "num_attention_heads": 12, "vocab_size": 50257, "seq_length": 512}}), 2).model
     w = spec_flops(cfg)  # read off the parameters: the tied head is the embedding's [V, h] matrix again
     assert len(w) == 12 + 3 and w[0] == 0 and w[-1] == 2 * 768 * 50257

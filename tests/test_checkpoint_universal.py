@@ -10,10 +10,10 @@ from mtnlg.checkpoint.universal import universal_checkpoint_info
 from mtnlg.model import GPTModel
 
 CASES = {
-    "gpt2-tied": {"preset": "gpt2"},
-    "gpt2-untied": {"preset": "gpt2", "tie_embeddings": False},
-    "llama-gqa": {"preset": "llama", "num_kv_heads": 2},
-    "llama-tied-mqa": {"preset": "llama", "num_kv_heads": 1, "tie_embeddings": True},
+    "gpt2-tied": {"architecture": "gpt2"},
+    "gpt2-untied": {"architecture": "gpt2", "tie_embeddings": False},
+    "llama-gqa": {"architecture": "llama", "num_kv_heads": 2},
+    "llama-tied-mqa": {"architecture": "llama", "num_kv_heads": 1, "tie_embeddings": True},
 }
 
 
@@ -56,7 +56,7 @@ def test_every_parameter_has_the_rule_its_sharding_needs(case):
 
 
 def test_shard_widths_follow_tp():
-    model = GPTModel.from_config({"preset": "llama", "num_layers": 1, "hidden_size": 64, "num_attention_heads": 8,
+    model = GPTModel.from_config({"architecture": "llama", "num_layers": 1, "hidden_size": 64, "num_attention_heads": 8,
                                   "num_kv_heads": 2, "vocab_size": 100, "seq_length": 8})
     info = universal_checkpoint_info(model.cfg, tp=2)
     widths = info["sub_param_shard_widths"]

@@ -64,7 +64,7 @@ def _resume_on_nodes(rank: int, world: int, ckpt: str, first_half: bool) -> dict
     from mtnlg.errors import JobError
     from mtnlg.training.loop import train
 
-    common = {"preset": "llama", "tp": 1, "pp": 2, "zero": 1, "iters": 2 * STEPS, "save": ckpt}
+    common = {"architecture": "llama", "tp": 1, "pp": 2, "zero": 1, "iters": 2 * STEPS, "save": ckpt}
     out = {}
     if first_half:
         out["full"] = train(run_config(**{**common, "save": None})).losses

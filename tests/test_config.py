@@ -7,7 +7,7 @@ import pytest
 from mtnlg.config import ConfigError, load_config, parse_split, resolve, save_config
 
 GOOD = """
-model: {preset: llama, num_layers: 4, hidden_size: 64, num_attention_heads: 8, num_kv_heads: 4,
+model: {architecture: llama, num_layers: 4, hidden_size: 64, num_attention_heads: 8, num_kv_heads: 4,
         vocab_size: 1000, seq_length: 32}
 parallel: {tensor: 2, pipeline: 2}
 train: {iters: 10, micro_batch_size: 2, global_batch_size: 16, lr: 3e-4}
@@ -32,9 +32,9 @@ def test_good_config_resolves(tmp_path):
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["train.iters=50", "model.preset=gpt2", "model.num_kv_heads=null",
+    cfg = load_config(write(tmp_path, GOOD), ["train.iters=50", "model.architecture=gpt2", "model.num_kv_heads=null",
                                               "checkpoint.save=/tmp/x", "data.blend=[{prefix: a, weight: 2}]"])
-    assert cfg.train.iters == 50 and cfg.model.preset == "gpt2" and cfg.checkpoint.save == "/tmp/x"
+    assert cfg.train.iters == 50 and cfg.model.architecture == "gpt2" and cfg.checkpoint.save == "/tmp/x"
     assert cfg.data.blend[0].prefix == "a" and cfg.data.blend[0].weight == 2.0
     resolved = resolve(cfg, 4)
     assert resolved.model.tie_embeddings is True and resolved.model.num_kv_heads == 8
@@ -52,9 +52,11 @@ def test_padded_vocab_follows_tp():
 
 BAD = [
     # (yaml text or overrides, world size, substring expected in the one-line message)
-    ("model: {hiden_size: 64}", 1, "unknown key 'model.hiden_size'; valid keys in model: preset"),
+    ("model: {hiden_size: 64}", 1, "unknown key 'model.hiden_size'; valid keys in model: architecture"),
     ("modle: {}", 1, "unknown key 'modle'"),
-    ("model: {preset: gpt3}", 1, "model.preset = 'gpt3' is not one of: gpt2, llama"),
+    ("model: {architecture: gpt3}", 1, "model.architecture = 'gpt3' is not one of: gpt2, llama, mistral, qwen2"),
+    ("model: {architecture: llama, preset: gpt2}", 1, "model.preset = gpt2 and model.architecture = llama disagree"),
+    ("model: {norm: batchnorm}", 1, "model.norm = 'batchnorm' is not one of: layernorm, rmsnorm"),
     ("model: {num_layers: two}", 1, "model.num_layers must be int, got 'two'"),
     ("train: {lr: fast}", 1, "train.lr must be float, got 'fast'"),
     ("model: [1, 2]", 1, "model must be a mapping"),
@@ -68,9 +70,9 @@ BAD = [
      "world size 6 is not divisible by parallel.tensor * parallel.pipeline = 4"),
     ("model: {num_attention_heads: 12, hidden_size: 768}\nparallel: {tensor: 8}", 8,
      "model.num_attention_heads = 12 is not divisible by parallel.tensor = 8"),
-    ("model: {preset: llama, num_attention_heads: 8, hidden_size: 64, num_kv_heads: 1}\nparallel: {tensor: 2}", 2,
+    ("model: {architecture: llama, num_attention_heads: 8, hidden_size: 64, num_kv_heads: 1}\nparallel: {tensor: 2}", 2,
      "model.num_kv_heads = 1 is not divisible by parallel.tensor = 2"),
-    ("model: {preset: llama, num_attention_heads: 8, hidden_size: 64, num_kv_heads: 3}", 1,
+    ("model: {architecture: llama, num_attention_heads: 8, hidden_size: 64, num_kv_heads: 3}", 1,
      "model.num_kv_heads = 3 must divide model.num_attention_heads = 8"),
     ("model: {hidden_size: 100, num_attention_heads: 12}", 1, "model.hidden_size = 100 is not divisible by"),
     ("train: {micro_batch_size: 4, global_batch_size: 10}", 2,
@@ -86,7 +88,6 @@ BAD = [
     ("data: {vocab_file: enc.json}", 1, "data.vocab_file and data.merge_file go together"),
     ("model: {hidden_dropout: 1.5}", 1, "model.hidden_dropout = 1.5 must be in [0, 1)"),
     ("model: {num_layers: 0}", 1, "model.num_layers = 0 must be a positive integer"),
-    ("model: {preset: gpt2, num_kv_heads: 4}", 1, "model.num_kv_heads applies to the llama preset only"),
     ("checkpoint: {keep_last: 0}", 1, "checkpoint.keep_last = 0 must be >= 1"),
     ("model: {padded_vocab_size: 1000}", 1, "model.padded_vocab_size = 1000 but vocab 50257"),
     ("model: {tie_embeddings: maybe}", 1, "model.tie_embeddings must be bool, got 'maybe'"),
@@ -124,6 +125,31 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["train=3", "train.iters=4"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("arch,knobs", [
+    ("gpt2", ("layernorm", "gelu", "learned", True, True, True, 10000.0, 256)),
+    ("llama", ("rmsnorm", "swiglu", "rope", False, False, False, 10000.0, 192)),
+    ("mistral", ("rmsnorm", "swiglu", "rope", False, False, False, 10000.0, 192)),
+    ("qwen2", ("rmsnorm", "swiglu", "rope", False, True, False, 1e6, 192)),
+])
+def test_architecture_names_defaults_every_knob_overrides(arch, knobs):
+    """model.architecture sets norm, activation, positions, biases, tying, rope theta (and the ffn default)."""
+    base = ["model.vocab_size=100", "model.hidden_size=64", "model.num_attention_heads=4", f"model.architecture={arch}"]
+    m = resolve(load_config(None, base), 1).model
+    names = ("norm", "activation", "position_embedding", "bias", "qkv_bias", "tie_embeddings", "rope_theta",
+             "ffn_hidden_size")
+    assert tuple(getattr(m, k) for k in names) == knobs
+    m = resolve(load_config(None, [*base, "model.norm=layernorm", "model.qkv_bias=true", "model.bias=false",
+                                   "model.tie_embeddings=true"]), 1).model
+    assert (m.norm, m.qkv_bias, m.bias, m.tie_embeddings, m.architecture) == ("layernorm", True, False, True, arch)
+
+
+def test_preset_is_a_deprecated_alias(tmp_path, capsys):
+    cfg = resolve(load_config(write(tmp_path, "model: {preset: llama, vocab_size: 100}")), 1)
+    assert cfg.model.architecture == "llama" and cfg.model.preset is None and cfg.model.norm == "rmsnorm"
+    err = capsys.readouterr().err
+    assert "model.preset is deprecated" in err and "model.architecture: llama" in err
 
 
 def test_stages_need_not_hold_equal_layer_counts():

@@ -28,27 +28,38 @@ def _offline():
         yield
 
 
-def hf_model(family: str, **overrides):
-    """A tiny random HF model: GPT-2 (tied) or Llama with GQA (4 heads / 2 kv heads) and an untied head."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
 
-    torch.manual_seed(0 if family == "gpt2" else 1)
+
+def hf_model(family: str, **overrides):
+    """A tiny random HF model: GPT-2 (tied), or Llama / Qwen2 (q, k, v biases) / Mistral with GQA (4 heads / 2 kv
+    heads) and an untied head."""
+    import transformers
+
+    torch.manual_seed(FAMILIES.index(family))
     if family == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, initializer_range=0.1,
-                         bos_token_id=None, eos_token_id=None, **overrides)
-        model = GPT2LMHeadModel(cfg)
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=SEQ,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                                      initializer_range=0.1, bos_token_id=None, eos_token_id=None, **overrides)
+        model = transformers.GPT2LMHeadModel(cfg)
     else:
-        kwargs = {"tie_word_embeddings": False, **overrides}
-        cfg = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=SEQ, rms_norm_eps=1e-6,
-                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                          initializer_range=0.1, bos_token_id=None, eos_token_id=None, **kwargs)
-        model = LlamaForCausalLM(cfg)
-        with torch.no_grad():  # random norm weights, so a swapped norm cannot hide
+        config_class, model_class, extra = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": False}),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+        }[family]
+        kwargs = {"tie_word_embeddings": False, **extra, **overrides}
+        cfg = config_class(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                           rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                           initializer_range=0.1, bos_token_id=None, eos_token_id=None, **kwargs)
+        model = model_class(cfg)
+        with torch.no_grad():  # random norm weights and biases, so a swapped norm or a lost bias cannot hide
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.uniform_(0.5, 1.5)
+                elif name.endswith("bias"):
+                    p.uniform_(-0.5, 0.5)
     return model.eval()
 
 
@@ -100,7 +111,7 @@ def hf_dirs(tmp_path_factory, tokenizer):
     """{family: (HF model, its directory)}; the gpt2 one has a (trained byte-level BPE) tokenizer."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for family in ("gpt2", "llama"):
+    for family in FAMILIES:
         model = hf_model(family)
         out[family] = (model, save_hf(model, root / family, tokenizer if family == "gpt2" else None))
     return out
@@ -123,7 +134,7 @@ def roundtrips(hf_dirs, tmp_path_factory):
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_roundtrip_tp2_pp2_equal_logits_and_weights(hf_dirs, roundtrips, family):
     from mtnlg.checkpoint import load_native_model
 
@@ -145,7 +156,7 @@ def test_roundtrip_tp2_pp2_equal_logits_and_weights(hf_dirs, roundtrips, family)
     assert logits.shape == (3, SEQ, VOCAB) and float(logits.abs().max()) > 0.5  # not a degenerate model
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_exported_config_matches_source(hf_dirs, roundtrips, family):
     model, src = hf_dirs[family]
     _, back = roundtrips[family]
@@ -154,7 +165,10 @@ def test_exported_config_matches_source(hf_dirs, roundtrips, family):
                      "activation_function", "tie_word_embeddings"],
             "llama": ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                       "intermediate_size", "max_position_embeddings", "vocab_size", "rms_norm_eps",
-                      "rope_parameters", "tie_word_embeddings", "head_dim"]}[family]
+                      "rope_parameters", "tie_word_embeddings", "head_dim", "attention_bias", "mlp_bias"]}
+    keys["qwen2"] = keys["llama"][:-3] + ["use_sliding_window"]
+    keys["mistral"] = keys["llama"][:-2] + ["sliding_window"]
+    keys = keys[family]
     assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
     assert b["architectures"] == [type(model).__name__]
     assert (back / "generation_config.json").is_file()
@@ -377,3 +391,32 @@ def test_python_module_entry_point(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("mtnlg export-hf: error: checkpoint directory")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("knobs,cls", [
+    ({"architecture": "gpt2"}, "GPT2LMHeadModel"),
+    ({"architecture": "gpt2", "tie_embeddings": False}, "GPT2LMHeadModel"),
+    ({"architecture": "llama"}, "LlamaForCausalLM"),
+    ({"architecture": "llama", "qkv_bias": True}, "Qwen2ForCausalLM"),  # the class that has exactly that
+    ({"architecture": "llama", "bias": True}, "LlamaForCausalLM"),  # attention_bias + mlp_bias
+    ({"architecture": "qwen2"}, "Qwen2ForCausalLM"),
+    ({"architecture": "qwen2", "qkv_bias": False}, "LlamaForCausalLM"),
+    ({"architecture": "mistral"}, "MistralForCausalLM"),
+    ({"architecture": "gpt2", "norm": "rmsnorm"}, "model.norm = rmsnorm (GPT2LMHeadModel has layernorm)"),
+    ({"architecture": "gpt2", "num_kv_heads": 2}, "model.num_kv_heads = 2 (GPT2LMHeadModel has one key/value"),
+    ({"architecture": "llama", "position_embedding": "learned"}, "model.position_embedding = learned"),
+])
+def test_export_picks_the_exact_hf_class_or_names_the_knob(knobs, cls):
+    from mtnlg.config import load_config, resolve
+    from mtnlg.convert.keymaps import hf_class
+    from mtnlg.errors import UserError
+
+    overrides = ["model.vocab_size=100", "model.hidden_size=64", "model.num_attention_heads=4"]
+    cfg = resolve(load_config(None, overrides + [f"model.{k}={v}" for k, v in knobs.items()]), 1).model
+    if cls.endswith("ForCausalLM") or cls.endswith("HeadModel"):
+        assert hf_class(cfg) == cls
+    else:
+        with pytest.raises(UserError) as err:
+            hf_class(cfg)
+        assert cls in str(err.value) and "no Hugging Face equivalent" in str(err.value)
+        assert "\n" not in str(err.value)

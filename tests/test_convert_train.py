@@ -30,7 +30,9 @@ MASTER_CHECKS = {"llama-tp2pp2-zero1-bf16": ("llama", 2, 2, 1, "bf16"),
                  "gpt2-tp2dp2-zero3-bf16": ("gpt2", 2, 1, 3, "bf16")}
 # name -> (preset, tp, pp, zero, precision): trained from scratch for 3 steps, checkpoints at 2 and 3
 SCRATCH4 = {"gpt2-tp2dp2-zero3": ("gpt2", 2, 1, 3, "fp32"), "llama-scratch-tp2pp2-zero0": ("llama", 2, 2, 0, "fp32"),
-            "llama-tp2dp2-zero2-fp16": ("llama", 2, 1, 2, "fp16")}
+            "llama-tp2dp2-zero2-fp16": ("llama", 2, 1, 2, "fp16"),
+            # architectures beyond the two originals: q, k, v biases (exports as Qwen2ForCausalLM), and Mistral's
+            "qwen2-tp2pp2-zero1": ("qwen2", 2, 2, 1, "fp32"), "mistral-tp2pp2-zero1": ("mistral", 2, 2, 1, "fp32")}
 SCRATCH8 = {"llama-tp2pp2dp2-zero1-bf16": ("llama", 2, 2, 1, "bf16")}
 
 
@@ -294,6 +296,18 @@ def test_trained_checkpoint_weights_are_the_trained_ones(four, name):
     print(f"\n{name}: training loss at iteration 3 {res[name][3]:.6f}; from global_step2 read at tp=1 {got:.6f}")
     assert abs(got - res[name][3]) <= 1e-5 * got
     assert abs(res[name][3] - res[name][1]) > 0.05  # training moved the weights
+
+
+@pytest.mark.parametrize("name,cls", [("qwen2-tp2pp2-zero1", "Qwen2ForCausalLM"),
+                                      ("mistral-tp2pp2-zero1", "MistralForCausalLM")])
+def test_more_architectures_train_in_3d_and_export_like_hf(four, tmp_path, name, cls):
+    """Qwen2-style (q, k, v biases: trained, saved, merged over tp) and Mistral-style models trained at tp=2 x pp=2
+    export to their own HF class with the logits of mtnlg's model (and generate the same tokens)."""
+    import json
+
+    diff = check_export_generates_like_mtnlg(four[1] / name, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [cls]
+    print(f"\n{name} export ({cls}): max|dlogit| HF vs mtnlg = {diff:.3g}")
 
 
 def test_zero3_checkpoint_exports_and_generates_like_mtnlg(four, tmp_path):

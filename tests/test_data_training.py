@@ -32,7 +32,7 @@ def _train_3d(rank, world, prefix, tok, save):
     from mtnlg.training.loop import train
 
     cfg = from_dict({
-        "model": {"preset": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+        "model": {"architecture": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                   "num_kv_heads": 2, "seq_length": 32},
         "parallel": {"tensor": 2, "pipeline": 2},
         "train": {"iters": 4, "micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "log_interval": 1,

@@ -12,7 +12,8 @@ from mtnlg.training.ds_config import build_ds_config
 
 
 def cfg(world=2, pp=1, precision="fp32", **train):
-    raw = from_dict({"model": {"vocab_size": 1000, "preset": "llama", "num_layers": 2}, "parallel": {"pipeline": pp},
+    raw = from_dict({"model": {"vocab_size": 1000, "architecture": "llama", "num_layers": 2},
+                     "parallel": {"pipeline": pp},
                      "train": {"micro_batch_size": 2, "global_batch_size": 8, "precision": precision, **train}})
     return resolve(raw, world)
 

@@ -30,7 +30,7 @@ def _train(rank, world, data_dir, save):
     from mtnlg.training.loop import train
 
     train(from_dict({
-        "model": {"preset": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+        "model": {"architecture": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "num_kv_heads": 2, "seq_length": 64},
         "train": {"iters": 200, "micro_batch_size": 8, "global_batch_size": 8, "lr": 3e-3, "min_lr": 3e-4,
                   "warmup_iters": 10, "log_interval": 50, "peak_tflops": 1.0},
@@ -225,7 +225,8 @@ def _train_with_downstream(rank, world, d, tasks_dir, save, tp, zero):
     from mtnlg.training.loop import train
 
     return train(from_dict({
-        "model": {"preset": "gpt2", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64},
+        "model": {"architecture": "gpt2", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                  "seq_length": 64},
         "parallel": {"tensor": tp},
         "train": {"iters": 60, "micro_batch_size": 8 // (world // tp), "global_batch_size": 8, "lr": 3e-3,
                   "log_interval": 30, "peak_tflops": 1.0},

@@ -27,7 +27,7 @@ def _cfg(save: str, zero: int = 1, precision: str = "fp32", tp: int = 1, **train
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": {"preset": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+        "model": {"architecture": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                   "num_kv_heads": 2, "seq_length": 16},
         "parallel": {"tensor": tp},
         "train": {"iters": 8, "micro_batch_size": 2, "global_batch_size": 4, "log_interval": 1,
@@ -104,7 +104,7 @@ def test_loss_watch_spikes_and_patience():
 # ----------------------------------------------------------------------------- dead and hung ranks
 
 CONFIG = """
-model: {preset: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
+model: {architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
 train: {iters: 100000, micro_batch_size: 2, global_batch_size: 4, log_interval: 1, peak_tflops: 1.0,
         collective_timeout_s: 15}
 data: {synthetic: {vocab_size: 64, branching: 2}}

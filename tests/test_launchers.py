@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 CONFIG = """
-model: {preset: llama, num_layers: 2, hidden_size: 32, num_attention_heads: 4, num_kv_heads: 2,
+model: {architecture: llama, num_layers: 2, hidden_size: 32, num_attention_heads: 4, num_kv_heads: 2,
         vocab_size: 64, seq_length: 16}
 parallel: {tensor: 2}
 train: {iters: 3, micro_batch_size: 2, global_batch_size: 4, log_interval: 1, peak_tflops: 1.0}
@@ -61,7 +61,7 @@ def test_defaults_work_for_pipelines_and_bf16_without_deepspeed_chatter(tmp_path
     """No DeepSpeed JSON: a tied gpt2 at pp=2 in bf16 trains (the default is ZeRO-1); DeepSpeed's set-up prints are
     kept off the console unless logging.deepspeed is info."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(CONFIG.replace("preset: llama", "preset: gpt2").replace(" num_kv_heads: 2,", "")
+    cfg.write_text(CONFIG.replace("architecture: llama", "architecture: gpt2").replace(" num_kv_heads: 2,", "")
                    .replace("parallel: {tensor: 2}", "parallel: {pipeline: 2}").split("deepspeed_config:")[0])
     save = tmp_path / "ckpt"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),

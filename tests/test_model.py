@@ -95,12 +95,12 @@ def test_activation_checkpointing_replays_dropout(preset):
 
 def test_python_api_dtypes_and_presets(tmp_path):
     yaml_path = tmp_path / "run.yaml"
-    yaml_path.write_text("model:\n  preset: llama\n  num_layers: 1\n  hidden_size: 32\n  num_attention_heads: 2\n"
+    yaml_path.write_text("model:\n  architecture: llama\n  num_layers: 1\n  hidden_size: 32\n  num_attention_heads: 2\n"
                          "  vocab_size: 100\n  seq_length: 8\n")
     model = GPTModel.from_config(yaml_path)
     assert not model.cfg.tie_embeddings and model.cfg.norm == "rmsnorm"
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
-    gpt2 = GPTModel.from_config({**SMALL, "preset": "gpt2"})
+    gpt2 = GPTModel.from_config({**SMALL, "architecture": "gpt2"})
     assert gpt2.cfg.tie_embeddings
     assert "tied_modules.embed.position_embeddings.weight" in dict(gpt2.named_parameters())
     ids = torch.randint(0, 100, (1, 8))

@@ -18,7 +18,7 @@ def _config(precision: str, iters: int, save: str | None, ds: str = str(ROOT / "
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": {"preset": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+        "model": {"architecture": "llama", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "vocab_size": 64, "seq_length": 32},
         "train": {"iters": iters, "micro_batch_size": 16, "global_batch_size": 16, "lr": 1e-2, "min_lr": 1e-3,
                   "log_interval": 25, "eval_interval": iters, "eval_iters": 8,

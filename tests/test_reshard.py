@@ -29,7 +29,7 @@ def _train(rank, world, preset, tp, pp, zero, save, load, eval_every, vocab=None
 CASES = {  # name -> preset, (world, tp, pp, zero) before, (world, tp, pp, zero) after, vocab
     "222-to-111": ("gpt2", (8, 2, 2, 1), (1, 1, 1, 1), None),
     "111-to-222": ("llama", (1, 1, 1, 1), (8, 2, 2, 1), None),
-    "212-to-122": ("llama", (4, 2, 1, 1), (4, 1, 2, 1), None),
+    "212-to-122": ("qwen2", (4, 2, 1, 1), (4, 1, 2, 1), None),  # q, k, v biases: fused sub-blocks, merged per block
     # DeepSpeed's ZeRO-3 universal loader cannot re-pad a vocabulary: use one that needs no padding
     "zero1-to-zero3": ("gpt2", (2, 1, 1, 1), (2, 1, 1, 3), 128),
 }

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 ITERS = 300
 
 CONFIG = f"""
-model: {{preset: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16,
+model: {{architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16,
         hidden_dropout: 0.1}}
 train: {{iters: {ITERS}, micro_batch_size: 2, global_batch_size: 4, log_interval: 1, peak_tflops: 1.0}}
 data: {{synthetic: {{vocab_size: 64, branching: 2}}}}

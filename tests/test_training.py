@@ -28,9 +28,9 @@ RTOL = 1e-5
 SGD_LR = 100.0
 
 MODEL = {
-    "gpt2": {"preset": "gpt2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+    "gpt2": {"architecture": "gpt2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
              "vocab_size": 96, "seq_length": 32},
-    "llama": {"preset": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+    "llama": {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
               "num_kv_heads": 2, "vocab_size": 96, "seq_length": 32},
 }
 DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
@@ -42,7 +42,7 @@ def run_config(preset: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: 
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": {**MODEL[preset], **(model or {})},
+        "model": {**MODEL.get(preset, {**MODEL["llama"], "architecture": preset}), **(model or {})},
         "parallel": {"tensor": tp, "pipeline": pp},
         "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
                   "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
@@ -107,16 +107,16 @@ def parity(tmp_path_factory):
         combos = [(p, tp, pp, 1) for p in MODEL for tp, pp in layouts] + ZERO_RUNS.get(world, [])
         for p, tp, pp, zero in combos:
             dp = world // (tp * pp)
-            runs.append({"preset": p, "tp": tp, "pp": pp, "zero": zero})
+            runs.append({"architecture": p, "tp": tp, "pp": pp, "zero": zero})
             keys.append(("adamw", p, tp, pp, dp, zero))
             save = root / f"sgd-{p}-tp{tp}pp{pp}dp{dp}-zero{zero}"
-            runs.append({"preset": p, "tp": tp, "pp": pp, "zero": zero, "sgd": True, "save": str(save)})
+            runs.append({"architecture": p, "tp": tp, "pp": pp, "zero": zero, "sgd": True, "save": str(save)})
             keys.append(("sgd", p, tp, pp, dp, zero))
         if world == 2:  # full recompute replays dropout exactly: same losses and norms with dropout on
             for p in MODEL:
                 for tp, pp in CKPT_LAYOUTS:
                     for kind, ckpt in (("drop", False), ("ckpt", True)):
-                        runs.append({"preset": p, "tp": tp, "pp": pp,
+                        runs.append({"architecture": p, "tp": tp, "pp": pp,
                                      "model": {**DROPOUT, "activation_checkpointing": ckpt}})
                         keys.append((kind, p, tp, pp, 1, 1))
         for key, run, result in zip(keys, runs, _results(runs, world)):
@@ -199,7 +199,7 @@ def test_activation_checkpointing_replays_dropout(parity, preset, tp, pp):
 def _resume(rank: int, world: int, save: str, tp: int, pp: int, zero: int, precision: str) -> dict:
     from mtnlg.training.loop import train
 
-    common = {"preset": "gpt2", "tp": tp, "pp": pp, "zero": zero, "precision": precision,
+    common = {"architecture": "gpt2", "tp": tp, "pp": pp, "zero": zero, "precision": precision,
               "model": DROPOUT}  # the RNG must resume too
     full = train(run_config(iters=2 * STEPS, **common))
     first = train(run_config(iters=2 * STEPS, save=save, exit_interval=STEPS, **common))  # stops at STEPS

@@ -27,7 +27,8 @@ def _mem(values: list | None) -> str:
 
 def _model_line(r: dict) -> str:
     m = r["config"]["model"]
-    return (f"{m['preset']} {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
+    arch = m.get("architecture") or m.get("preset")  # results of earlier versions name it preset
+    return (f"{arch} {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads, "
             f"seq {m['seq_length']}, vocab {m['vocab_size']}")
 
 

@@ -8,7 +8,7 @@ as a Python float (one host sync per step, on both sides).
 The peer's attention implementation is a parameter (``"eager"`` or ``"sdpa"``): which is faster
 depends on the machine (on CPU, bf16, the unfused form often wins), so ``mtnlg bench`` times both
 and compares mtnlg against the faster. Otherwise the peer uses HF's stock fast settings: the fused
-``gelu_pytorch_tanh`` (the same tanh-GELU as mtnlg's gpt2 preset), weights built locally from a
+``gelu_pytorch_tanh`` (the same tanh-GELU as mtnlg's gpt2 architecture), weights built locally from a
 config (no hub). Its vocabulary is not padded (HF's default); its loss is HF's own
 (``ForCausalLMLoss``: fp32 logits, ``F.cross_entropy``), given the same next-token labels. It runs
 at any data-parallel size (tp = pp = 1); each dp rank trains on its own micro batches, as mtnlg's.
@@ -86,34 +86,21 @@ PEER_ATTNS = ("eager", "sdpa")  # the HF attention implementations the bench tim
 
 
 def hf_model(cfg: RunConfig, attn: str = "sdpa") -> torch.nn.Module:
-    """A randomly initialised HF model with mtnlg's model dims (GPT2LMHeadModel or LlamaForCausalLM) and
-    attention implementation ``attn`` (one of ``PEER_ATTNS``)."""
+    """A randomly initialised HF model with mtnlg's model dims, of the class mtnlg exports the architecture to
+    (``mtnlg.convert.hf_export.hf_config``: GPT2LMHeadModel, LlamaForCausalLM, ...), attention implementation
+    ``attn`` (one of ``PEER_ATTNS``); GPT-2's tanh GELU is HF's fused ``gelu_pytorch_tanh`` (the same function)."""
+    from transformers import AutoModelForCausalLM
+
+    from mtnlg.convert.hf_export import hf_config
+
     if attn not in PEER_ATTNS:
         raise ValueError(f"attention implementation {attn!r}: use one of {', '.join(PEER_ATTNS)}")
-    m = cfg.model
-    if m.preset == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf_cfg = GPT2Config(
-            vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
-            n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=m.ffn_hidden_size,
-            activation_function="gelu_pytorch_tanh", resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
-            attn_pdrop=m.attention_dropout, layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
-            tie_word_embeddings=True, use_cache=False,
-        )
-        hf_cfg._attn_implementation = attn
-        return GPT2LMHeadModel(hf_cfg)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_eps, initializer_range=m.init_std,
-        tie_word_embeddings=bool(m.tie_embeddings), attention_dropout=m.attention_dropout, use_cache=False,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-    )
+    hf_cfg = hf_config(cfg.model, "fp32", {})
+    hf_cfg.use_cache = False
+    if hasattr(hf_cfg, "activation_function"):
+        hf_cfg.activation_function = "gelu_pytorch_tanh"
     hf_cfg._attn_implementation = attn
-    return LlamaForCausalLM(hf_cfg)
+    return AutoModelForCausalLM.from_config(hf_cfg)
 
 
 class PeerSetup:

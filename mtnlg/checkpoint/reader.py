@@ -353,8 +353,8 @@ def shard_for(local: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp
 
 def check_same_model(have: ModelConfig, want: ModelConfig, where: str) -> None:
     """Refuse weights of another architecture (one line naming the first difference)."""
-    keys = ["preset", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
-            "vocab_size", "tie_embeddings"]
+    keys = ["num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+            "norm", "activation", "position_embedding", "bias", "qkv_bias", "tie_embeddings"]
     if have.position_embedding == "learned":
         keys.append("max_position_embeddings")
     for k in keys:

@@ -53,8 +53,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
     out = import_hf(args.model, args.output, args.overrides, overwrite=args.overwrite)
     cfg = load_config(out / CONFIG_NAME)
-    print(f"import-hf: wrote {out} ({cfg.model.preset}, {cfg.model.num_layers} layers, tensor={cfg.parallel.tensor}, "
-          f"pipeline={cfg.parallel.pipeline}); fine-tune with: mtnlg train --config {out / CONFIG_NAME} "
+    print(f"import-hf: wrote {out} ({cfg.model.architecture}, {cfg.model.num_layers} layers, "
+          f"tensor={cfg.parallel.tensor}, pipeline={cfg.parallel.pipeline}); fine-tune with: "
+          f"mtnlg train --config {out / CONFIG_NAME} "
           "--set checkpoint.save=DIR")
     return 0
 

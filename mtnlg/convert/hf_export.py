@@ -46,26 +46,31 @@ class ExportResult:
 
 
 def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]):
-    """The transformers config of a (resolved) mtnlg model config."""
-    from transformers import GPT2Config, LlamaConfig
+    """The transformers config of a (resolved) mtnlg model config, for the HF class that represents it exactly
+    (``keymaps.hf_class``: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+    cls = keymaps.hf_class(cfg)
     common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std, "dtype": HF_DTYPE_NAME[dtype],
-              "tie_word_embeddings": bool(cfg.tie_embeddings), "architectures": [keymaps.HF_ARCHITECTURE[cfg.preset]],
+              "tie_word_embeddings": bool(cfg.tie_embeddings), "architectures": [cls],
               "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos")}
-    if cfg.preset == "gpt2":
+    if cls == "GPT2LMHeadModel":
         return GPT2Config(
             n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
             n_head=cfg.num_attention_heads, n_inner=cfg.ffn_hidden_size, activation_function="gelu_new",
             resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
             layer_norm_epsilon=cfg.norm_eps, **common,
         )
-    return LlamaConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False,
-        mlp_bias=False, attention_dropout=cfg.attention_dropout, **common,
-    )
+    rope = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_dropout": cfg.attention_dropout,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
+    if cls == "Qwen2ForCausalLM":  # q, k, v biased; full attention in every layer
+        return Qwen2Config(use_sliding_window=False, **rope)
+    if cls == "MistralForCausalLM":
+        return MistralConfig(head_dim=cfg.head_dim, sliding_window=None, **rope)
+    return LlamaConfig(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias, **rope)
 
 
 def hf_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:

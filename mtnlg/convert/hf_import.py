@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 / Llama (safetensors) -> a weights-only mtnlg checkpoint for any (tp, pp).
+"""Hugging Face GPT-2 / Llama / Qwen2 / Mistral (safetensors) -> a weights-only mtnlg checkpoint for any (tp, pp).
 
     import_hf("hf/gpt2", "runs/gpt2-ft", ["parallel.tensor=2", "parallel.pipeline=2"])
     # then: mtnlg train --config runs/gpt2-ft/mtnlg_config.yaml --set checkpoint.save=runs/ft
@@ -44,7 +44,7 @@ HF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def read_hf_config(model_dir: Path) -> tuple[str, object, dict]:
-    """(family, transformers config, raw config.json) of a supported HF model directory."""
+    """(model_type, transformers config, raw config.json) of a supported HF model directory."""
     if not model_dir.is_dir():
         raise UserError(f"HF model directory {model_dir} not found")
     path = model_dir / "config.json"
@@ -55,16 +55,18 @@ def read_hf_config(model_dir: Path) -> tuple[str, object, dict]:
     except ValueError as e:
         raise UserError(f"{path}: malformed JSON ({e}); fix or re-save the config") from None
     kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind not in keymaps.FAMILIES:
+    if kind not in keymaps.MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) if isinstance(raw, dict) else ""
         raise UserError(
             f"{path}: model_type {kind!r}{f' ({arch})' if arch else ''} is not supported; import-hf reads "
-            "gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM) models"
+            + ", ".join(f"{t} ({c})" for t, c in keymaps.MODEL_TYPES.items()) + " models"
         )
-    from transformers import GPT2Config, LlamaConfig
+    import transformers
 
+    config_class = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
+                    "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[kind]
     try:
-        hf = (GPT2Config if kind == "gpt2" else LlamaConfig).from_dict(raw)
+        hf = config_class.from_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: not a valid {kind} config ({str(e).splitlines()[0][:150]})") from None
     return kind, hf, raw
@@ -73,7 +75,7 @@ def read_hf_config(model_dir: Path) -> tuple[str, object, dict]:
 def model_section(kind: str, hf, where: Path) -> dict:
     """The ``model:`` section of the run config for an HF config (refusing what mtnlg cannot represent)."""
     def refuse(what: str) -> None:
-        raise UserError(f"{where}: {what} is not supported by mtnlg's {kind} preset; it cannot be imported")
+        raise UserError(f"{where}: {what} is not supported by mtnlg's {kind} architecture; it cannot be imported")
 
     if kind == "gpt2":
         if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
@@ -81,9 +83,9 @@ def model_section(kind: str, hf, where: Path) -> dict:
         if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.add_cross_attention:
             refuse("non-standard attention (scale_attn_weights/scale_attn_by_inverse_layer_idx/cross attention)")
         return {
-            "preset": "gpt2", "num_layers": hf.n_layer, "hidden_size": hf.n_embd, "num_attention_heads": hf.n_head,
-            "ffn_hidden_size": hf.n_inner or 4 * hf.n_embd, "seq_length": hf.n_positions,
-            "max_position_embeddings": hf.n_positions, "vocab_size": hf.vocab_size,
+            "architecture": "gpt2", "num_layers": hf.n_layer, "hidden_size": hf.n_embd,
+            "num_attention_heads": hf.n_head, "ffn_hidden_size": hf.n_inner or 4 * hf.n_embd,
+            "seq_length": hf.n_positions, "max_position_embeddings": hf.n_positions, "vocab_size": hf.vocab_size,
             "norm_eps": hf.layer_norm_epsilon, "hidden_dropout": hf.resid_pdrop, "attention_dropout": hf.attn_pdrop,
             "init_std": hf.initializer_range, "tie_embeddings": bool(hf.tie_word_embeddings),
         }
@@ -92,18 +94,26 @@ def model_section(kind: str, hf, where: Path) -> dict:
         refuse(f"rope_parameters.rope_type {rope.get('rope_type')!r} (RoPE scaling)")
     if hf.hidden_act != "silu":
         refuse(f"hidden_act {hf.hidden_act!r}")
-    if hf.attention_bias or hf.mlp_bias:
-        refuse("attention_bias/mlp_bias")
-    if hf.head_dim * hf.num_attention_heads != hf.hidden_size:
-        refuse(f"head_dim {hf.head_dim} != hidden_size / num_attention_heads")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        refuse(f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    knobs: dict = {}
+    if kind == "llama":
+        if hf.attention_bias != hf.mlp_bias:
+            refuse("attention_bias != mlp_bias (mtnlg's model.bias covers both)")
+        knobs = {"bias": bool(hf.attention_bias), "qkv_bias": bool(hf.attention_bias)}
+    elif kind == "mistral" and hf.sliding_window is not None and hf.sliding_window < hf.max_position_embeddings:
+        refuse(f"sliding_window {hf.sliding_window} (mtnlg attends to the whole causal context)")
+    elif kind == "qwen2" and hf.use_sliding_window:
+        refuse("use_sliding_window (mtnlg attends to the whole causal context)")
     return {
-        "preset": "llama", "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
+        "architecture": kind, "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
         "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
         "ffn_hidden_size": hf.intermediate_size, "seq_length": min(hf.max_position_embeddings, 4096),
         "max_position_embeddings": hf.max_position_embeddings, "vocab_size": hf.vocab_size,
         "rope_theta": float(rope.get("rope_theta", 10000.0)), "norm_eps": hf.rms_norm_eps,
         "attention_dropout": float(hf.attention_dropout or 0.0), "init_std": hf.initializer_range,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        "tie_embeddings": bool(hf.tie_word_embeddings), **knobs,
     }
 
 
@@ -147,7 +157,7 @@ def check_weights(weights: HFWeights, model_cfg: ModelConfig, kind: str, where: 
     for name in weights.keys():
         if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight"):
             continue
-        raise UserError(f"{where}: unexpected weight {name}; not a plain {keymaps.HF_ARCHITECTURE[kind]} checkpoint")
+        raise UserError(f"{where}: unexpected weight {name}; not a plain {keymaps.MODEL_TYPES[kind]} checkpoint")
 
 
 def run_config_from_hf(kind: str, hf, raw: dict, model_dir: Path, output: Path, overrides: list[str],
@@ -189,7 +199,7 @@ def copy_tokenizer(src: Path, dst: Path) -> bool:
 
 def import_hf(model_dir: str | Path, output: str | Path, overrides: list[str] | None = None,
               overwrite: bool = False) -> Path:
-    """Convert an HF GPT-2/Llama directory to a weights-only mtnlg checkpoint; returns the output."""
+    """Convert an HF GPT-2/Llama/Qwen2/Mistral directory to a weights-only mtnlg checkpoint; returns the output."""
     model_dir, output = Path(model_dir), Path(output)
     check_output(output, overwrite)
     kind, hf, raw = read_hf_config(model_dir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from mtnlg.config import ModelConfig
+from mtnlg.errors import UserError
 from mtnlg.model.layout import Group
 
 COPY, T = "copy", "T"
@@ -59,13 +60,49 @@ LLAMA = {
     "head": [("lm_head", "head", COPY)],
 }
 
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA}
-HF_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# HF class -> (its model_type, the knob values it can represent, its key map). Export picks the class that
+# represents a model exactly: the architecture's own (PREFERRED) when it fits, else the first that does.
+HF_CLASSES: dict[str, tuple[str, dict[str, object], dict]] = {
+    "GPT2LMHeadModel": ("gpt2", {"norm": "layernorm", "activation": "gelu", "position_embedding": "learned",
+                                 "bias": True, "qkv_bias": True}, GPT2),
+    "LlamaForCausalLM": ("llama", {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope"}, LLAMA),
+    "Qwen2ForCausalLM": ("qwen2", {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope",
+                                   "bias": False, "qkv_bias": True}, LLAMA),
+    "MistralForCausalLM": ("mistral", {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope",
+                                       "bias": False, "qkv_bias": False}, LLAMA),
+}
+PREFERRED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "mistral": "MistralForCausalLM"}
+MODEL_TYPES = {model_type: cls for cls, (model_type, _, _) in HF_CLASSES.items()}
+
+
+def _misfit(cls: str, cfg: ModelConfig) -> str | None:
+    """None when HF class ``cls`` represents ``cfg`` exactly, else the first knob it cannot (one phrase)."""
+    _, fixed, _ = HF_CLASSES[cls]
+    for knob, value in fixed.items():
+        if getattr(cfg, knob) != value:
+            return f"model.{knob} = {getattr(cfg, knob)} ({cls} has {value})"
+    if cls == "GPT2LMHeadModel" and cfg.num_kv_heads != cfg.num_attention_heads:
+        return f"model.num_kv_heads = {cfg.num_kv_heads} ({cls} has one key/value head per query head)"
+    if cls == "LlamaForCausalLM" and cfg.qkv_bias != cfg.bias:
+        return f"model.qkv_bias = {cfg.qkv_bias} with model.bias = {cfg.bias} ({cls} biases q, k, v and o together)"
+    return None
+
+
+def hf_class(cfg: ModelConfig) -> str:
+    """The Hugging Face class that represents a resolved model config exactly; a one-line ``UserError`` naming the
+    knob when none does."""
+    first = PREFERRED[cfg.architecture]
+    for cls in [first, *[c for c in HF_CLASSES if c != first]]:
+        if _misfit(cls, cfg) is None:
+            return cls
+    raise UserError(f"{_misfit(first, cfg)} has no Hugging Face equivalent (no transformers class represents this "
+                    f"combination exactly); export refused: change the knob or keep the model in mtnlg's format")
 
 
 def hf_entries(cfg: ModelConfig, group: Group) -> list[tuple[str, str, object]]:
     """(hf name, native local name, op) for the parameters of ``group``, in map order."""
-    table = FAMILIES[cfg.preset]
+    table = HF_CLASSES[hf_class(cfg)][2]
     if group.name.startswith("layers."):
         i = group.name.split(".")[1]
         rows = [(hf.format(i), native, op) for hf, native, op in table["layer"]]

@@ -12,7 +12,7 @@ Formats, by file name:
   dataset (or of the ``datasets`` cache): the string column ``json_key``, read with ``datasets``
   (``load_from_disk`` / ``Dataset.from_file``). The Arrow data is memory-mapped, not loaded, and
   iterated in batches, so memory stays bounded as with ``streaming=True``, but the row count is known
-  (progress, row numbers) and it reads ~50x faster than ``to_iterable_dataset()``.
+  (progress, row numbers) and it reads much faster than ``to_iterable_dataset()`` (benchmarks/README.md).
 
 JSON lines, text and parquet keep their own readers: workers parse JSON in parallel and name
 the bad line, which ``datasets``' JSON loader (one process, one error for a whole block) would

@@ -55,10 +55,10 @@ UNFUSED_MAX_SEQ = 1024
 
 
 def use_unfused_attention(q: torch.Tensor) -> bool:
-    """On a CPU, bf16 attention is faster as two batched GEMMs around an fp32 softmax (what Megatron's
-    fused-softmax path and HF's eager attention compute) than as torch's flash kernel: 22 ms vs 34 ms
-    forward + backward for GPT-2 small's (2, 12, 512, 64) on 2 cores. The T x T probabilities are kept
-    for the backward, so only up to ``UNFUSED_MAX_SEQ`` tokens; accelerators keep the flash kernel."""
+    """True where attention on ``q`` (B, h, T, d) should be two batched GEMMs around an fp32 softmax (what
+    Megatron's fused-softmax path and HF's eager attention compute) instead of torch's flash kernel: bf16 on a
+    CPU, where it is faster (benchmarks/README.md, "Measurements behind code choices"), up to
+    ``UNFUSED_MAX_SEQ`` tokens (the T x T probabilities are kept for the backward). Accelerators keep flash."""
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-2) <= UNFUSED_MAX_SEQ
 
 
@@ -72,8 +72,8 @@ def unfused_causal_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v for (B, h, T, d) tensors (k, v may have fewer heads: GQA).
 
-    ``bias`` is ``causal_bias(T, ...)`` (made here when not given): adding it is ~4x cheaper on a CPU
-    than ``masked_fill_`` with a boolean mask (0.5 vs 1.8 ms for (1, 12, 512, 512) bf16, one thread)."""
+    ``bias`` is ``causal_bias(T, ...)`` (made here when not given): an additive mask, cheaper on a CPU than
+    ``masked_fill_`` with a boolean mask (benchmarks/README.md)."""
     if k.size(1) != q.size(1):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
@@ -99,7 +99,7 @@ class ParallelAttention(nn.Module):
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size,
             [cfg.num_attention_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd],
-            tp_group=ps.tp_group, init=init, name=f"{name}.qkv", bias=cfg.bias,
+            tp_group=ps.tp_group, init=init, name=f"{name}.qkv", bias=cfg.qkv_bias,
         )
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * hd, cfg.hidden_size,

@@ -25,7 +25,7 @@ def describe(cfg: RunConfig) -> str:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     n = param_count(m)
     return (
-        f"{m.preset} model: {n / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.architecture} model: {n / 1e6:.2f}M parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
         f"heads {m.num_attention_heads} (kv {m.num_kv_heads}), ffn {m.ffn_hidden_size}, seq {m.seq_length}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab_size})\n"
         f"layout: tp={p.tensor} pp={p.pipeline} dp={p.data}; global batch {t.global_batch_size} = "

@@ -10,7 +10,7 @@ see one naming scheme whatever the layout.
 
 Python API (one process, no launcher):
 
-    model = GPTModel.from_config({"preset": "llama", "num_layers": 2, "hidden_size": 64,
+    model = GPTModel.from_config({"architecture": "llama", "num_layers": 2, "hidden_size": 64,
                                   "num_attention_heads": 4, "vocab_size": 1000, "seq_length": 128})
     model = model.to("cpu", torch.bfloat16)
     logits = model(input_ids)              # (B, T, vocab_size)

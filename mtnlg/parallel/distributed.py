@@ -117,8 +117,8 @@ def keep_freed_memory() -> bool:
 
     By default every block over 32 MB (activations, logits chunks, a 39M-row embedding gradient,
     fp32 copies of gradients) is mmap'ed on allocation and unmapped on free, so the next micro batch
-    faults its pages in again and the kernel zeroes them: GPT-2 small on a CPU took ~230,000 page
-    faults and 0.45 s of system time per step (11% of the step). Serving all sizes from the heap and
+    faults its pages in again and the kernel zeroes them (the cost: benchmarks/README.md). Serving all sizes
+    from the heap and
     not trimming it costs nothing but keeping the high-water mark resident, which training reaches
     every step anyway. Linux/glibc only; ``MTNLG_KEEP_FREED_MEMORY=0`` turns it off. Returns whether
     it took effect."""

@@ -86,8 +86,8 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
         # fp32 gradient accumulation and master weights (DeepSpeed's BF16_Optimizer with ZeRO 0/1)
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         # add each parameter's bf16 gradient into its fp32 buffer as soon as backward produces it and free
-        # the bf16 copy: no zeroing and no bf16 accumulation pass per micro batch (4% of a GPT-2 small step
-        # on a CPU), and one bf16 gradient less alive; same sums in the same order. The JSON may say false.
+        # the bf16 copy: no zeroing and no bf16 accumulation pass per micro batch (benchmarks/README.md), and
+        # one bf16 gradient less alive; same sums in the same order. The JSON may say false.
         ds["bf16"].setdefault("immediate_grad_update", True)
 
     stage = zero_stage(ds)
