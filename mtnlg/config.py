@@ -75,7 +75,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
-    activation_checkpointing: bool = False  # full recompute of every block in backward
+    # activations recomputed in backward instead of kept: none; selective (the attention core: QK^T, softmax,
+    # dropout, AV; Korthikanti et al. 2022); full (every transformer block from its input)
+    recompute: Literal["none", "selective", "full"] = "none"
+    activation_checkpointing: bool | None = None  # deprecated: true is recompute: full
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +90,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     data: int | None = None  # derived: world_size / (tensor * pipeline)
+    # outside the tensor-parallel GEMMs (norms, dropout, residuals) each tp rank holds seq_length / tensor
+    # of the sequence (Megatron's sequence parallelism; needs tensor > 1)
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -368,6 +374,12 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
             "remove parallel.data (it is derived) or launch a matching number of ranks"
         )
     par.data = dp
+    if par.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1 (it splits the sequence over the "
+                          "tensor-parallel ranks); set tensor >= 2 or turn it off")
+    if par.sequence_parallel and m.seq_length % tp:
+        raise ConfigError(f"parallel.sequence_parallel: model.seq_length = {m.seq_length} is not divisible by "
+                          f"parallel.tensor = {tp}")
 
     # --- model shapes
     if m.num_layers < pp:  # stages are balanced by FLOPs and may hold different numbers of blocks
@@ -479,6 +491,13 @@ def _resolve_architecture(m: ModelConfig) -> None:
             setattr(m, knob, value)
     if m.qkv_bias is None:
         m.qkv_bias = m.bias
+    if m.activation_checkpointing is not None:  # the old switch
+        if m.activation_checkpointing and m.recompute not in ("none", "full"):
+            raise ConfigError(f"model.activation_checkpointing = true and model.recompute = {m.recompute} disagree; "
+                              "give model.recompute only")
+        if m.activation_checkpointing:
+            m.recompute = "full"
+        m.activation_checkpointing = None
 
 
 def parse_split(split: str) -> tuple[float, float, float]:

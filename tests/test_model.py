@@ -15,7 +15,7 @@ SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_si
 
 
 def small_cfg(preset: str, tp: int = 1, **kw) -> ModelConfig:
-    raw = RunConfig(model=ModelConfig(preset=preset, **{**SMALL, **kw}))
+    raw = RunConfig(model=ModelConfig(architecture=preset, **{**SMALL, **kw}))
     raw.parallel.tensor = tp
     return resolve(raw, world_size=tp).model
 
@@ -73,13 +73,14 @@ def test_causal_and_padded_vocab(preset):
     assert (logits[:, 10:] - logits2[:, 10:]).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("recompute", ["selective", "full"])
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
-def test_activation_checkpointing_replays_dropout(preset):
-    """With dropout on, a checkpointed model gives the same loss and grads as one that stores activations."""
+def test_recompute_replays_dropout(preset, recompute):
+    """With dropout on, a model that recomputes activations gives the same loss and grads as one that stores them."""
     ids = torch.randint(0, 300, (2, 16))
     results = []
-    for ckpt in (False, True):
-        model = GPTModel(small_cfg(preset, hidden_dropout=0.2, attention_dropout=0.2, activation_checkpointing=ckpt))
+    for choice in ("none", recompute):
+        model = GPTModel(small_cfg(preset, hidden_dropout=0.2, attention_dropout=0.2, recompute=choice))
         model.train()
         torch.manual_seed(11)
         loss = model(ids[:, :-1], labels=ids[:, 1:])
@@ -160,9 +161,9 @@ def _tp_parity(rank: int, world: int) -> dict:
         }
         # dropout on: two tp runs with one seed are identical; checkpointing replays the tp stream
         runs = []
-        for ckpt in (False, False, True):
-            cfg_d = small_cfg(preset, tp=world, hidden_dropout=0.3, attention_dropout=0.3,
-                              activation_checkpointing=ckpt, **extra)
+        for recompute in ("none", "none", "full"):
+            cfg_d = small_cfg(preset, tp=world, hidden_dropout=0.3, attention_dropout=0.3, recompute=recompute,
+                              **extra)
             m = GPTModel(cfg_d, ps=ps, seed=9)
             m.train()
             m.rng.seed_default()

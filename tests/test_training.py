@@ -36,13 +36,13 @@ MODEL = {
 DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
 
 
-def run_config(preset: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
+def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
                iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
                optimizer: str = "adamw", **train):
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": {**MODEL.get(preset, {**MODEL["llama"], "architecture": preset}), **(model or {})},
+        "model": {**MODEL.get(architecture, {**MODEL["llama"], "architecture": architecture}), **(model or {})},
         "parallel": {"tensor": tp, "pipeline": pp},
         "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
                   "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
@@ -94,12 +94,13 @@ LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)], 8: [(2, 2)]}  
 ZERO_RUNS = {2: [("llama", 1, 1, 0), ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("gpt2", 1, 2, 0)],
              4: [("gpt2", 2, 1, 1), ("gpt2", 2, 1, 3)]}
 CKPT_LAYOUTS = [(1, 2), (2, 1)]
+RECOMPUTE = ("none", "selective", "full")
 
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     """key -> result for: AdamW runs of every (kind, preset, tp, pp, dp, zero), one-step SGD runs of the same
-    (saved), and dropout runs with and without activation checkpointing. Kinds: 'adamw', 'sgd', 'drop', 'ckpt'."""
+    (saved), and dropout runs with each recompute choice. Kinds: 'adamw', 'sgd', and 'none', 'selective', 'full'."""
     root = tmp_path_factory.mktemp("parity")
     out = {}
     for world, layouts in LAYOUTS.items():
@@ -112,13 +113,13 @@ def parity(tmp_path_factory):
             save = root / f"sgd-{p}-tp{tp}pp{pp}dp{dp}-zero{zero}"
             runs.append({"architecture": p, "tp": tp, "pp": pp, "zero": zero, "sgd": True, "save": str(save)})
             keys.append(("sgd", p, tp, pp, dp, zero))
-        if world == 2:  # full recompute replays dropout exactly: same losses and norms with dropout on
+        if world == 2:  # recompute replays dropout exactly: same losses and norms with dropout on
             for p in MODEL:
                 for tp, pp in CKPT_LAYOUTS:
-                    for kind, ckpt in (("drop", False), ("ckpt", True)):
+                    for recompute in RECOMPUTE:
                         runs.append({"architecture": p, "tp": tp, "pp": pp,
-                                     "model": {**DROPOUT, "activation_checkpointing": ckpt}})
-                        keys.append((kind, p, tp, pp, 1, 1))
+                                     "model": {**DROPOUT, "recompute": recompute}})
+                        keys.append((recompute, p, tp, pp, 1, 1))
         for key, run, result in zip(keys, runs, _results(runs, world)):
             result["save"] = run.get("save")
             out[key] = result
@@ -184,12 +185,14 @@ def test_sgd_gradients_see_a_wrong_scale(parity):
     assert update_rel_diff({k: 1.01 * v for k, v in ref.items()}, ref) > 100 * RTOL
 
 
+@pytest.mark.parametrize("recompute", ["selective", "full"])
 @pytest.mark.parametrize("preset", list(MODEL))
 @pytest.mark.parametrize("tp,pp", CKPT_LAYOUTS)
-def test_activation_checkpointing_replays_dropout(parity, preset, tp, pp):
-    """Full recompute (DeepSpeed's pipeline with mtnlg's RNG-replaying checkpoint, or GPTModel's) with dropout on
-    gives the losses and gradient norms of the same run without recompute."""
-    plain, ckpt = parity[("drop", preset, tp, pp, 1, 1)], parity[("ckpt", preset, tp, pp, 1, 1)]
+def test_recompute_replays_dropout(parity, preset, tp, pp, recompute):
+    """Selective recompute (the attention core, its dropout on the tp stream) and full recompute (every block:
+    DeepSpeed's pipeline with mtnlg's RNG-replaying checkpoint, or GPTModel's) with dropout on give the losses and
+    gradient norms of the same run without recompute."""
+    plain, ckpt = parity[("none", preset, tp, pp, 1, 1)], parity[(recompute, preset, tp, pp, 1, 1)]
     assert max_rel(ckpt["losses"], plain["losses"]) < RTOL
     assert max_rel(ckpt["grad_norms"], plain["grad_norms"]) < RTOL
     no_dropout = parity[("adamw", preset, tp, pp, 1, 1)]

@@ -57,7 +57,7 @@ class MtnlgSetup:
         world = dist.get_world_size()
         self.cfg = resolve(from_dict(cfg_dict), world)
         p = self.cfg.parallel
-        self.ps = ParallelState.create(p.tensor, p.pipeline)
+        self.ps = ParallelState.create(p.tensor, p.pipeline, p.sequence_parallel)
         t0 = time.perf_counter()
         self.engine = Engine(self.cfg, self.ps, device)
         self.build_s = time.perf_counter() - t0

@@ -138,12 +138,9 @@ class NativeCheckpoint:
         Shards are merged into preallocated tensors as each tp rank's are read, so memory holds
         the merged group plus one rank's shards.
         """
-        src = self.source(source)
-        reader = {"module": self._module_shards, "zero3": self._zero3_shards, "zero12": self._zero12_shards}[
-            src if src == "module" else ("zero3" if self.layout.zero_stage == 3 else "zero12")]
         merged: dict[str, torch.Tensor] = {}
         tp = self.layout.tp
-        for t, shards in reader(group):
+        for t, shards in self.tp_shards(group, source):
             for local in group.locals:
                 x = shards.pop(local)
                 want = local_shape(local, self.model_cfg, tp)
@@ -155,6 +152,14 @@ class NativeCheckpoint:
                 self._merge_into(merged, group, local, t, x)
         V = self.model_cfg.vocab_size
         return {k: (v[:V] if group.sharding(k).kind == "vocab" else v) for k, v in merged.items()}
+
+    def tp_shards(self, group: Group, source: str = "auto") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(tp rank, {local name: that rank's tensor, as fp32}) for every tp rank: what each rank saved (merged over
+        dp), before the shards are merged."""
+        src = self.source(source)
+        reader = {"module": self._module_shards, "zero3": self._zero3_shards, "zero12": self._zero12_shards}[
+            src if src == "module" else ("zero3" if self.layout.zero_stage == 3 else "zero12")]
+        yield from reader(group)
 
     def source(self, source: str = "auto") -> str:
         """'master' or 'module': where weights are read from ('auto': masters when the checkpoint has them)."""
@@ -375,7 +380,7 @@ def load_native_model(checkpoint_dir: str | Path, iteration: int | None = None, 
     from mtnlg.model import GPTModel
 
     ckpt = open_checkpoint(checkpoint_dir, iteration)
-    cfg = dataclasses.replace(ckpt.model_cfg, padded_vocab_size=None, activation_checkpointing=False)
+    cfg = dataclasses.replace(ckpt.model_cfg, padded_vocab_size=None, recompute="none")
     with torch.device("meta"):  # no random init: every parameter is loaded below
         model = GPTModel.from_config(cfg)
     model.to_empty(device="cpu")

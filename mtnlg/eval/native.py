@@ -30,7 +30,7 @@ def build_model(checkpoint: str, iteration: int | None, ps: ParallelState, devic
 
     ckpt = open_checkpoint(checkpoint, iteration)
     cfg = resolve_model(ckpt.run_config, ps.tp_size, ps.pp_size, ckpt.tag_dir)
-    cfg = dataclasses.replace(cfg, activation_checkpointing=False, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = dataclasses.replace(cfg, recompute="none", hidden_dropout=0.0, attention_dropout=0.0)
     with torch.device("meta"):
         module = GPTModel(cfg, ps, specs=None if ps.pp_size == 1 else stage_specs(cfg, ps.pp_size, ps.pp_rank))
     module.to_empty(device=device)
@@ -72,8 +72,9 @@ class NativeScorer:
             return self.module.hidden_and_logits(x)
         if ps.is_first_stage:
             h = x
-        else:
-            h = torch.empty(*x.shape, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        else:  # under sequence parallelism stages pass this rank's (B, T/tp, C) shard
+            T = x.size(1) // ps.tp_size if ps.sequence_parallel else x.size(1)
+            h = torch.empty(x.size(0), T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
             dist.recv(h, src=_stage_rank(ps, ps.pp_rank - 1))
         run = getattr(self.module, "hidden_and_logits", self.module)  # GPTModel stage or DeepSpeed's PipelineModule
         out = run(h)  # this stage's layers
@@ -89,6 +90,8 @@ class NativeScorer:
         for start in range(0, len(seqs), self.batch_size):
             chunk = seqs[start:start + self.batch_size]
             width = max(len(s) for s in chunk)
+            if ps.sequence_parallel:  # the inputs (width - 1 tokens) split evenly over tp; padding goes right
+                width = 1 + -(-(width - 1) // ps.tp_size) * ps.tp_size
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for i, s in enumerate(chunk):
                 ids[i, : len(s)] = torch.tensor(s)

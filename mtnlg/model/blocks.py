@@ -18,6 +18,7 @@ from torch import nn
 from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom, replicated
+from mtnlg.parallel.layers import sequence_shard_dropout
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +88,8 @@ def unfused_causal_attention(
 
 
 class ParallelAttention(nn.Module):
-    """Causal self-attention; heads split across tp ranks; GQA when num_kv_heads < heads."""
+    """Causal self-attention; heads split across tp ranks; GQA when num_kv_heads < heads. Under sequence parallelism
+    it takes and returns (B, T/tp, C) sequence shards (the QKV projection gathers them, the output one scatters)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, name: str):
         super().__init__()
@@ -100,11 +102,12 @@ class ParallelAttention(nn.Module):
             cfg.hidden_size,
             [cfg.num_attention_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd],
             tp_group=ps.tp_group, init=init, name=f"{name}.qkv", bias=cfg.qkv_bias,
+            sequence_parallel=ps.sequence_parallel,
         )
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * hd, cfg.hidden_size,
             tp_group=ps.tp_group, init=init, name=f"{name}.proj", bias=cfg.bias,
-            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers), sequence_parallel=ps.sequence_parallel,
         )
         self._rope_cache: tuple | None = None
         self._bias_cache: torch.Tensor | None = None
@@ -123,9 +126,10 @@ class ParallelAttention(nn.Module):
         return b
 
     def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd / tp): the whole sequence
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
         q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -137,24 +141,32 @@ class ParallelAttention(nn.Module):
                 table_cos, table_sin = self._rope(int(pos.max()) + 1, x.device, q.dtype)
                 cos, sin = table_cos[pos].unsqueeze(1), table_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        p = self.cfg.attention_dropout if self.training else 0.0
-        gqa = self.n_kv != self.n_heads
         if kv is not None:  # incremental decoding (inference only)
             k, v, mask = kv.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif p > 0:  # attention probabilities are sharded by head: use the tp stream
-            with self.rng.fork(x.device):
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
-        elif use_unfused_attention(q):
-            y = unfused_causal_attention(q, k, v, self._causal_bias(T, x.device, q.dtype))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        elif self.cfg.recompute == "selective" and self.training and torch.is_grad_enabled():
+            y = self.rng.checkpoint(self._core, q, k, v)  # keep q, k, v; recompute scores, softmax, dropout, AV
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = self._core(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, C/tp)
         return self.proj(y)
 
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + causal mask), dropout, times v: (B, nh, T, hd) from q (B, nh, T, hd) and
+        k, v (B, nkv, T, hd)."""
+        p = self.cfg.attention_dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_heads
+        if p > 0:  # attention probabilities are sharded by head: use the tp stream
+            with self.rng.fork(q.device):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        if use_unfused_attention(q):
+            return unfused_causal_attention(q, k, v, self._causal_bias(q.size(-2), q.device, q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
 
 class ParallelMLP(nn.Module):
-    """GELU(tanh) MLP (gpt2) or SwiGLU with a fused [gate; up] projection (llama)."""
+    """GELU(tanh) MLP (gpt2) or SwiGLU with a fused [gate; up] projection (llama); sequence shards in and out under
+    sequence parallelism."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, name: str):
         super().__init__()
@@ -162,11 +174,11 @@ class ParallelMLP(nn.Module):
         ffn = cfg.ffn_hidden_size
         self.fc = ColumnParallelLinear(
             cfg.hidden_size, [ffn, ffn] if self.swiglu else [ffn],
-            tp_group=ps.tp_group, init=init, name=f"{name}.fc", bias=cfg.bias,
+            tp_group=ps.tp_group, init=init, name=f"{name}.fc", bias=cfg.bias, sequence_parallel=ps.sequence_parallel,
         )
         self.proj = RowParallelLinear(
             ffn, cfg.hidden_size, tp_group=ps.tp_group, init=init, name=f"{name}.proj", bias=cfg.bias,
-            std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+            std=cfg.init_std / math.sqrt(2 * cfg.num_layers), sequence_parallel=ps.sequence_parallel,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +197,7 @@ class TransformerBlock(nn.Module):
         name = self.group = f"layers.{layer_number}"  # its parameter group (checkpoints, converters)
         self.layer_number = layer_number
         self.dropout = cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.norm1 = make_norm(cfg)
         self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn")
         self.norm2 = make_norm(cfg)
@@ -197,7 +210,13 @@ class TransformerBlock(nn.Module):
                    if p.sharding.kind != "replicated" and len(p.sharding.full_shape) == 2)
         return 2.0 * mats + 4.0 * seq * self.attn.qkv.weight.sharding.blocks[0]
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
+        return F.dropout(x, self.dropout, self.training)
+
     def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.norm1(x), kv), self.dropout, self.training)
-        x = x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism."""
+        x = x + self._dropout(self.attn(self.norm1(x), kv))
+        x = x + self._dropout(self.mlp(self.norm2(x)))
         return x

@@ -35,21 +35,26 @@ from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
+from mtnlg.parallel.layers import sequence_shard_dropout, sum_replicated_grads
+from mtnlg.parallel.mappings import group_rank
 
 TIED_KEY = "embed"
 TIED_ATTR = "word_embeddings.weight"
 
 
 class Embedding(nn.Module):
-    """Token embeddings (vocab-parallel) plus learned positions (gpt2) and dropout."""
+    """Token embeddings (vocab-parallel) plus learned positions (gpt2) and dropout. Under sequence parallelism the
+    output is this rank's (B, T/tp, C) sequence shard."""
 
     group = "embed"  # its parameter group (checkpoints, converters)
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, with_positions: bool = True):
         super().__init__()
         self.dropout = cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word"
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word",
+            sequence_parallel=ps.sequence_parallel,
         )
         self.position_embeddings = None
         if with_positions and cfg.position_embedding == "learned":
@@ -67,13 +72,18 @@ class Embedding(nn.Module):
         return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
 
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """``start`` (B,): the position of each row's first token (incremental decoding)."""
-        x = self.word_embeddings(input_ids)  # (B, T, C)
+        """input_ids (B, T) -> (B, T, C), or (B, T/tp, C) under sequence parallelism. ``start`` (B,): the position of
+        each row's first token (incremental decoding)."""
+        x = self.word_embeddings(input_ids)  # (B, T, C) or (B, T/tp, C)
         if self.position_embeddings is not None:
             pos = torch.arange(input_ids.size(1), device=input_ids.device)
             if start is not None:
                 pos = start[:, None] + pos  # (B, T)
+            if self.sequence_parallel:  # this rank's positions
+                pos = pos.narrow(-1, group_rank(self.tp_group) * x.size(1), x.size(1))
             x = x + self.position_embeddings(pos)
+        if self.sequence_parallel:
+            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
         return F.dropout(x, self.dropout, self.training)
 
 
@@ -90,7 +100,8 @@ class LMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         self.head = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="head"
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="head",
+            sequence_parallel=ps.sequence_parallel,
         )
 
     def forward_flops(self, seq: int) -> float:
@@ -185,6 +196,8 @@ class GPTModel(nn.Module):
                 self._funcs.append(module)
                 if any(True for _ in module.parameters()):
                     self.owners.append((idx, f"{idx}.", module))
+        if self.ps.sequence_parallel:
+            sum_replicated_grads(self, self.ps.tp_group)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | str | Path | ModelConfig | RunConfig, seed: int = 1234,
@@ -203,7 +216,7 @@ class GPTModel(nn.Module):
     def hidden_and_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run every spec; returns this rank's vocab slice of the logits (B, T, V_padded / tp)."""
         x = input_ids
-        checkpoint = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
         for f in self._funcs:
             if checkpoint and isinstance(f, TransformerBlock):
                 x = self.rng.checkpoint(f, x)

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.parallel.mappings import (
+    all_reduce,
     copy_to_tp,
     gather_from_tp,
+    gather_sequence,
     group_rank,
     group_size,
     reduce_from_tp,
+    reduce_scatter_sequence,
     scatter_to_tp,
 )
 
@@ -82,6 +85,33 @@ def set_sharding(param: nn.Parameter, sharding: Sharding) -> nn.Parameter:
     return param
 
 
+def sum_replicated_grads(module: nn.Module, tp_group) -> int:
+    """Sequence parallelism: every replicated parameter (norms, row-parallel biases, positions) is applied to this
+    rank's sequence shard only, so its gradient is a partial sum; add a hook that sums it over the tensor-parallel
+    group as backward produces it (before DeepSpeed accumulates or reduces it). Returns how many."""
+    if group_size(tp_group) == 1:
+        return 0
+    hooked = 0
+    for p in module.parameters():
+        if getattr(p, "sharding", None) is not None and p.sharding.kind == "replicated" and p.requires_grad:
+            p.register_hook(lambda g, group=tp_group: all_reduce(g.clone(), group))
+            hooked += 1
+    return hooked
+
+
+def sequence_shard_dropout(x: torch.Tensor, p: float, training: bool, tp_group) -> torch.Tensor:
+    """Dropout on this rank's (B, T/tp, C) sequence shard with the mask that dropout of the whole (B, T, C) tensor
+    draws from the default generator (the same on every tp rank), cut to the shard: every layout, with or without
+    sequence parallelism, drops the same elements."""
+    n = group_size(tp_group)
+    if not training or p == 0.0 or n == 1:
+        return F.dropout(x, p, training)
+    full = (x.size(0), x.size(1) * n, *x.shape[2:])
+    keep = torch.empty(full, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    keep = keep.narrow(1, group_rank(tp_group) * x.size(1), x.size(1))
+    return x * keep.to(x.dtype).div_(1.0 - p)
+
+
 def replicated(module: nn.Module) -> nn.Module:
     """Mark every parameter of ``module`` (and its children) that has no sharding as replicated over tp."""
     for p in module.parameters():
@@ -133,6 +163,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         std: float | None = None,
         gather_output: bool = False,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         tp = group_size(tp_group)
@@ -140,6 +171,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"{name}: output blocks {list(out_sizes)} not divisible by tp={tp}")
         self.tp_group = tp_group
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel  # the input comes as sequence shards: all-gather it
         self.local_sizes = [s // tp for s in out_sizes]
         names = [f"{name}.weight.{i}" for i in range(len(out_sizes))] if len(out_sizes) > 1 else [f"{name}.weight"]
         shards = [_shard(init.normal(n, (s, in_features), std), 0, tp_group) for n, s in zip(names, out_sizes)]
@@ -153,7 +185,9 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        """x (B, T, in) -- or (B, T/tp, in) shards under sequence parallelism -> (B, T, out/tp)."""
+        x = gather_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -175,12 +209,14 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         std: float | None = None,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         if in_features % group_size(tp_group):
             raise ValueError(f"{name}: in_features {in_features} not divisible by tp={group_size(tp_group)}")
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel  # the sum leaves as sequence shards: reduce-scatter it
         weight = _shard(init.normal(f"{name}.weight", (out_features, in_features), std), 1, tp_group)
         self.weight = set_sharding(nn.Parameter(weight), Sharding("row", (out_features, in_features), 1))
         self.bias = None
@@ -188,9 +224,11 @@ class RowParallelLinear(nn.Module):
             self.bias = set_sharding(nn.Parameter(torch.zeros(out_features)), Sharding("replicated", (out_features,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in/tp) -> (B, T, out) -- or this rank's (B, T/tp, out) shard under sequence parallelism."""
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_sequence(y, self.tp_group) if self.sequence_parallel else reduce_from_tp(y, self.tp_group)
         return y if self.bias is None else y + self.bias
 
 
@@ -227,12 +265,14 @@ class VocabParallelEmbedding(nn.Module):
 
     fp32_grad: Callable[[], torch.Tensor] | None = None
 
-    def __init__(self, vocab_size: int, padded_vocab_size: int, dim: int, *, tp_group, init: Init, name: str):
+    def __init__(self, vocab_size: int, padded_vocab_size: int, dim: int, *, tp_group, init: Init, name: str,
+                 sequence_parallel: bool = False):
         super().__init__()
         tp = group_size(tp_group)
         if padded_vocab_size % tp or padded_vocab_size < vocab_size:
             raise ValueError(f"{name}: padded vocab {padded_vocab_size} invalid for vocab {vocab_size}, tp={tp}")
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel  # lookups leave, logits' inputs come, as sequence shards
         self.vocab_size = vocab_size
         self.per_rank = padded_vocab_size // tp
         self.start = group_rank(tp_group) * self.per_rank
@@ -248,15 +288,19 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> embeddings (B, T, C); with ``logits=True``, hidden states (B, T, C) -> this rank's
         slice of the (padded) vocabulary logits (B, T, V_padded / tp), i.e. x @ weight^T (an output layer).
+        Under sequence parallelism embeddings leave, and hidden states come, as (B, T/tp, C) sequence shards.
 
         Both go through the module call, so hooks on it see the weight used: ZeRO-3 gathers it for a tied
         output layer too (a method call past the hooks reads an empty partition outside the engine's forward)."""
         if logits:
-            return F.linear(copy_to_tp(x, self.tp_group), self.weight)
+            x = gather_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
+            return F.linear(x, self.weight)
         if group_size(self.tp_group) == 1:
             return self._lookup(x)
         local = x - self.start
         outside = (local < 0) | (local >= self.per_rank)
         out = self._lookup(local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(out, self.tp_group)
         return reduce_from_tp(out, self.tp_group)

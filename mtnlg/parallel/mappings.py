@@ -1,4 +1,7 @@
-"""Autograd-aware collectives for the tensor-parallel region (Megatron's f and g operators).
+"""Autograd-aware collectives for the tensor-parallel region (Megatron's f and g operators), and for
+sequence parallelism (Korthikanti et al. 2022): activations split along the sequence (dim 1 of a
+batch-first (B, T, C) tensor) between the tensor-parallel regions, all-gathered into them and
+reduce-scattered out of them.
 
 Each takes its process group explicitly; ``group=None`` (or a group of one) means no
 communication, so the same model code runs in a single process with no distributed setup.
@@ -27,21 +30,42 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+def gather_dim(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim``, in rank order."""
     n = group_size(group)
     if n == 1:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
-def split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+def split_dim(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """This rank's chunk of ``x`` along ``dim``."""
     n = group_size(group)
     if n == 1:
         return x
-    return x.chunk(n, dim=-1)[group_rank(group)].contiguous()
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+def reduce_scatter_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The sum of ``x`` over the group, of which this rank keeps its chunk along ``dim``."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    inp = x.movedim(dim, 0).contiguous()
+    out = inp.new_empty(inp.size(0) // n, *inp.shape[1:])
+    dist.reduce_scatter_tensor(out, inp, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    return gather_dim(x, group, -1)
+
+
+def split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    return split_dim(x, group, -1)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -109,3 +133,43 @@ def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+SEQ_DIM = 1  # batch-first activations: (B, T, C)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence shards. Backward: reduce-scatter the gradient (sum over the group, keep
+    this rank's shard): what ``copy_to_tp``'s all-reduce is when the input was split by sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return gather_dim(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_dim(grad, ctx.group, SEQ_DIM), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Forward: sum the partial results over the group, keep this rank's sequence shard. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_dim(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_dim(grad, ctx.group, SEQ_DIM), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/tp, ...) sequence shards -> (B, T, ...) on every rank (sequence parallelism into a TP region)."""
+    return x if group_size(group) == 1 else _GatherSequence.apply(x, group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T, ...) partial sums -> this rank's (B, T/tp, ...) shard of their sum (out of a TP region)."""
+    return x if group_size(group) == 1 else _ReduceScatterSequence.apply(x, group)

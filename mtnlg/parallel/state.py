@@ -54,9 +54,12 @@ class ParallelState:
     for one process without any distributed setup.
     """
 
-    def __init__(self, dims: ParallelDims, rank: int, groups: dict[str, object | None]):
+    def __init__(self, dims: ParallelDims, rank: int, groups: dict[str, object | None],
+                 sequence_parallel: bool = False):
         self.dims = dims
         self.rank = rank
+        # activations outside the tensor-parallel regions are split along the sequence over the tp group
+        self.sequence_parallel = sequence_parallel and dims.tp > 1
         c = dims.coords(rank)
         self.tp_rank, self.pp_rank, self.dp_rank = c["tp"], c["pp"], c["dp"]
         self.tp_group = groups.get("tp")
@@ -69,7 +72,7 @@ class ParallelState:
         return cls(ParallelDims(), 0, {})
 
     @classmethod
-    def create(cls, tp: int = 1, pp: int = 1) -> ParallelState:
+    def create(cls, tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
         world = dist.get_world_size()
         if world % (tp * pp):
             raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
@@ -81,7 +84,7 @@ class ParallelState:
                 group = dist.new_group(ranks=ranks)
                 if rank in ranks:
                     mine[axis] = group
-        return cls(dims, rank, mine)
+        return cls(dims, rank, mine, sequence_parallel)
 
     # --- convenience
     @property

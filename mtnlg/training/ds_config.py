@@ -116,6 +116,15 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
         params = opt.setdefault("params", {})
         _agree(params, "lr", float(t.lr), "train.lr", name)
         _agree(params, "weight_decay", float(t.weight_decay), "train.weight_decay", name)
+    if cfg.parallel.sequence_parallel and cfg.parallel.pipeline > 1:
+        # DeepSpeed's pipeline engine splits each activation it sends over the tensor-parallel group and gathers it
+        # on the other side, assuming every tp rank holds the same tensor; sequence shards differ: send them whole
+        pipe = ds.setdefault("pipeline", {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key):
+                raise ConfigError(f"{name}: 'pipeline.{key}' is true, which sequence parallelism cannot use "
+                                  "(each tp rank sends its own sequence shard); remove it")
+            pipe[key] = False
     if stage == 0 and t.precision == "fp32":
         # DeepSpeed's stage-0 fp32 clipping miscounts under pipeline parallelism (replicated parameters of later
         # stages are left out, a tied embedding is counted on both of its stages) and discards the norm it

@@ -133,7 +133,7 @@ def train(cfg: RunConfig) -> RunSummary:
     _check_save_dir(cfg)
     if cfg.train.deterministic:
         deterministic_algorithms(device)
-    ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline)
+    ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
     is_logger = rank == 0
     t = cfg.train
     if is_logger:

@@ -9,17 +9,21 @@ from mtnlg.deepspeed_compat import balanced_pipeline_module
 from mtnlg.model.gpt import GPTLoss, layer_specs
 from mtnlg.model.layout import stage_bounds
 from mtnlg.parallel import Init, ParallelState, TPRandom
+from mtnlg.parallel.layers import sum_replicated_grads
 
 
 def pipeline_module(cfg: ModelConfig, ps: ParallelState, seed: int, rng: TPRandom | None = None):
     """The model of a resolved ``cfg`` for this rank's pipeline stage (a collective over the model's groups)."""
     rng = rng or TPRandom(seed, ps.tp_rank, ps.pp_rank)
-    return balanced_pipeline_module(
+    module = balanced_pipeline_module(
         stage_bounds(cfg, ps.pp_size),
         layers=layer_specs(cfg, ps, rng, Init(seed, cfg.init_std)),
         topology=ps.dims.topology(),
         loss_fn=GPTLoss(ps.tp_group, cfg.vocab_size),
-        activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0,
+        activation_checkpoint_interval=1 if cfg.recompute == "full" else 0,
         activation_checkpoint_func=rng.checkpoint,
         checkpointable_layers=["TransformerBlock"],
     )
+    if ps.sequence_parallel:  # parameters applied to sequence shards: their gradients summed over tp
+        sum_replicated_grads(module, ps.tp_group)
+    return module
