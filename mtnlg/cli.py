@@ -31,9 +31,14 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config, resolve, to_dict
     from mtnlg.model.flops import describe
+    from mtnlg.training.ds_config import load_ds_json, optimizer_kind, zero_stage
+    from mtnlg.training.memory import format_memory, predict_memory
 
     cfg = resolve(load_config(args.config, args.overrides), args.world_size)
     print(describe(cfg))
+    ds = load_ds_json(cfg.deepspeed_config)
+    stage = zero_stage(ds)
+    print(format_memory(predict_memory(cfg, stage, optimizer_kind(ds), args.device), stage))
     if args.verbose:
         import yaml
 
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)
     p.add_argument("--world-size", type=int, default=1, help="ranks to resolve the layout for (default 1)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="where it will train: picks the attention kernel the activations assume (default cuda)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the resolved config")
     p.set_defaults(func=_cmd_model_info)
     return parser

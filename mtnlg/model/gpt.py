@@ -58,10 +58,9 @@ class Embedding(nn.Module):
         )
         self.position_embeddings = None
         if with_positions and cfg.position_embedding == "learned":
-            self.position_embeddings = replicated(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
-            with torch.no_grad():
-                shape = (cfg.max_position_embeddings, cfg.hidden_size)
-                self.position_embeddings.weight.copy_(init.normal("embed.position", shape))
+            shape = (cfg.max_position_embeddings, cfg.hidden_size)  # its values given at construction (ZeRO-3
+            self.position_embeddings = replicated(  # partitions each parameter as soon as its module exists)
+                nn.Embedding(*shape, _weight=init.normal("embed.position", shape)))
 
     def forward_flops(self, seq: int) -> float:
         """Forward FLOPs per token (lookups: none)."""

@@ -24,13 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.parallel.mappings import (
+    SEQ_DIM,
     all_reduce,
     copy_to_tp,
+    gather_dim,
     gather_from_tp,
-    gather_sequence,
     group_rank,
     group_size,
     reduce_from_tp,
+    reduce_scatter_dim,
     reduce_scatter_sequence,
     scatter_to_tp,
 )
@@ -144,6 +146,35 @@ def merge_shards(shards: Sequence[torch.Tensor], dim: int, sizes: Sequence[int] 
     return torch.cat([torch.cat([p[b] for p in pieces], dim=dim) for b in range(len(sizes))], dim=dim)
 
 
+class _SequenceGatherLinear(torch.autograd.Function):
+    """y = all-gather(x over the sequence) @ weight^T (+ bias), keeping only this rank's sequence shard of x for the
+    backward, which gathers it again (Megatron's sequence parallelism does the same): the gathered (B, T, in) input
+    of a column-parallel layer is never held between forward and backward, only its (B, T/tp, in) shard."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(gather_dim(x, group, SEQ_DIM), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = gather_dim(x, ctx.group, SEQ_DIM)  # (B, T, in)
+        grad_x = reduce_scatter_dim(grad @ weight, ctx.group, SEQ_DIM)  # summed over tp, this rank's shard
+        grad_w = grad.flatten(0, -2).t() @ full.flatten(0, -2)
+        grad_b = grad.flatten(0, -2).sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+def sequence_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+    """(B, T/tp, in) sequence shards -> (B, T, out_local): a column-parallel layer's forward under sequence
+    parallelism (see ``_SequenceGatherLinear``)."""
+    if group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _SequenceGatherLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by rows (output features) across the tp group.
 
@@ -186,8 +217,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, in) -- or (B, T/tp, in) shards under sequence parallelism -> (B, T, out/tp)."""
-        x = gather_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel:
+            y = sequence_gather_linear(x, self.weight, self.bias, self.tp_group)
+        else:
+            y = F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -293,8 +326,9 @@ class VocabParallelEmbedding(nn.Module):
         Both go through the module call, so hooks on it see the weight used: ZeRO-3 gathers it for a tied
         output layer too (a method call past the hooks reads an empty partition outside the engine's forward)."""
         if logits:
-            x = gather_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
-            return F.linear(x, self.weight)
+            if self.sequence_parallel:
+                return sequence_gather_linear(x, self.weight, None, self.tp_group)
+            return F.linear(copy_to_tp(x, self.tp_group), self.weight)
         if group_size(self.tp_group) == 1:
             return self._lookup(x)
         local = x - self.start

@@ -77,6 +77,11 @@ class Engine:
         if self.pipelined:
             with deepspeed_output(show):  # DeepSpeed's PipelineModule prints its seeds and topology
                 module = pipeline_module(cfg.model, ps, seed, self.rng)
+        elif self.zero_stage == 3:  # each parameter partitioned over dp as soon as its layer exists
+            ds_init = {k: v for k, v in self.ds_config.items() if k != "optimizer"}
+            with deepspeed_output(show), deepspeed.zero.Init(data_parallel_group=ps.dp_group, mpu=ps,
+                                                             config_dict_or_path=ds_init):
+                module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
         else:
             module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
         module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)

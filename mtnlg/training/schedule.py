@@ -54,7 +54,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices, none on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 parameter's own shape is its partition's: ds_shape is the parameter's
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -1,0 +1,174 @@
+"""Predicted memory per rank: weights, gradients, optimizer states (by ZeRO stage and precision) and activations
+(by micro batch, sequence, recompute choice, tensor and sequence parallelism, in-flight pipeline micro batches).
+
+    stages = predict_memory(cfg, zero_stage=1)          # a resolved RunConfig; one entry per pipeline stage
+    print(format_memory(stages))                         # what `mtnlg model-info` prints
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models"): per layer and micro batch s*b*h*(34 + 5*a*s/h) bytes in 16-bit, /tp inside the tensor-parallel
+regions, /tp everywhere with sequence parallelism, the 5*a*s/h term gone with selective recompute, only
+the block input kept with full recompute. Here the count is made tensor by tensor for mtnlg's own blocks
+(what autograd saves: GQA's narrower k and v, SwiGLU's gate and up, RoPE's rotated q and k, the attention
+kernel in use), so the prediction is of this implementation, not of a generic one. Parameter counts are
+read off the model (``mtnlg.model.layout``): nothing here restates the model's shapes.
+
+Pipeline stages run 1F1B: stage i keeps min(pp - i, micro batches) micro batches' activations in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mtnlg.config import ModelConfig, RunConfig
+from mtnlg.model.layout import groups, stage_specs
+
+GB = 2**30
+
+
+@dataclass
+class StageMemory:
+    """Predicted bytes on one rank of pipeline stage ``stage`` (every rank of a stage holds the same)."""
+
+    stage: int
+    layers: int  # transformer blocks on the stage
+    params: int  # parameters a rank holds before ZeRO-3 partitioning (its tensor-parallel shard of the stage)
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # stored for backward at the peak (all in-flight micro batches)
+    in_flight: int  # micro batches whose activations are alive at once
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
+    """Which attention path mtnlg runs (``model/blocks.py``): "unfused" (bf16 on a CPU: scores and probabilities
+    kept), "dropout" (attention dropout: torch's math path keeps the probabilities, the mask and the dropped
+    probabilities) or "flash" (torch's fused kernel: output and log-sum-exp kept)."""
+    if m.attention_dropout > 0:
+        return "dropout"
+    if device == "cpu" and precision == "bf16" and m.seq_length <= 1024:
+        return "unfused"
+    return "flash"
+
+
+def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
+                           attention: str = "flash", device: str = "cpu") -> float:
+    """Bytes one transformer block keeps for backward per micro batch on one rank (recompute ``m.recompute``),
+    counted the way autograd saves mtnlg's tensors (measured with ``saved_tensors_hooks``: mtnlg bench)."""
+    e = 4 if precision == "fp32" else 2
+    s, b, h = m.seq_length, micro, m.hidden_size
+    q = s * b * m.num_attention_heads * m.head_dim / tp  # elements of this rank's q (and of the attention output)
+    kv = s * b * m.num_kv_heads * m.head_dim / tp
+    f = s * b * m.ffn_hidden_size / tp
+    sbh = s * b * h / (tp if sp else 1)  # a tensor of the replicated region (a sequence shard under SP)
+    if m.recompute == "full":
+        return e * sbh  # the block's input; everything else is recomputed in backward
+    # a norm keeps its input (LayerNorm), or, as torch's CPU RMSNorm computes it, two fp32 copies
+    norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
+    dropout = e * sbh if m.hidden_dropout > 0 else 0  # F.dropout keeps its mask in the input's dtype
+    stored = 2 * norm + 2 * e * sbh + 2 * dropout  # + the inputs of the QKV and MLP-in projections
+    rope = m.position_embedding == "rope"
+    qkv_storage = q + 2 * kv  # v (and without RoPE q and k) are views of the QKV output, which stays alive
+    if m.recompute == "selective":
+        stored += e * ((q + kv if rope else 0) + qkv_storage)  # only the core's inputs
+    elif attention == "unfused":
+        stored += e * (3 * q + b * (m.num_attention_heads / tp) * s * s)  # scaled q, k, v (contiguous), probs
+    elif attention == "dropout":  # torch's math path; on a CPU it works in fp32 whatever the input dtype
+        ea = 4 if device == "cpu" else e
+        stored += ea * (3 * q + 3 * b * (m.num_attention_heads / tp) * s * s)  # q, k, v; probs, mask, dropped
+    else:
+        stored += e * ((q + kv if rope else 0) + qkv_storage + q) + 4 * b * (m.num_attention_heads / tp) * s
+    stored += e * q  # the output projection's input
+    stored += e * (4 * f if m.activation == "swiglu" else 2 * f)  # fc output ([gate; up]), activation output(s)
+    return stored
+
+
+def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
+    """The first stage before the blocks: the embedding dropout's mask (in the activations' dtype)."""
+    e = 4 if precision == "fp32" else 2
+    return e * m.seq_length * micro * m.hidden_size / (tp if sp else 1) if m.hidden_dropout > 0 else 0.0
+
+
+def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str, device: str = "cpu") -> float:
+    """The last stage past the blocks: the final norm's input, the output layer's input, and the logits (B, T, V/tp)
+    kept for the loss's backward."""
+    e = 4 if precision == "fp32" else 2
+    sbh = m.seq_length * micro * m.hidden_size / (tp if sp else 1)
+    norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
+    return norm + e * sbh + e * m.seq_length * micro * m.padded_vocab_size / tp
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int]:
+    """(parameters on one rank of the stage, transformer blocks on the stage): each group of the stage's specs at
+    its tensor-parallel shard size; a tied embedding counts on both stages that hold it."""
+    specs = set(stage_specs(m, pp, stage))
+    total, blocks = 0, 0
+    for g in groups(m):
+        held = g.spec_index in specs
+        tied_copy = g.prefix.startswith("tied_modules.") and stage == pp - 1 and pp > 1 and not held
+        if not (held or tied_copy):
+            continue
+        if g.name.startswith("layers."):
+            blocks += 1
+        for local, sharding in g.params:
+            if tied_copy and local != "word_embeddings.weight":
+                continue  # the last stage's copy is the word embeddings only
+            total += math.prod(sharding.local_shape(tp, m.padded_vocab_size))
+    return total, blocks
+
+
+def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
+                   device: str = "cpu") -> list[StageMemory]:
+    """Bytes per rank of every pipeline stage of a resolved run config trained with ``zero_stage``."""
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp, dp = par.tensor, par.pipeline, par.data
+    mixed = t.precision != "fp32"
+    low = 2 if mixed else 4
+    states = 8 if optimizer == "adamw" else 0  # Adam's two moments, fp32
+    attention = attention_kind(m, t.precision, device)
+    sp = par.sequence_parallel
+    per_layer = layer_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, attention, device)
+    out = []
+    for stage in range(pp):
+        params, blocks = stage_params(m, tp, pp, stage)
+        p_dp = params / dp
+        weights = low * (p_dp if zero_stage == 3 else params)
+        if t.precision == "bf16" and zero_stage < 3:  # DeepSpeed's BF16 optimizer: fp32 gradients of every param
+            grads = 4.0 * params
+        elif zero_stage >= 2:
+            grads = low * p_dp + (4 * p_dp if mixed else 0)
+        else:
+            grads = low * params + (4 * p_dp if mixed or zero_stage == 1 else 0)
+        opt = (states + (4 if mixed else 0)) * (p_dp if zero_stage >= 1 else params)
+        in_flight = min(pp - stage, t.grad_accum_steps) if pp > 1 else 1
+        acts = blocks * per_layer * in_flight
+        if m.recompute == "full" and blocks:  # the block being recomputed holds its activations once more
+            acts += layer_activation_bytes(_no_recompute(m), t.micro_batch_size, tp, sp, t.precision, attention,
+                                           device)
+        if stage == 0:
+            acts += embedding_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision) * in_flight
+        if stage == pp - 1:
+            acts += head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
+        out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts, in_flight))
+    return out
+
+
+def _no_recompute(m: ModelConfig) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(m, recompute="none")
+
+
+def format_memory(stages: list[StageMemory], zero_stage: int) -> str:
+    """The table ``mtnlg model-info`` prints: one row per pipeline stage, GiB per rank."""
+    lines = [f"predicted memory per rank (GiB; ZeRO-{zero_stage}; activations at the 1F1B peak):",
+             "  stage  blocks  params/rank   weights   grads  optimizer  activations (in flight)   total"]
+    for s in stages:
+        lines.append(f"  {s.stage:>5}  {s.layers:>6}  {s.params / 1e6:>9.1f}M  {s.weights / GB:>8.3f}  "
+                     f"{s.gradients / GB:>6.3f}  {s.optimizer / GB:>9.3f}  {s.activations / GB:>11.3f} ({s.in_flight})"
+                     f"  {s.total / GB:>10.3f}")
+    return "\n".join(lines)
