@@ -45,6 +45,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dp", dest="dp", action="store_false",
                    help="skip the data-parallel runs (mtnlg and peer at dp=2, 2 ranks of 1 thread; on by default "
                         "with 2 cores or devices)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the memory section (activations with and without SP and recompute at tp=2, "
+                        "recompute's step time, predicted vs measured peak per rank)")
     p.add_argument("--no-layouts", dest="layouts", action="store_false",
                    help="skip the pipeline (pp=2) and tensor (tp=2) scaling runs")
     p.add_argument("--peer-attn", type=_names, default=("eager", "sdpa"), metavar="LIST",
@@ -70,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--precisions: {', '.join(bad)} unknown; use fp32, bf16 or fp16")
     opts = BenchOptions(config=args.config, overrides=args.overrides, steps=args.steps, warmup=args.warmup,
                         peer=args.peer, output=args.output, precisions=precisions, main=args.main,
-                        dp=args.dp, layouts=args.layouts, peer_attns=args.peer_attn,
+                        dp=args.dp, memory=args.memory, layouts=args.layouts, peer_attns=args.peer_attn,
                         micro_batches=args.micro_batches, layout_micro_batch_size=args.layout_micro_batch_size,
                         layout_steps=args.layout_steps, threads=args.threads)
     try:

@@ -176,7 +176,45 @@ def markdown(r: dict[str, Any]) -> str:
                       f"{_mem(tp['tp2']['peak_mem_mb'])} |", "",
                       f"Speedup {tp['speedup_median']:.2f}x median ({tp['speedup_best']:.2f}x best); ideal 2.00x."]
         lines.append("")
+    lines += _memory_lines(r.get("memory"))
     return "\n".join(lines)
+
+
+def _memory_lines(mem: dict[str, Any] | None) -> list[str]:
+    """The memory section's tables (mtnlg.bench.memory)."""
+    if not mem:
+        return []
+    mb = 2**20
+    lines = ["## Memory: activations at tp=2, recompute, predicted vs measured peaks", "",
+             "Activations: bytes autograd keeps for backward over one micro batch's forward on a rank (parameters "
+             "excluded), tp=2; predicted: the transformer blocks' share by `mtnlg.training.memory`.", "",
+             "| recompute | sequence parallel | saved per rank MB | predicted (blocks) MB |", "|---|---|---:|---:|"]
+    for row in mem["activations"]:
+        lines.append(f"| {row['recompute']} | {'on' if row['sequence_parallel'] else 'off'} | "
+                     f"{max(row['bytes']) / mb:.1f} | {row['predicted_blocks_bytes'] / mb:.1f} |")
+    lines += ["", f"SP + selective recompute keep {mem['sp_selective_over_none']:.2f}x the activations of neither.", ""]
+    rt = mem.get("recompute_time")
+    if rt:
+        t, o = rt["step_s_median"], rt["overhead"]
+        lines += ["| recompute (tp=2, SP off) | step s median | overhead |", "|---|---:|---:|",
+                  f"| none | {t['none']:.3f} | |",
+                  f"| selective | {t['selective']:.3f} | {pct(o['selective'])} |",
+                  f"| full | {t['full']:.3f} | {pct(o['full'])} |", ""]
+        if rt.get("selective_over_full") is not None:
+            lines += [f"Selective recompute costs {rt['selective_over_full']:.2f} of full recompute's overhead.", ""]
+    if mem.get("peaks"):
+        lines += ["Peaks: each rank's resident high-water mark over a few steps minus its resident set before the "
+                  "model was built, malloc returning freed blocks (`MTNLG_KEEP_FREED_MEMORY=live`), against "
+                  "`mtnlg model-info`'s prediction.", "",
+                  "| layout | ZeRO | recompute | measured MB per rank | predicted MB per rank | measured / predicted |",
+                  "|---|---:|---|---|---|---|"]
+        for row in mem["peaks"]:
+            lines.append(f"| {row['name']} | {row['zero']} | {row['recompute']} | "
+                         f"{', '.join(f'{x:.0f}' for x in row['measured_mb'])} | "
+                         f"{', '.join(f'{x:.0f}' for x in row['predicted_mb'])} | "
+                         f"{', '.join(f'{x:.2f}' for x in row['measured_over_predicted'])} |")
+        lines.append("")
+    return lines
 
 
 @dataclass

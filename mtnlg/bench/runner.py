@@ -52,6 +52,7 @@ class BenchOptions:
     precisions: list[str] | None = None  # default: the config's train.precision
     main: bool = True  # the one-rank mtnlg (vs peer) comparison
     dp: bool = True  # the dp=2 mtnlg (vs peer) comparison
+    memory: bool = True  # activations with/without SP and recompute, recompute's time, predicted vs measured peaks
     layouts: bool = True
     peer_attns: tuple[str, ...] = ("eager", "sdpa")  # the peer's attention variants; the faster is the peer
     micro_batches: tuple[int, ...] = (1, 2, 4, 8)
@@ -344,6 +345,14 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         result["data_parallel"] = _data_parallel(opts, base, precisions[0], result["main"], peak_1, fpt, logs)
     elif opts.dp:
         _log("dp=2 skipped: it needs 2 cores (CPU) or 2 devices")
+    # --- memory
+    if opts.memory and ranks_available >= 2:
+        from mtnlg.bench.memory import memory_section
+
+        result["memory"] = memory_section(config_variant(base, 1, train__precision=precisions[0]),
+                                          opts.layout_steps or opts.steps, opts.warmup, logs)
+    elif opts.memory:
+        _log("memory skipped: it needs 2 cores (CPU) or 2 devices")
     # --- layouts
     if opts.layouts and ranks_available >= 2:
         result["layouts"] = _layouts(opts, base, precisions[0], peak_1, fpt, logs)

@@ -24,6 +24,7 @@ import torch
 
 from mtnlg.config import RunConfig, from_dict, resolve
 from mtnlg.model.flops import flops_per_token, param_count
+from mtnlg.training.metrics import current_rss_mb
 
 
 def synthetic_batches(cfg: RunConfig, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,12 +56,14 @@ class MtnlgSetup:
         from mtnlg.training.engine import Engine
 
         world = dist.get_world_size()
+        rss_before = current_rss_mb()
         self.cfg = resolve(from_dict(cfg_dict), world)
         p = self.cfg.parallel
         self.ps = ParallelState.create(p.tensor, p.pipeline, p.sequence_parallel)
         t0 = time.perf_counter()
         self.engine = Engine(self.cfg, self.ps, device)
         self.build_s = time.perf_counter() - t0
+        self.rss_before_build_mb = rss_before
         self.device = device
         # each dp rank trains on its own micro batches (the same ones at every step)
         self.batches = [(ids.to(device), lab.to(device))
@@ -72,6 +75,28 @@ class MtnlgSetup:
         self.engine.rng.seed_iteration(self.iteration)
         return self.engine.train_step(self.batches).loss
 
+    def saved_activation_bytes(self) -> int:
+        """Bytes autograd keeps for backward over one micro batch's forward on this rank (parameters excluded, each
+        storage once): the activation memory ``mtnlg.training.memory`` predicts. pp = 1 only."""
+        if self.ps.pp_size > 1:
+            raise ValueError("saved activations are measured at pp = 1")
+        module = self.engine.module
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        module.train()
+        ids, labels = self.batches[0]
+        self.engine.rng.seed_iteration(self.iteration + 1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(ids, labels)  # forward only; the graph is dropped
+        return sum(seen.values())
+
     def info(self) -> dict[str, Any]:
         opt = getattr(self.engine, "guard", None) or self.engine.engine.basic_optimizer
         return {"kind": self.kind, "params": param_count(self.cfg.model),
@@ -79,7 +104,8 @@ class MtnlgSetup:
                 "ds_optimizer": type(self.engine.engine.optimizer).__name__, "build_s": self.build_s,
                 "zero_stage": self.engine.engine.zero_optimization_stage(),
                 "tokens_per_step": self.cfg.train.global_batch_size * self.cfg.model.seq_length,
-                "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads()}
+                "layout": dataclasses.asdict(self.cfg.parallel), "threads": torch.get_num_threads(),
+                "rss_before_build_mb": self.rss_before_build_mb}
 
 
 PEER_ATTNS = ("eager", "sdpa")  # the HF attention implementations the bench times

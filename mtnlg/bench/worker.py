@@ -12,7 +12,13 @@ rank 0 sends the answer back. Commands (dicts):
 
 - ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}, "attn": "eager"|"sdpa"}``
   -> info (``optimizer``: the AdamW flags the peer matches; ``attn``: the peer's attention)
-- ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank]}``
+- ``{"op": "steps", "n": N, "reset_peak": bool}`` -> ``{"times": [seconds per step], "loss": last loss,
+  "mem_mb": [per rank]}`` (the peak since the build, or with ``reset_peak`` since these steps began)
+- ``{"op": "rss"}`` -> ``{"mb": [per rank]}``: the resident set before the setup was built
+- ``{"op": "tensor_peak"}`` -> ``{"start", "peak", "before": [per rank]}``: live tensor bytes when one more step
+  begins, their peak during it, and their peak before it (``mtnlg.bench.memory.TensorMemory``; the build must
+  have had ``"tensor_memory": true``)
+- ``{"op": "activations"}`` -> ``{"bytes": [per rank]}``: bytes autograd keeps over one micro batch's forward
 - ``{"op": "exit"}``
 
 Peak memory is per rank and per setup: the device allocator's peak on an accelerator, the
@@ -37,7 +43,7 @@ from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 def _run(conn, device: torch.device) -> None:
     from mtnlg.bench.setups import build
 
-    setup = None
+    setup = tensor_memory = None
     rank = dist.get_rank()
     while True:
         box = [conn.recv() if rank == 0 else None]
@@ -52,9 +58,16 @@ def _run(conn, device: torch.device) -> None:
                 setup = None
                 gc.collect()
                 reset_peak_memory(device)
+                if cmd.get("tensor_memory"):
+                    from mtnlg.bench.memory import TensorMemory
+
+                    tensor_memory = TensorMemory()
                 setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"), cmd.get("attn"))
                 answer = {"ok": True, "info": setup.info()}
             elif op == "steps":
+                if cmd.get("reset_peak"):  # the peak of these steps only, not of building the setup
+                    gc.collect()
+                    reset_peak_memory(device)
                 times, loss = [], None
                 for _ in range(int(cmd["n"])):
                     if dist.get_world_size() > 1:
@@ -65,6 +78,20 @@ def _run(conn, device: torch.device) -> None:
                 mem = [None] * dist.get_world_size()
                 dist.all_gather_object(mem, peak_memory_mb(device))
                 answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem}
+            elif op == "rss":  # each rank's resident set before its setup was built
+                rss = [None] * dist.get_world_size()
+                dist.all_gather_object(rss, setup.rss_before_build_mb)
+                answer = {"ok": True, "mb": rss}
+            elif op == "tensor_peak":  # live tensor bytes over one more step (a build with "tensor_memory")
+                peaks = [None] * dist.get_world_size()
+                dist.all_gather_object(peaks, tensor_memory.peak_of(setup.step))
+                tensor_memory = None
+                answer = {"ok": True, "start": [p[0] for p in peaks], "peak": [p[1] for p in peaks],
+                          "before": [p[2] for p in peaks]}
+            elif op == "activations":
+                saved = [None] * dist.get_world_size()
+                dist.all_gather_object(saved, setup.saved_activation_bytes())
+                answer = {"ok": True, "bytes": saved}
             else:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception:  # report to the parent, which shows it and stops

@@ -97,6 +97,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             p.mul_(scale[r : r + rows].unsqueeze(-1))
             p.scatter_add_(-1, idx[r : r + rows], hit[r : r + rows])
             grad[r : r + rows, :valid] = p
+            del p  # before the next chunk's softmax: at most one chunk (and its fp32 input) alive
         return grad.view(logits.shape), None, None, None, None
 
 

@@ -15,6 +15,7 @@ of keeping tables of their own. Split parameters also carry DeepSpeed's
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,15 +41,47 @@ from mtnlg.parallel.mappings import (
 
 @dataclass(frozen=True)
 class Init:
-    """Layout-independent weight init: the full tensor is a function of (seed, name) only."""
+    """Layout-independent weight init: the full tensor is a function of (seed, name) only.
+
+    It is made of blocks of whole rows (about ``BLOCK_ELEMENTS`` each), every block drawn from its own generator
+    seeded by (seed, name, block), so a rank draws only the blocks its shard touches and never holds more of the
+    full tensor than one block: a vocabulary of 128k x 8k is never whole on any rank."""
 
     seed: int = 1234
     std: float = 0.02
+    BLOCK_ELEMENTS = 1 << 20
 
     def normal(self, name: str, shape: Sequence[int], std: float | None = None) -> torch.Tensor:
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-        return torch.randn(*shape, generator=gen) * (self.std if std is None else std)
+        """The whole tensor (small ones: position embeddings)."""
+        return self.rows(name, shape, 0, shape[0], std)
+
+    def rows(self, name: str, shape: Sequence[int], start: int, stop: int, std: float | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the full tensor of ``shape``."""
+        width = math.prod(shape[1:])
+        per = max(1, self.BLOCK_ELEMENTS // max(width, 1))
+        out = torch.empty((stop - start, *shape[1:]))
+        for b in range(start // per, -(-stop // per)):
+            lo, hi = b * per, min((b + 1) * per, shape[0])
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(f"{name}#{b}".encode())) % (2**63))
+            block = torch.randn((hi - lo, *shape[1:]), generator=gen)
+            a, z = max(lo, start), min(hi, stop)
+            out[a - start : z - start] = block[a - lo : z - lo]
+        return out.mul_(self.std if std is None else std)
+
+    def shard(self, name: str, shape: Sequence[int], dim: int, index: int, parts: int,
+              std: float | None = None) -> torch.Tensor:
+        """Part ``index`` of ``parts`` equal parts of the full tensor split along ``dim`` (0 or 1)."""
+        if dim == 0:
+            n = shape[0] // parts
+            return self.rows(name, shape, index * n, (index + 1) * n, std)
+        n = shape[1] // parts
+        out = torch.empty((shape[0], n, *shape[2:]))
+        per = max(1, self.BLOCK_ELEMENTS // max(math.prod(shape[1:]), 1))
+        for lo in range(0, shape[0], per):  # whole rows one block at a time, this part's columns kept
+            hi = min(lo + per, shape[0])
+            out[lo:hi] = self.rows(name, shape, lo, hi, std)[:, index * n : (index + 1) * n]
+        return out
 
 
 @dataclass(frozen=True)
@@ -120,10 +153,6 @@ def replicated(module: nn.Module) -> nn.Module:
         if not hasattr(p, "sharding"):
             set_sharding(p, Sharding("replicated", tuple(p.shape)))
     return module
-
-
-def _shard(full: torch.Tensor, dim: int, group) -> torch.Tensor:
-    return full.chunk(group_size(group), dim=dim)[group_rank(group)].clone()
 
 
 def shard_tensor(full: torch.Tensor, dim: int, sizes: Sequence[int] | None, rank: int, size: int) -> torch.Tensor:
@@ -205,7 +234,8 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel  # the input comes as sequence shards: all-gather it
         self.local_sizes = [s // tp for s in out_sizes]
         names = [f"{name}.weight.{i}" for i in range(len(out_sizes))] if len(out_sizes) > 1 else [f"{name}.weight"]
-        shards = [_shard(init.normal(n, (s, in_features), std), 0, tp_group) for n, s in zip(names, out_sizes)]
+        rank = group_rank(tp_group)
+        shards = [init.shard(n, (s, in_features), 0, rank, tp, std) for n, s in zip(names, out_sizes)]
         blocks = tuple(out_sizes) if len(out_sizes) > 1 else None
         self.weight = set_sharding(nn.Parameter(torch.cat(shards, dim=0)),
                                    Sharding("column", (sum(out_sizes), in_features), 0, blocks))
@@ -250,7 +280,8 @@ class RowParallelLinear(nn.Module):
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel  # the sum leaves as sequence shards: reduce-scatter it
-        weight = _shard(init.normal(f"{name}.weight", (out_features, in_features), std), 1, tp_group)
+        weight = init.shard(f"{name}.weight", (out_features, in_features), 1, group_rank(tp_group),
+                            group_size(tp_group), std)
         self.weight = set_sharding(nn.Parameter(weight), Sharding("row", (out_features, in_features), 1))
         self.bias = None
         if bias:  # added once, after the sum over the group: the same on every rank
@@ -309,9 +340,11 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.per_rank = padded_vocab_size // tp
         self.start = group_rank(tp_group) * self.per_rank
-        full = torch.zeros(padded_vocab_size, dim)
-        full[:vocab_size] = init.normal(f"{name}.weight", (vocab_size, dim))
-        self.weight = set_sharding(nn.Parameter(_shard(full, 0, tp_group)), Sharding("vocab", (vocab_size, dim)))
+        weight = torch.zeros(self.per_rank, dim)  # rows past vocab_size: padding, zeros
+        stop = min(self.start + self.per_rank, vocab_size)
+        if stop > self.start:
+            weight[: stop - self.start] = init.rows(f"{name}.weight", (vocab_size, dim), self.start, stop)
+        self.weight = set_sharding(nn.Parameter(weight), Sharding("vocab", (vocab_size, dim)))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.fp32_grad is not None and torch.is_grad_enabled() and self.weight.requires_grad:

@@ -61,6 +61,23 @@ def build_optimizer(module: torch.nn.Module, cfg: RunConfig, ds: dict, device: t
     return GuardedAdamW(groups, lr=cfg.train.lr, **adam_hyperparams(ds), fused=fused_adam_supported(device))
 
 
+def build_module(cfg: RunConfig, ps: ParallelState, zero: int, ds_config: dict, rng: TPRandom) -> torch.nn.Module:
+    """This rank's model, built shard by shard: its tensor-parallel shards of its pipeline stage, each parameter's
+    values drawn block by block (``mtnlg.parallel.layers.Init``); under ZeRO-3 inside ``deepspeed.zero.Init``, so
+    each parameter is partitioned over dp as soon as its layer exists. No rank ever holds the whole model."""
+    show = cfg.logging.deepspeed == "info"
+    seed = cfg.train.seed
+    if ps.pp_size > 1:
+        with deepspeed_output(show):  # DeepSpeed's PipelineModule prints its seeds and topology
+            return pipeline_module(cfg.model, ps, seed, rng)
+    if zero == 3:
+        ds_init = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        with deepspeed_output(show), deepspeed.zero.Init(data_parallel_group=ps.dp_group, mpu=ps,
+                                                         config_dict_or_path=ds_init):
+            return GPTModel(cfg.model, ps, seed=seed, rng=rng)
+    return GPTModel(cfg.model, ps, seed=seed, rng=rng)
+
+
 class Engine:
     def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
@@ -74,16 +91,7 @@ class Engine:
         self.rng = TPRandom(seed, ps.tp_rank, ps.pp_rank)
         self.pipelined = ps.pp_size > 1
         show = cfg.logging.deepspeed == "info"
-        if self.pipelined:
-            with deepspeed_output(show):  # DeepSpeed's PipelineModule prints its seeds and topology
-                module = pipeline_module(cfg.model, ps, seed, self.rng)
-        elif self.zero_stage == 3:  # each parameter partitioned over dp as soon as its layer exists
-            ds_init = {k: v for k, v in self.ds_config.items() if k != "optimizer"}
-            with deepspeed_output(show), deepspeed.zero.Init(data_parallel_group=ps.dp_group, mpu=ps,
-                                                             config_dict_or_path=ds_init):
-                module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
-        else:
-            module = GPTModel(cfg.model, ps, seed=seed, rng=self.rng)
+        module = build_module(cfg, ps, self.zero_stage, self.ds_config, self.rng)
         module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)
 
         ds_cfg = dict(self.ds_config)

@@ -36,7 +36,8 @@ class StageMemory:
     weights: float
     gradients: float
     optimizer: float
-    activations: float  # stored for backward at the peak (all in-flight micro batches)
+    activations: float  # stored for backward at the peak (all in-flight micro batches; the last stage: + the loss's
+    # backward working set)
     in_flight: int  # micro batches whose activations are alive at once
 
     @property
@@ -102,6 +103,18 @@ def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precisi
     return norm + e * sbh + e * m.seq_length * micro * m.padded_vocab_size / tp
 
 
+def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
+    """The last stage's working set on top of what is saved, at its peak (the loss's backward): the gradient of the
+    logits (B, T, V/tp) in their dtype and two fp32 chunks of rows (the chunk converted and its softmax; see
+    ``mtnlg.parallel.cross_entropy``)."""
+    from mtnlg.parallel.cross_entropy import CHUNK_ELEMENTS_CPU, CHUNK_ELEMENTS_DEVICE
+
+    e = 4 if precision == "fp32" else 2
+    logits = m.seq_length * micro * m.padded_vocab_size / tp
+    chunk = min(logits, CHUNK_ELEMENTS_CPU if device == "cpu" else CHUNK_ELEMENTS_DEVICE)
+    return e * logits + (4 if precision == "fp32" else 8) * chunk  # fp32 logits: the chunk is a view, not a copy
+
+
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int]:
     """(parameters on one rank of the stage, transformer blocks on the stage): each group of the stage's specs at
     its tensor-parallel shard size; a tied embedding counts on both stages that hold it."""
@@ -121,29 +134,47 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int
     return total, blocks
 
 
+def model_state_bytes(params: float, dp: int, zero_stage: int, precision: str,
+                      optimizer: str = "adamw") -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes on one rank holding ``params`` parameters (its tp shard of its
+    pipeline stage), as DeepSpeed 0.19.8 keeps them:
+
+    - ZeRO-0, fp32: a torch optimizer on the model's own tensors: weights, gradients, Adam's two moments;
+    - ZeRO-1/2: fp32 master partitions (a copy, also in fp32 training) and gradient partitions; ZeRO-1 keeps the
+      module's full gradients too, ZeRO-2 reduces them into partitions as backward makes them;
+    - bf16 with ZeRO 0/1 (DeepSpeed's BF16 optimizer): fp32 gradients of every parameter, fp32 master partitions;
+    - ZeRO-3: weights, gradients and states all partitioned over dp.
+    """
+    mixed = precision != "fp32"
+    low = 2 if mixed else 4
+    states = 8.0 if optimizer == "adamw" else 0.0  # Adam's two moments, fp32
+    part = params / dp
+    if zero_stage == 0:
+        return low * params, 4.0 * params, (states + (4 if mixed else 0)) * params
+    master = 4.0 * part
+    if zero_stage == 3:
+        return low * part, low * part + (4.0 * part if mixed else 0.0), master + states * part
+    if precision == "bf16":
+        grads = 4.0 * params
+    elif zero_stage == 2:
+        grads = 4.0 * part + (low * part if mixed else 0.0)
+    else:
+        grads = low * params + 4.0 * part
+    return low * params, grads, master + states * part
+
+
 def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
                    device: str = "cpu") -> list[StageMemory]:
     """Bytes per rank of every pipeline stage of a resolved run config trained with ``zero_stage``."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, dp = par.tensor, par.pipeline, par.data
-    mixed = t.precision != "fp32"
-    low = 2 if mixed else 4
-    states = 8 if optimizer == "adamw" else 0  # Adam's two moments, fp32
     attention = attention_kind(m, t.precision, device)
     sp = par.sequence_parallel
     per_layer = layer_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, attention, device)
     out = []
     for stage in range(pp):
         params, blocks = stage_params(m, tp, pp, stage)
-        p_dp = params / dp
-        weights = low * (p_dp if zero_stage == 3 else params)
-        if t.precision == "bf16" and zero_stage < 3:  # DeepSpeed's BF16 optimizer: fp32 gradients of every param
-            grads = 4.0 * params
-        elif zero_stage >= 2:
-            grads = low * p_dp + (4 * p_dp if mixed else 0)
-        else:
-            grads = low * params + (4 * p_dp if mixed or zero_stage == 1 else 0)
-        opt = (states + (4 if mixed else 0)) * (p_dp if zero_stage >= 1 else params)
+        weights, grads, opt = model_state_bytes(params, dp, zero_stage, t.precision, optimizer)
         in_flight = min(pp - stage, t.grad_accum_steps) if pp > 1 else 1
         acts = blocks * per_layer * in_flight
         if m.recompute == "full" and blocks:  # the block being recomputed holds its activations once more
@@ -153,7 +184,27 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
             acts += embedding_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision) * in_flight
         if stage == pp - 1:
             acts += head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
+            acts += loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device)
         out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts, in_flight))
+    return out
+
+
+def construction_bytes(cfg: RunConfig, zero_stage: int) -> list[float]:
+    """Predicted peak bytes of building the model on one rank of each pipeline stage (``build_module``: fp32
+    weights, before DeepSpeed converts or copies them): the rank's share of the weights (its tensor-parallel shards
+    of its stage; under ZeRO-3 their 1/dp partition), plus what exists only while building: under ZeRO-3 the largest
+    parameter's whole shard before it is partitioned (the largest layer), and the init's blocks of rows."""
+    from mtnlg.parallel.layers import Init
+
+    m, par = cfg.model, cfg.parallel
+    out = []
+    for stage in range(par.pipeline):
+        params, _ = stage_params(m, par.tensor, par.pipeline, stage)
+        specs = set(stage_specs(m, par.pipeline, stage))
+        largest = max(math.prod(sh.local_shape(par.tensor, m.padded_vocab_size))
+                      for g in groups(m) if g.spec_index in specs for _, sh in g.params)
+        share = 4.0 * (params / par.data if zero_stage == 3 else params)
+        out.append(share + (4.0 * largest if zero_stage == 3 else 0.0) + 2 * 4.0 * Init.BLOCK_ELEMENTS)
     return out
 
 

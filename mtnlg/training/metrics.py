@@ -44,6 +44,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now (Linux; elsewhere its peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_memory_mb(torch.device("cpu"))
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)

@@ -1,0 +1,206 @@
+"""``mtnlg bench``'s memory section: activation memory with and without sequence parallelism and selective
+recompute, the step-time price of recompute, and the memory model's prediction of each rank's peak against
+the measured one, for several layouts.
+
+- activations: at tp = 2 (2 ranks, 1 thread each), the bytes autograd keeps for backward over one micro
+  batch's forward on a rank (``saved_tensors_hooks``; parameters excluded), for recompute none / selective /
+  full, each with and without SP, next to ``mtnlg.training.memory``'s prediction;
+- recompute cost: step times of none, selective and full (SP off), interleaved; overhead = t / t(none) - 1;
+- peaks: each row a fresh worker group whose malloc follows the live tensors (``MTNLG_KEEP_FREED_MEMORY=live``),
+  so each rank's resident high-water mark after a few steps, minus its resident set before the model was built,
+  is comparable with the prediction (weights, gradients, optimizer states, activations).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mtnlg.bench.runner import close_workers, config_variant, interleave, start_workers
+from mtnlg.config import from_dict, resolve
+
+RECOMPUTE = ("none", "selective", "full")
+# (name, tensor, pipeline, data, zero stage, recompute, sequence parallel): a rank's peak, predicted and measured
+PEAK_ROWS = [
+    ("tp1", 1, 1, 1, 1, "none", False),
+    ("tp2", 2, 1, 1, 1, "none", False),
+    ("tp2 sp selective", 2, 1, 1, 1, "selective", True),
+    ("tp2 full", 2, 1, 1, 1, "full", False),
+    ("pp2", 1, 2, 1, 1, "none", False),
+    ("dp2 zero2", 1, 1, 2, 2, "none", False),
+    ("tp2 pp2 sp selective", 2, 2, 1, 1, "selective", True),
+]
+MB = 2**20
+
+
+def _log(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+def _variant(base: dict, world: int, **changes: Any) -> dict:
+    return config_variant(base, world, **changes)
+
+
+class TensorMemory:
+    """Live tensor bytes of this process, as an accelerator's allocator counts them (on CPU torch keeps no such
+    statistic): the profiler, started before the model is built, records every CPU allocation and free with the
+    running total of live bytes. ``peak_of(step)`` runs one more step and returns (live bytes when it began, their
+    peak during it, the peak before it: building the model and earlier steps)."""
+
+    MARK = "mtnlg.bench.peak_step"
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def peak_of(self, step) -> tuple[float, float, float]:
+        from torch._C._profiler import _EventType
+        from torch.profiler import record_function
+
+        with record_function(self.MARK):
+            step()
+        self.prof.__exit__(None, None, None)
+        window, events = None, []
+        stack = list(self.prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            stack.extend(e.children)
+            if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
+                events.append((e.start_time_ns, e.typed[1].total_allocated))
+            elif e.name == self.MARK:
+                window = (e.start_time_ns, e.end_time_ns)
+        events.sort()
+        before = [b for t, b in events if t < window[0]] or [0]
+        during = [b for t, b in events if window[0] <= t <= window[1]] or [before[-1]]
+        return float(before[-1]), float(max(during)), float(max(before))
+
+
+def _tiny(cfg: dict, world: int) -> dict:
+    """``cfg`` with a 64-wide model of as few layers as its pipeline allows, in the same layout."""
+    heads = 2 * cfg["parallel"]["tensor"]
+    return config_variant(cfg, world, model__hidden_size=16 * heads, model__num_attention_heads=heads,
+                          model__num_kv_heads=None, model__ffn_hidden_size=None, model__vocab_size=256,
+                          model__num_layers=max(2, cfg["parallel"]["pipeline"]))
+
+
+def _predict(cfg_dict: dict, world: int, zero: int) -> list[float]:
+    """Predicted peak bytes per rank (in global rank order) of a config at ``world`` ranks."""
+    from mtnlg.parallel.state import ParallelDims
+    from mtnlg.training.memory import predict_memory
+
+    cfg = resolve(from_dict(cfg_dict), world)
+    stages = predict_memory(cfg, zero)
+    dims = ParallelDims(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
+    return [stages[dims.coords(r)["pp"]].total for r in range(world)]
+
+
+def _zero_json(zero: int, out_dir: Path) -> str:
+    """A DeepSpeed JSON of the stage (ZeRO-3 partitioning every parameter, as the tests do)."""
+    import json
+
+    path = out_dir / f"zero{zero}.json"
+    ds = {"zero_optimization": {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})}}
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def memory_section(base: dict, steps: int, warmup: int, logs: Path) -> dict[str, Any]:
+    """The section's figures (see the module docstring); ``base`` is the bench's run config as a dict."""
+    out = activations(base, logs)
+    out["recompute_time"] = recompute_time(base, steps, warmup, logs)
+    out["peaks"] = peaks(base, warmup, logs)
+    return out
+
+
+def activations(base: dict, logs: Path) -> dict[str, Any]:
+    """Saved activation bytes per rank at tp = 2 for each recompute choice, with and without SP."""
+    from mtnlg.training.memory import attention_kind, layer_activation_bytes
+
+    out: dict[str, Any] = {"activations": []}
+    micro = base["train"]["micro_batch_size"]
+    common = dict(train__global_batch_size=micro, parallel__tensor=2)
+    for recompute in RECOMPUTE:
+        for sp in (False, True):
+            cfg = _variant(base, 2, model__recompute=recompute, parallel__sequence_parallel=sp, **common)
+            workers = start_workers({"act": (2, 1)}, logs)
+            try:
+                workers["act"].build("mtnlg", cfg)
+                measured = workers["act"].call({"op": "activations"})["bytes"]
+            finally:
+                close_workers(workers)
+            r = resolve(from_dict(cfg), 2)
+            m, t = r.model, r.train
+            kind = attention_kind(m, t.precision)
+            predicted_layers = m.num_layers * layer_activation_bytes(m, micro, 2, sp, t.precision, kind)
+            row = {"recompute": recompute, "sequence_parallel": sp, "bytes": measured,
+                   "predicted_blocks_bytes": predicted_layers}
+            out["activations"].append(row)
+            _log(f"[memory] tp=2 recompute={recompute} sp={sp}: {max(measured) / MB:.1f} MB saved per rank "
+                 f"(blocks predicted {predicted_layers / MB:.1f} MB)")
+    ref = max(next(r for r in out["activations"] if r["recompute"] == "none" and not r["sequence_parallel"])["bytes"])
+    best = max(next(r for r in out["activations"] if r["recompute"] == "selective" and r["sequence_parallel"])["bytes"])
+    out["sp_selective_over_none"] = best / ref
+    _log(f"[memory] activations with SP + selective recompute: {best / ref:.2f}x those without either")
+    return out
+
+
+def recompute_time(base: dict, steps: int, warmup: int, logs: Path) -> dict[str, Any]:
+    """Step times of recompute none / selective / full at tp = 2 (SP off), interleaved, and their overheads."""
+    common = dict(train__global_batch_size=base["train"]["micro_batch_size"], parallel__tensor=2)
+    specs = {rc: (2, 1) for rc in RECOMPUTE}
+    workers = start_workers(specs, logs)
+    try:
+        for rc in RECOMPUTE:
+            workers[rc].build("mtnlg", _variant(base, 2, model__recompute=rc, **common))
+        timed = interleave(workers, steps, warmup)
+    finally:
+        close_workers(workers)
+    t = {rc: statistics.median(timed[rc]["times"]) for rc in RECOMPUTE}
+    over = {rc: t[rc] / t["none"] - 1 for rc in ("selective", "full")}
+    _log(f"[memory] recompute overhead: selective {100 * over['selective']:.1f}%, full {100 * over['full']:.1f}%")
+    return {"step_s_median": t, "overhead": over,
+            "selective_over_full": over["selective"] / over["full"] if over["full"] > 0 else None}
+
+
+def peaks(base: dict, warmup: int, logs: Path) -> list[dict[str, Any]]:
+    """Each ``PEAK_ROWS`` layout's per-rank peak of live tensors over a training step after ``warmup`` steps (the
+    optimizer's states exist by then), measured (``TensorMemory``) and predicted; the resident set's growth over
+    the same steps and over building the model alongside."""
+    from mtnlg.bench.runner import build_command
+
+    micro = base["train"]["micro_batch_size"]
+    out = []
+    for name, tp, pp, dp, zero, recompute, sp in PEAK_ROWS:
+        world = tp * pp * dp
+        m_count = 4 if pp > 1 else 1
+        cfg = _variant(base, world, parallel__tensor=tp, parallel__pipeline=pp, parallel__sequence_parallel=sp,
+                       model__recompute=recompute, train__global_batch_size=micro * dp * m_count)
+        cfg["deepspeed_config"] = _zero_json(zero, logs)
+        workers = start_workers({"peak": (world, 1)}, logs)
+        w = workers["peak"]
+        try:
+            # a tiny model in the same layout first: the modules, buffers and communicators a first engine
+            # brings (an accelerator's context, not the model's memory) are in place before the one measured
+            w.build("mtnlg", _tiny(cfg, world))
+            info = w.call({**build_command("mtnlg", cfg), "tensor_memory": True})["info"]
+            built = w.steps(0)["mem_mb"]  # the resident peak while building
+            run = w.call({"op": "steps", "n": max(warmup, 1), "reset_peak": True})
+            live = w.call({"op": "tensor_peak"})
+            before = w.call({"op": "rss"})["mb"]
+        finally:
+            close_workers(workers)
+        measured = [b / MB for b in live["peak"]]
+        predicted = [x / MB for x in _predict(cfg, world, zero)]
+        ratio = [a / b for a, b in zip(measured, predicted)]
+        rss = [p - b for p, b in zip(run["mem_mb"], before)]
+        out.append({"name": name, "layout": info["layout"], "zero": zero, "recompute": recompute,
+                    "measured_mb": measured, "predicted_mb": predicted, "measured_over_predicted": ratio,
+                    "step_start_mb": [b / MB for b in live["start"]], "rss_peak_mb": rss,
+                    "build_rss_peak_mb": [p - b for p, b in zip(built, before)]})
+        _log(f"[memory] {name}: peak of live tensors {[round(x) for x in measured]} MB, predicted "
+             f"{[round(x) for x in predicted]} MB per rank (measured/predicted {min(ratio):.2f}-{max(ratio):.2f}; "
+             f"resident set grew {[round(x) for x in rss]} MB)")
+    return out
