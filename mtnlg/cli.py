@@ -38,7 +38,8 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     print(describe(cfg))
     ds = load_ds_json(cfg.deepspeed_config)
     stage = zero_stage(ds)
-    print(format_memory(predict_memory(cfg, stage, optimizer_kind(ds), args.device), stage))
+    print(format_memory(predict_memory(cfg, stage, optimizer_kind(ds), args.device, ds.get("zero_optimization")),
+                        stage))
     if args.verbose:
         import yaml
 

@@ -120,6 +120,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue, nodes: int =
         import torch.distributed as dist
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        from mtnlg.deepspeed_compat import release_shm_buffer
+
+        release_shm_buffer()  # or each test leaves DeepSpeed's 66 MB per rank in /dev/shm
         try:
             result = fn(rank, world_size, *args)
         finally:

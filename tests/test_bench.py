@@ -17,6 +17,11 @@ model: {architecture: gpt2, num_layers: 2, hidden_size: 64, num_attention_heads:
 train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
 deepspeed_config: %s
 """
+SMALL = """
+model: {architecture: gpt2, num_layers: 2, hidden_size: 256, num_attention_heads: 4, vocab_size: 8192, seq_length: 256}
+train: {micro_batch_size: 2, global_batch_size: 2, precision: bf16}
+deepspeed_config: %s
+"""
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -162,7 +167,7 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY % (ROOT / "ds_configs" / "zero1.json"))
     r = run(BenchOptions(config=str(cfg), steps=2, warmup=1, peer=True, output=str(tmp_path / "out"),
-                         layouts=False, threads=1, peak_sizes=(256,), peak_repeats=2))
+                         layouts=False, memory=False, threads=1, peak_sizes=(256,), peak_repeats=2))
     e = r["main"]["bf16"]
     assert set(e["peer_variants"]) == {"eager", "sdpa"}
     for name, s in (("mtnlg", e["mtnlg"]), *e["peer_variants"].items()):
@@ -193,3 +198,26 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     assert md.count("| bf16 |") == 3 and f"({fastest}), the peer" in md
     assert "## Data parallelism" in md and f"mtnlg / peer ({fastest}) at dp=2" in md
     print(capsys.readouterr().out)
+
+
+def test_memory_section_measures_what_the_model_predicts(tmp_path):
+    """The bench's memory section on a small model: one peak row per kind of stage (tp=2 with SP and selective
+    recompute; pp=2, whose first stage keeps two micro batches in flight) measured by the profiler's record of
+    live tensors against ``mtnlg.training.memory``, within 15%; the report renders what it measured."""
+    from mtnlg.bench.memory import peaks
+    from mtnlg.bench.report import _memory_lines
+    from mtnlg.bench.runner import BenchOptions, bench_config
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(SMALL % (ROOT / "ds_configs" / "zero1.json"))
+    base = bench_config(BenchOptions(config=str(cfg)))
+    rows = peaks(base, 1, tmp_path, rows=[("tp2 sp selective", 2, 1, 1, 1, "selective", True),
+                                          ("pp2", 1, 2, 1, 1, "none", False)])
+    for row in rows:
+        assert len(row["measured_mb"]) == len(row["predicted_mb"]) == 2
+        for ratio in row["measured_over_predicted"]:
+            assert 0.85 <= ratio <= 1.15, row
+        assert min(row["measured_mb"]) > min(row["step_start_mb"])  # a step allocates on top of the states
+    md = "\n".join(_memory_lines({"activations": [], "peaks": rows, "sp_selective_over_none": 0.5,
+                                  "sp_selective_over_none_blocks": 0.4}))
+    assert "| pp2 | 1 | none |" in md

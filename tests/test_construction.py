@@ -1,8 +1,9 @@
-"""Building a model larger than one rank should hold: each rank makes only its own shards (values drawn block by
-block, whatever the layout), and under ZeRO-3 each parameter is partitioned over dp as its layer is made. An
-8-rank build of a ~1.2B-parameter Llama (4.9 GB of fp32 weights) at tp=2 x ZeRO-3 over dp=4, and at tp=2 x pp=2
-x dp=2 with ZeRO-1 (each rank holding at most 1/4, resp. 1/2, of the whole): every rank's resident-set growth while building stays within 1.5x of the memory model's
-``construction_bytes`` (its share of the weights plus what exists only while building)."""
+"""Building a model larger than one rank should hold: each rank makes only its own shards (values drawn block
+by block, whatever the layout), and under ZeRO-3 each parameter is partitioned over dp as its layer is made.
+An 8-rank build of a ~1.2B-parameter Llama (4.7 GB of fp32 weights) at tp=2 x ZeRO-3 over dp=4, and at
+tp=2 x pp=2 x dp=2 with ZeRO-1 (each rank holding at most 1/4, resp. 1/2, of the whole): every rank's
+resident-set growth while building stays within 1.5x of the memory model's ``construction_bytes`` (its share
+of the weights plus what exists only while building)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,8 @@ the measured one, for several layouts.
   batch's forward on a rank (``saved_tensors_hooks``; parameters excluded), for recompute none / selective /
   full, each with and without SP, next to ``mtnlg.training.memory``'s prediction;
 - recompute cost: step times of none, selective and full (SP off), interleaved; overhead = t / t(none) - 1;
-- peaks: each row a fresh worker group whose malloc follows the live tensors (``MTNLG_KEEP_FREED_MEMORY=live``),
-  so each rank's resident high-water mark after a few steps, minus its resident set before the model was built,
-  is comparable with the prediction (weights, gradients, optimizer states, activations).
+- peaks: each row a fresh worker group; each rank's peak of live tensor bytes over a training step (``TensorMemory``)
+  against the prediction (weights, gradients, optimizer states, activations, DeepSpeed's reduction buckets).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ PEAK_ROWS = [
     ("tp2 full", 2, 1, 1, 1, "full", False),
     ("pp2", 1, 2, 1, 1, "none", False),
     ("dp2 zero2", 1, 1, 2, 2, "none", False),
+    ("dp2 zero3", 1, 1, 2, 3, "none", False),
     ("tp2 pp2 sp selective", 2, 2, 1, 1, "selective", True),
 ]
 MB = 2**20
@@ -92,18 +92,21 @@ def _predict(cfg_dict: dict, world: int, zero: int) -> list[float]:
     from mtnlg.training.memory import predict_memory
 
     cfg = resolve(from_dict(cfg_dict), world)
-    stages = predict_memory(cfg, zero)
+    stages = predict_memory(cfg, zero, zero=_zero_section(zero))
     dims = ParallelDims(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data)
     return [stages[dims.coords(r)["pp"]].total for r in range(world)]
 
 
+def _zero_section(zero: int) -> dict:
+    """The ``zero_optimization`` the rows run with (ZeRO-3 partitioning every parameter, as the tests do)."""
+    return {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})}
+
+
 def _zero_json(zero: int, out_dir: Path) -> str:
-    """A DeepSpeed JSON of the stage (ZeRO-3 partitioning every parameter, as the tests do)."""
     import json
 
     path = out_dir / f"zero{zero}.json"
-    ds = {"zero_optimization": {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})}}
-    path.write_text(json.dumps(ds))
+    path.write_text(json.dumps({"zero_optimization": _zero_section(zero)}))
     return str(path)
 
 
@@ -116,34 +119,41 @@ def memory_section(base: dict, steps: int, warmup: int, logs: Path) -> dict[str,
 
 
 def activations(base: dict, logs: Path) -> dict[str, Any]:
-    """Saved activation bytes per rank at tp = 2 for each recompute choice, with and without SP."""
+    """Saved activation bytes per rank at tp = 2 for each recompute choice, with and without SP: all of them and
+    those of the transformer blocks (the per-layer memory SP and recompute act on), the blocks' predicted."""
     from mtnlg.training.memory import attention_kind, layer_activation_bytes
 
     out: dict[str, Any] = {"activations": []}
     micro = base["train"]["micro_batch_size"]
     common = dict(train__global_batch_size=micro, parallel__tensor=2)
-    for recompute in RECOMPUTE:
-        for sp in (False, True):
-            cfg = _variant(base, 2, model__recompute=recompute, parallel__sequence_parallel=sp, **common)
-            workers = start_workers({"act": (2, 1)}, logs)
-            try:
+    workers = start_workers({"act": (2, 1)}, logs)
+    try:
+        for recompute in RECOMPUTE:
+            for sp in (False, True):
+                cfg = _variant(base, 2, model__recompute=recompute, parallel__sequence_parallel=sp, **common)
                 workers["act"].build("mtnlg", cfg)
-                measured = workers["act"].call({"op": "activations"})["bytes"]
-            finally:
-                close_workers(workers)
-            r = resolve(from_dict(cfg), 2)
-            m, t = r.model, r.train
-            kind = attention_kind(m, t.precision)
-            predicted_layers = m.num_layers * layer_activation_bytes(m, micro, 2, sp, t.precision, kind)
-            row = {"recompute": recompute, "sequence_parallel": sp, "bytes": measured,
-                   "predicted_blocks_bytes": predicted_layers}
-            out["activations"].append(row)
-            _log(f"[memory] tp=2 recompute={recompute} sp={sp}: {max(measured) / MB:.1f} MB saved per rank "
-                 f"(blocks predicted {predicted_layers / MB:.1f} MB)")
-    ref = max(next(r for r in out["activations"] if r["recompute"] == "none" and not r["sequence_parallel"])["bytes"])
-    best = max(next(r for r in out["activations"] if r["recompute"] == "selective" and r["sequence_parallel"])["bytes"])
-    out["sp_selective_over_none"] = best / ref
-    _log(f"[memory] activations with SP + selective recompute: {best / ref:.2f}x those without either")
+                saved = workers["act"].call({"op": "activations"})
+                r = resolve(from_dict(cfg), 2)
+                m, t = r.model, r.train
+                kind = attention_kind(m, t.precision)
+                predicted_layers = m.num_layers * layer_activation_bytes(m, micro, 2, sp, t.precision, kind)
+                out["activations"].append({"recompute": recompute, "sequence_parallel": sp, "bytes": saved["bytes"],
+                                           "blocks_bytes": saved["blocks_bytes"],
+                                           "predicted_blocks_bytes": predicted_layers})
+                _log(f"[memory] tp=2 recompute={recompute} sp={sp}: {max(saved['bytes']) / MB:.1f} MB saved per "
+                     f"rank, {max(saved['blocks_bytes']) / MB:.1f} MB by the blocks (predicted "
+                     f"{predicted_layers / MB:.1f} MB)")
+    finally:
+        close_workers(workers)
+
+    def pick(recompute: str, sp: bool) -> dict:
+        return next(r for r in out["activations"] if r["recompute"] == recompute and r["sequence_parallel"] == sp)
+
+    for key, what in (("bytes", ""), ("blocks_bytes", "blocks_")):
+        ratio = max(pick("selective", True)[key]) / max(pick("none", False)[key])
+        out[f"sp_selective_over_none_{what}".rstrip("_")] = ratio
+    _log(f"[memory] with SP + selective recompute: {out['sp_selective_over_none_blocks']:.2f}x the blocks' activations "
+         f"without either ({out['sp_selective_over_none']:.2f}x of all activations)")
     return out
 
 
@@ -165,7 +175,7 @@ def recompute_time(base: dict, steps: int, warmup: int, logs: Path) -> dict[str,
             "selective_over_full": over["selective"] / over["full"] if over["full"] > 0 else None}
 
 
-def peaks(base: dict, warmup: int, logs: Path) -> list[dict[str, Any]]:
+def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None) -> list[dict[str, Any]]:
     """Each ``PEAK_ROWS`` layout's per-rank peak of live tensors over a training step after ``warmup`` steps (the
     optimizer's states exist by then), measured (``TensorMemory``) and predicted; the resident set's growth over
     the same steps and over building the model alongside."""
@@ -173,7 +183,7 @@ def peaks(base: dict, warmup: int, logs: Path) -> list[dict[str, Any]]:
 
     micro = base["train"]["micro_batch_size"]
     out = []
-    for name, tp, pp, dp, zero, recompute, sp in PEAK_ROWS:
+    for name, tp, pp, dp, zero, recompute, sp in rows or PEAK_ROWS:
         world = tp * pp * dp
         m_count = 4 if pp > 1 else 1
         cfg = _variant(base, world, parallel__tensor=tp, parallel__pipeline=pp, parallel__sequence_parallel=sp,

@@ -187,12 +187,14 @@ def _memory_lines(mem: dict[str, Any] | None) -> list[str]:
     mb = 2**20
     lines = ["## Memory: activations at tp=2, recompute, predicted vs measured peaks", "",
              "Activations: bytes autograd keeps for backward over one micro batch's forward on a rank (parameters "
-             "excluded), tp=2; predicted: the transformer blocks' share by `mtnlg.training.memory`.", "",
-             "| recompute | sequence parallel | saved per rank MB | predicted (blocks) MB |", "|---|---|---:|---:|"]
+             "excluded), tp=2: all, and those of the transformer blocks, which `mtnlg.training.memory` predicts.", "",
+             "| recompute | sequence parallel | all MB | blocks MB | blocks predicted MB |", "|---|---|---:|---:|---:|"]
     for row in mem["activations"]:
         lines.append(f"| {row['recompute']} | {'on' if row['sequence_parallel'] else 'off'} | "
-                     f"{max(row['bytes']) / mb:.1f} | {row['predicted_blocks_bytes'] / mb:.1f} |")
-    lines += ["", f"SP + selective recompute keep {mem['sp_selective_over_none']:.2f}x the activations of neither.", ""]
+                     f"{max(row['bytes']) / mb:.1f} | {max(row['blocks_bytes']) / mb:.1f} | "
+                     f"{row['predicted_blocks_bytes'] / mb:.1f} |")
+    lines += ["", f"SP + selective recompute keep {mem['sp_selective_over_none_blocks']:.2f}x the blocks' activations "
+              f"of neither ({mem['sp_selective_over_none']:.2f}x of all activations, logits and loss included).", ""]
     rt = mem.get("recompute_time")
     if rt:
         t, o = rt["step_s_median"], rt["overhead"]
@@ -203,16 +205,18 @@ def _memory_lines(mem: dict[str, Any] | None) -> list[str]:
         if rt.get("selective_over_full") is not None:
             lines += [f"Selective recompute costs {rt['selective_over_full']:.2f} of full recompute's overhead.", ""]
     if mem.get("peaks"):
-        lines += ["Peaks: each rank's resident high-water mark over a few steps minus its resident set before the "
-                  "model was built, malloc returning freed blocks (`MTNLG_KEEP_FREED_MEMORY=live`), against "
-                  "`mtnlg model-info`'s prediction.", "",
-                  "| layout | ZeRO | recompute | measured MB per rank | predicted MB per rank | measured / predicted |",
-                  "|---|---:|---|---|---|---|"]
+        lines += ["Peaks: each rank's peak of live tensor bytes over a training step once the optimizer's states "
+                  "exist (the profiler's record of every allocation: what an accelerator's allocator reports as its "
+                  "peak), against `mtnlg model-info`'s prediction; the resident set's growth over the same steps "
+                  "beside it (it also holds freed blocks malloc keeps, and misses buffers never touched).", "",
+                  "| layout | ZeRO | recompute | measured MB per rank | predicted MB per rank | measured / predicted "
+                  "| resident growth MB |", "|---|---:|---|---|---|---|---|"]
         for row in mem["peaks"]:
             lines.append(f"| {row['name']} | {row['zero']} | {row['recompute']} | "
                          f"{', '.join(f'{x:.0f}' for x in row['measured_mb'])} | "
                          f"{', '.join(f'{x:.0f}' for x in row['predicted_mb'])} | "
-                         f"{', '.join(f'{x:.2f}' for x in row['measured_over_predicted'])} |")
+                         f"{', '.join(f'{x:.2f}' for x in row['measured_over_predicted'])} | "
+                         f"{', '.join(f'{x:.0f}' for x in row['rss_peak_mb'])} |")
         lines.append("")
     return lines
 

@@ -75,27 +75,53 @@ class MtnlgSetup:
         self.engine.rng.seed_iteration(self.iteration)
         return self.engine.train_step(self.batches).loss
 
-    def saved_activation_bytes(self) -> int:
+    def saved_activation_bytes(self) -> tuple[int, int]:
         """Bytes autograd keeps for backward over one micro batch's forward on this rank (parameters excluded, each
-        storage once): the activation memory ``mtnlg.training.memory`` predicts. pp = 1 only."""
+        storage once): the activation memory ``mtnlg.training.memory`` predicts; all of them, and those kept
+        inside the transformer blocks (the per-layer memory sequence parallelism and recompute act on). pp = 1."""
+        from mtnlg.model.blocks import TransformerBlock
+
         if self.ps.pp_size > 1:
             raise ValueError("saved activations are measured at pp = 1")
         module = self.engine.module
         params = {p.untyped_storage().data_ptr() for p in module.parameters()}
         seen: dict[int, int] = {}
+        in_blocks: dict[int, int] = {}
+        depth = [0]
+        blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+        handles = [h for b in blocks for h in (
+            b.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)),
+            b.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1)))]
+        rng, plain = module.rng, module.rng.checkpoint
+
+        def checkpoint(fn, *args):  # full recompute keeps a block's input as the checkpoint's, outside the block
+            depth[0] += isinstance(fn, TransformerBlock)
+            try:
+                return plain(fn, *args)
+            finally:
+                depth[0] -= isinstance(fn, TransformerBlock)
+
+        rng.checkpoint = checkpoint
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
             if storage.data_ptr() not in params:
                 seen[storage.data_ptr()] = storage.nbytes()
+                if depth[0]:
+                    in_blocks[storage.data_ptr()] = storage.nbytes()
             return t
 
         module.train()
         ids, labels = self.batches[0]
         self.engine.rng.seed_iteration(self.iteration + 1)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(ids, labels)  # forward only; the graph is dropped
-        return sum(seen.values())
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                module(ids, labels)  # forward only; the graph is dropped
+        finally:
+            del rng.checkpoint  # the method again
+            for h in handles:
+                h.remove()
+        return sum(seen.values()), sum(in_blocks.values())
 
     def info(self) -> dict[str, Any]:
         opt = getattr(self.engine, "guard", None) or self.engine.engine.basic_optimizer

@@ -18,7 +18,8 @@ rank 0 sends the answer back. Commands (dicts):
 - ``{"op": "tensor_peak"}`` -> ``{"start", "peak", "before": [per rank]}``: live tensor bytes when one more step
   begins, their peak during it, and their peak before it (``mtnlg.bench.memory.TensorMemory``; the build must
   have had ``"tensor_memory": true``)
-- ``{"op": "activations"}`` -> ``{"bytes": [per rank]}``: bytes autograd keeps over one micro batch's forward
+- ``{"op": "activations"}`` -> ``{"bytes", "blocks_bytes": [per rank]}``: bytes autograd keeps over one micro
+  batch's forward, all and inside the transformer blocks
 - ``{"op": "exit"}``
 
 Peak memory is per rank and per setup: the device allocator's peak on an accelerator, the
@@ -91,7 +92,7 @@ def _run(conn, device: torch.device) -> None:
             elif op == "activations":
                 saved = [None] * dist.get_world_size()
                 dist.all_gather_object(saved, setup.saved_activation_bytes())
-                answer = {"ok": True, "bytes": saved}
+                answer = {"ok": True, "bytes": [s[0] for s in saved], "blocks_bytes": [s[1] for s in saved]}
             else:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception:  # report to the parent, which shows it and stops

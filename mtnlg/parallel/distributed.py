@@ -117,23 +117,18 @@ def keep_freed_memory() -> bool:
 
     By default every block over 32 MB (activations, logits chunks, a 39M-row embedding gradient,
     fp32 copies of gradients) is mmap'ed on allocation and unmapped on free, so the next micro batch
-    faults its pages in again and the kernel zeroes them (the cost: benchmarks/README.md). Serving all
-    sizes from the heap and not trimming it costs nothing but keeping the high-water mark resident, which
-    training reaches every step anyway. Linux/glibc only; ``MTNLG_KEEP_FREED_MEMORY=0`` turns it off.
-
-    ``MTNLG_KEEP_FREED_MEMORY=live`` does the opposite, for memory measurements: every block over 1 MB is
-    mapped on allocation and unmapped on free, so the resident set (and its high-water mark) follows the
-    live tensors, as an accelerator's allocator statistics do. Returns whether a setting took effect."""
-    mode = os.environ.get("MTNLG_KEEP_FREED_MEMORY", "1")
-    if mode == "0" or not sys.platform.startswith("linux"):
+    faults its pages in again and the kernel zeroes them (the cost: benchmarks/README.md). Serving all sizes
+    from the heap and
+    not trimming it costs nothing but keeping the high-water mark resident, which training reaches
+    every step anyway. Linux/glibc only; ``MTNLG_KEEP_FREED_MEMORY=0`` turns it off. Returns whether
+    it took effect."""
+    if os.environ.get("MTNLG_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    if mode == "live":
-        return bool(mallopt(m_mmap_threshold, 1 << 20)) and bool(mallopt(m_trim_threshold, 1 << 20))
+    m_trim_threshold, m_mmap_max = -1, -4
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 

@@ -55,11 +55,12 @@ class Init:
         """The whole tensor (small ones: position embeddings)."""
         return self.rows(name, shape, 0, shape[0], std)
 
-    def rows(self, name: str, shape: Sequence[int], start: int, stop: int, std: float | None = None) -> torch.Tensor:
-        """Rows [start, stop) of the full tensor of ``shape``."""
+    def rows(self, name: str, shape: Sequence[int], start: int, stop: int, std: float | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the full tensor of ``shape`` (written into ``out`` when given)."""
         width = math.prod(shape[1:])
         per = max(1, self.BLOCK_ELEMENTS // max(width, 1))
-        out = torch.empty((stop - start, *shape[1:]))
+        out = torch.empty((stop - start, *shape[1:])) if out is None else out
         for b in range(start // per, -(-stop // per)):
             lo, hi = b * per, min((b + 1) * per, shape[0])
             gen = torch.Generator(device="cpu")
@@ -343,7 +344,7 @@ class VocabParallelEmbedding(nn.Module):
         weight = torch.zeros(self.per_rank, dim)  # rows past vocab_size: padding, zeros
         stop = min(self.start + self.per_rank, vocab_size)
         if stop > self.start:
-            weight[: stop - self.start] = init.rows(f"{name}.weight", (vocab_size, dim), self.start, stop)
+            init.rows(f"{name}.weight", (vocab_size, dim), self.start, stop, out=weight[: stop - self.start])
         self.weight = set_sharding(nn.Parameter(weight), Sharding("vocab", (vocab_size, dim)))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,11 @@ class StageMemory:
     activations: float  # stored for backward at the peak (all in-flight micro batches; the last stage: + the loss's
     # backward working set)
     in_flight: int  # micro batches whose activations are alive at once
+    buffers: float = 0.0  # DeepSpeed's gradient-reduction buckets
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
 
 
 def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
@@ -163,14 +164,28 @@ def model_state_bytes(params: float, dp: int, zero_stage: int, precision: str,
     return low * params, grads, master + states * part
 
 
+def reduction_buffer_bytes(zero: dict, dp: int, precision: str) -> float:
+    """DeepSpeed's gradient-reduction buckets on a rank (0.19.8; ``zero``: the JSON's ``zero_optimization``): ZeRO-2
+    and 3 over dp > 1 reduce gradients through a buffer of ``reduce_bucket_size`` elements in the gradients'
+    dtype, allocated whole however small the model (5e8 elements by default) -- ZeRO-2 two of them with
+    ``overlap_comm``, ZeRO-3 one (measured: ``mtnlg bench``'s memory section)."""
+    stage = int(zero.get("stage", 0))
+    if dp == 1 or stage < 2 or not zero.get("contiguous_gradients", True):
+        return 0.0
+    count = 2 if stage == 2 and zero.get("overlap_comm", False) else 1
+    return count * float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
+
+
 def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
-                   device: str = "cpu") -> list[StageMemory]:
-    """Bytes per rank of every pipeline stage of a resolved run config trained with ``zero_stage``."""
+                   device: str = "cpu", zero: dict | None = None) -> list[StageMemory]:
+    """Bytes per rank of every pipeline stage of a resolved run config trained with ``zero_stage`` (``zero``: the
+    DeepSpeed JSON's ``zero_optimization`` section, for its buffer sizes; DeepSpeed's defaults without it)."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, dp = par.tensor, par.pipeline, par.data
     attention = attention_kind(m, t.precision, device)
     sp = par.sequence_parallel
     per_layer = layer_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, attention, device)
+    buffers = reduction_buffer_bytes({**(zero or {}), "stage": zero_stage}, dp, t.precision)
     out = []
     for stage in range(pp):
         params, blocks = stage_params(m, tp, pp, stage)
@@ -185,7 +200,7 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
         if stage == pp - 1:
             acts += head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
             acts += loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device)
-        out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts, in_flight))
+        out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts, in_flight, buffers))
     return out
 
 
@@ -217,9 +232,9 @@ def _no_recompute(m: ModelConfig) -> ModelConfig:
 def format_memory(stages: list[StageMemory], zero_stage: int) -> str:
     """The table ``mtnlg model-info`` prints: one row per pipeline stage, GiB per rank."""
     lines = [f"predicted memory per rank (GiB; ZeRO-{zero_stage}; activations at the 1F1B peak):",
-             "  stage  blocks  params/rank   weights   grads  optimizer  activations (in flight)   total"]
+             "  stage  blocks  params/rank   weights   grads  optimizer  activations (in flight)  buffers   total"]
     for s in stages:
         lines.append(f"  {s.stage:>5}  {s.layers:>6}  {s.params / 1e6:>9.1f}M  {s.weights / GB:>8.3f}  "
                      f"{s.gradients / GB:>6.3f}  {s.optimizer / GB:>9.3f}  {s.activations / GB:>11.3f} ({s.in_flight})"
-                     f"  {s.total / GB:>10.3f}")
+                     f"  {s.buffers / GB:>7.3f}  {s.total / GB:>7.3f}")
     return "\n".join(lines)

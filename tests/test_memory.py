@@ -1,0 +1,91 @@
+"""The memory model (``mtnlg.training.memory``): its activation bytes against what autograd really keeps, and its
+model-state arithmetic against DeepSpeed's documented layouts. Peaks of whole training steps are measured by
+``mtnlg bench`` (its memory section), not asserted here."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.dist_helper import run_distributed
+
+MODEL = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 1000,
+         "hidden_dropout": 0.1}
+
+
+def _saved(rank: int, world: int, arch: str, precision: str, attention_dropout: float) -> list[tuple]:
+    """(recompute, sp, measured bytes autograd keeps over one forward, predicted) on this rank, tp = 2."""
+    import torch
+
+    from mtnlg.config import from_dict, resolve
+    from mtnlg.parallel import ParallelState, TPRandom
+    from mtnlg.training.engine import build_module
+    from mtnlg.training.memory import (
+        attention_kind,
+        embedding_activation_bytes,
+        head_activation_bytes,
+        layer_activation_bytes,
+    )
+
+    out = []
+    states = {sp: ParallelState.create(2, 1, sp) for sp in (False, True)}
+    for recompute in ("none", "selective", "full"):
+        for sp in (False, True):
+            model = {**MODEL, "architecture": arch, "recompute": recompute, "attention_dropout": attention_dropout}
+            cfg = resolve(from_dict({"model": model, "parallel": {"tensor": 2, "sequence_parallel": sp},
+                                     "train": {"micro_batch_size": 2, "global_batch_size": 2,
+                                               "precision": precision}}), world)
+            ps = states[sp]
+            rng = TPRandom(1, ps.tp_rank, ps.pp_rank)
+            module = build_module(cfg, ps, 1, {}, rng)
+            if precision == "bf16":
+                module = module.to(torch.bfloat16)
+            params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            seen: dict[int, int] = {}
+
+            def pack(t, seen=seen, params=params):
+                if t.untyped_storage().data_ptr() not in params:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, 1000, (2, 64), generator=g)
+            rng.seed_iteration(1)
+            module.train()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                module(ids, ids)
+            m = cfg.model
+            kind = attention_kind(m, precision)
+            predicted = (m.num_layers * layer_activation_bytes(m, 2, 2, sp, precision, kind)
+                         + embedding_activation_bytes(m, 2, 2, sp, precision)
+                         + head_activation_bytes(m, 2, 2, sp, precision))
+            out.append((recompute, sp, sum(seen.values()), predicted))
+    return out
+
+
+@pytest.mark.parametrize("arch,precision,attention_dropout", [("gpt2", "fp32", 0.1), ("llama", "bf16", 0.0)])
+def test_activation_bytes_match_what_autograd_keeps(arch, precision, attention_dropout):
+    rows = run_distributed(_saved, 2, args=(arch, precision, attention_dropout))
+    for rank_rows in rows:
+        for recompute, sp, measured, predicted in rank_rows:
+            print(f"{arch} {precision} recompute={recompute} sp={sp}: autograd keeps {measured / 1024:.0f} KiB, "
+                  f"predicted {predicted / 1024:.0f} KiB ({measured / predicted:.3f}x)")
+            assert measured == pytest.approx(predicted, rel=0.05), (recompute, sp)
+    by = {(r, s): m for r, s, m, _ in rows[0]}
+    assert by[("none", True)] < by[("none", False)] and by[("full", True)] < by[("selective", True)]
+    if arch == "gpt2":  # (llama at this size: the saved q, k, v equal the scores it no longer keeps)
+        assert by[("selective", True)] < by[("none", True)]
+
+
+def test_model_state_bytes_by_stage_and_precision():
+    from mtnlg.training.memory import model_state_bytes, reduction_buffer_bytes
+
+    n, dp = 1000.0, 4
+    assert model_state_bytes(n, dp, 0, "fp32") == (4 * n, 4 * n, 8 * n)  # torch AdamW on the model's tensors
+    assert model_state_bytes(n, dp, 1, "fp32") == (4 * n, 4 * n + n, n + 2 * n)  # + fp32 master, moments / dp
+    assert model_state_bytes(n, dp, 2, "fp16") == (2 * n, n + n / 2, n + 2 * n)
+    assert model_state_bytes(n, dp, 1, "bf16") == (2 * n, 4 * n, n + 2 * n)  # BF16 optimizer: fp32 grads of all
+    assert model_state_bytes(n, dp, 3, "bf16") == (n / 2, n / 2 + n, n + 2 * n)  # everything / dp
+    assert reduction_buffer_bytes({"stage": 2}, 2, "bf16") == 5e8 * 2
+    assert reduction_buffer_bytes({"stage": 2, "overlap_comm": True}, 2, "fp32") == 2 * 5e8 * 4  # two buckets
+    assert reduction_buffer_bytes({"stage": 3, "reduce_bucket_size": 10}, 2, "bf16") == 20
+    assert reduction_buffer_bytes({"stage": 2}, 1, "bf16") == 0 == reduction_buffer_bytes({"stage": 1}, 8, "bf16")
