@@ -251,3 +251,12 @@ def test_cpu_profile_reads_a_calibration(tmp_path):
     hw = hardware("cpu", calibration=f)
     assert (hw.peak_fp32_tflops, hw.gather_scatter_slowdown, hw.link_efficiency) == (0.2, 2.0, 1.0)
     assert hw.gemm_flops_per_s("fp32") == pytest.approx(0.18e12)
+
+
+def test_collective_fit_recovers_latency_and_bandwidth():
+    from mtnlg.bench.comm import _fit
+
+    steps_moved = [(2, 2**20), (2, 2**24), (1, 2**22), (1, 2**26)]
+    times = [s * 5e-5 + m / 0.7e9 for s, m in steps_moved]
+    latency, inv_bw = _fit(steps_moved, times)
+    assert latency == pytest.approx(5e-5, rel=1e-6) and 1 / inv_bw == pytest.approx(0.7e9, rel=1e-6)

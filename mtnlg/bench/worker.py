@@ -12,7 +12,9 @@ rank 0 sends the answer back. Commands (dicts):
 
 - ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}, "attn": "eager"|"sdpa"}``
   -> info (``optimizer``: the AdamW flags the peer matches; ``attn``: the peer's attention)
-- ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank]}``
+- ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank],
+  "cpu_s": [per rank: [CPU seconds of each step]]}`` (on a shared machine, CPU / wall time is the share a rank got)
+- ``{"op": "gemm", "dtype": "fp32"}`` -> ``{"tflops": [median 1024^3 GEMM rate per rank]}`` (what the ranks get now)
 - ``{"op": "exit"}``
 
 Peak memory is per rank and per setup: the device allocator's peak on an accelerator, the
@@ -35,6 +37,7 @@ from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 
 
 def _run(conn, device: torch.device) -> None:
+    from mtnlg.bench.comm import rss_mb
     from mtnlg.bench.setups import build
 
     setup = None
@@ -52,19 +55,31 @@ def _run(conn, device: torch.device) -> None:
                 setup = None
                 gc.collect()
                 reset_peak_memory(device)
+                before = rss_mb() if device.type == "cpu" else None  # what the process held before the model
                 setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"), cmd.get("attn"))
-                answer = {"ok": True, "info": setup.info()}
+                answer = {"ok": True, "info": {**setup.info(), "rss_before_build_mb": before}}
             elif op == "steps":
-                times, loss = [], None
+                times, cpu, loss = [], [], None
                 for _ in range(int(cmd["n"])):
                     if dist.get_world_size() > 1:
                         dist.barrier()  # every rank starts the step together
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     loss = setup.step()  # returns a float: the step has finished on this rank
                     times.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
                 mem = [None] * dist.get_world_size()
                 dist.all_gather_object(mem, peak_memory_mb(device))
-                answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem}
+                cpus = [None] * dist.get_world_size()
+                dist.all_gather_object(cpus, cpu)
+                answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem, "cpu_s": cpus}
+            elif op == "gemm":  # this process group's GEMM rate now (contention on a shared machine shows here)
+                from mtnlg.training.peak import measure_gemm
+
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cmd.get("dtype", "fp32")]
+                rate = measure_gemm(dtype, sizes=(1024,), repeats=int(cmd.get("repeats", 3)))["median"]
+                rates = [None] * dist.get_world_size()
+                dist.all_gather_object(rates, rate)
+                answer = {"ok": True, "tflops": rates}
             else:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception:  # report to the parent, which shows it and stops

@@ -42,6 +42,7 @@ class Hardware:
     gather_scatter_slowdown: float = 1.0  # all-gather / reduce-scatter time per byte over all-reduce's (gloo: > 1)
     latency_us: float = 3.0  # per step of a ring collective, or per point-to-point message
     reserved_gib: float = 4.0  # memory the model cannot use: runtime context, communication buffers, fragmentation
+    reference_tflops: float | None = None  # cpu: the 1024^3 fp32 GEMM rate the calibration's figures go with
     source: str = ""  # where the figures come from
 
     def peak_tflops(self, precision: str) -> float:
@@ -71,13 +72,17 @@ PROFILES: dict[str, Hardware] = {
     "H200": Hardware("H200", 140, 989, 67, 4800, 450, 50, source=_NOMINAL),
 }
 
-# The cpu profile: one rank of one thread on a 2-core AMD EPYC machine (the kind the tests run on), measured by
-#   mtnlg bench --calibrate --output benchmarks/results/calibration       (2026-11-30; calibration.json there)
-# ``gemm_efficiency`` is the rate of GEMMs shaped like a ~100M model's (T x h @ h x 3h, ...) over the best square
-# GEMM; collectives are gloo's between 2 ranks on one host (intra- and inter-node alike: there is one node).
+# The cpu profile: one rank of one thread on a 2-core AMD EPYC machine (the kind the tests run on; 24 GiB shared by
+# its 2 ranks), measured by the calibration step of
+#   python benchmarks/plan_check.py --output benchmarks/results/plan_check     (= mtnlg bench --calibrate; 2026-11-30)
+# (benchmarks/results/plan_check/calibration.json). ``gemm_efficiency``: GEMMs shaped like a ~100M model's
+# ((1024, 768) @ (768, 2304), ...) over the best square GEMM; collectives: gloo between 2 ranks on one host (one
+# node: intra and inter alike); ``reference_tflops``: the 1024^3 fp32 GEMM rate these figures go with (machines of
+# this kind differ and are shared: compare against it).
 CPU_CALIBRATION: dict[str, float] = {
-    "peak_bf16_tflops": 0.85, "peak_fp32_tflops": 0.084, "gemm_efficiency": 0.9, "memory_gbps": 6.0,
-    "intra_node_gbps": 2.0, "inter_node_gbps": 2.0, "latency_us": 60.0, "reserved_gib": 0.45,
+    "peak_fp32_tflops": 0.142, "peak_bf16_tflops": 0.943, "gemm_efficiency": 0.971, "memory_gbps": 2.65,
+    "intra_node_gbps": 0.708, "inter_node_gbps": 0.708, "gather_scatter_slowdown": 2.6, "latency_us": 613.0,
+    "reserved_gib": 0.247, "memory_gib": 12.0, "reference_tflops": 0.134,
 }
 
 
@@ -86,7 +91,8 @@ def cpu_profile(measured: dict[str, Any] | None = None) -> Hardware:
     was reached, so its efficiencies other than the GEMMs' are 1."""
     figures = {**CPU_CALIBRATION, **(measured or {})}
     fields = {f.name for f in dataclasses.fields(Hardware)}
-    return Hardware(name="cpu", memory_gib=float(figures.get("memory_gib", 24.0)), link_efficiency=1.0,
+    return Hardware(name="cpu", memory_gib=float(figures.get("memory_gib", CPU_CALIBRATION["memory_gib"])),
+                    link_efficiency=1.0,
                     memory_efficiency=1.0, source=str(figures.get("source", "CPU_CALIBRATION")),
                     **{k: float(v) for k, v in figures.items() if k in fields and k not in ("memory_gib", "source")})
 

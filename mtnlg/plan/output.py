@@ -27,7 +27,7 @@ def table(rows: list[Scored]) -> str:
         lines.append((str(i), str(lay.tensor), str(lay.pipeline), str(lay.data), str(lay.micro_batch_size),
                       str(lay.zero_stage), "on" if lay.sequence_parallel else "off", lay.recompute,
                       f"{s.memory_bytes / GB:.1f}", f"{s.step_time_s:.3g}", f"{s.tokens_per_s:,.0f}",
-                      f"{s.tflops_per_gpu:.1f}", f"{100 * s.mfu:.1f}%"))
+                      f"{s.tflops_per_gpu:.4g}", f"{100 * s.mfu:.1f}%"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)
 
