@@ -6,8 +6,9 @@ First measures this machine (``mtnlg bench --calibrate``: the ``cpu`` profile), 
 (``benchmarks/plan_check_100m.yaml``; tp, pp, dp, micro batch, ZeRO, SP and recompute varied; 1 or 2 ranks)
 predicts step time and peak memory per rank with ``mtnlg plan``'s model, times ``--steps`` steps of mtnlg's real
 training engine in a fresh worker (after ``--warmup``), and prints the two side by side. The machine is shared:
-the ranks' GEMM rate, measured just before and after the timed steps, over the calibrated one is the share of a
-core they got, and the prediction scales the profile's rates by it (both figures are in the JSON). Peak memory measured:
+the ranks' GEMM and memory-bound rates are probed just before and after the timed steps (``mtnlg.bench.calibrate
+.probe``, every rank at once) and the prediction uses them, with gloo's bandwidth scaled by the reference GEMM
+rate's share of the calibrated one; the prediction at the calibrated rates is in the JSON too. Peak memory measured:
 the ranks' resident-set high-water mark, minus what the process held before building the model (Python, torch,
 DeepSpeed), against ``predict_memory`` (the planner's memory, without its reserved part). Writes
 ``plan_check.json`` and ``plan_check.md``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--calibration", default=None, help="use this calibration.json instead of measuring")
     args = ap.parse_args(argv)
+    # DeepSpeed's shm op per environment, as scripts/setup_env.sh sets it (a cache shared with another environment
+    # is rebuilt back and forth, and a rank stopped mid-build leaves a lock every later run waits on)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -76,24 +81,24 @@ def main(argv: list[str] | None = None) -> int:
             w = workers["run"]
             info = w.build("mtnlg", cfg)
             w.steps(args.warmup)
-            probe = w.call({"op": "gemm", "dtype": "fp32"})["tflops"]
+            probes = w.call({"op": "probe"})["ranks"]
             timed = w.steps(args.steps)
-            probe += w.call({"op": "gemm", "dtype": "fp32"})["tflops"]
+            probes += w.call({"op": "probe"})["ranks"]
         finally:
             close_workers(workers)
-        # on a shared machine other jobs take a share of the cores: the ranks' GEMM rate around the timed steps over
-        # the calibration's reference rate is that share, and every CPU-bound figure of the profile (GEMMs,
-        # memory-bound kernels, gloo's copies) is scaled by it
-        share = statistics.median(probe) / hw.reference_tflops
-        hw_now = dataclasses.replace(hw, peak_fp32_tflops=hw.peak_fp32_tflops * share,
-                                     peak_bf16_tflops=hw.peak_bf16_tflops * share,
-                                     memory_gbps=hw.memory_gbps * share, intra_node_gbps=hw.intra_node_gbps * share,
+        # the machine is shared: its rates move with the load. The prediction uses the rates the ranks had around the
+        # timed steps (every rank probing at once: their contention included): GEMMs at the shaped-GEMM rate, the
+        # memory-bound kernels at the probed bandwidth, gloo's collectives scaled by the reference GEMM rate's share
+        probe = {k: statistics.median(r[k] for r in probes) for k in probes[0]}
+        share = probe["reference_tflops"] / hw.reference_tflops
+        hw_now = dataclasses.replace(hw, peak_fp32_tflops=probe["shaped_tflops"], gemm_efficiency=1.0,
+                                     memory_gbps=probe["memory_gbps"], intra_node_gbps=hw.intra_node_gbps * share,
                                      inter_node_gbps=hw.inter_node_gbps * share)
         pred_now = check_layout(base_cfg, hw_now, Cluster(1, world), gbs, layout)
         measured_s = statistics.median(timed["times"])
         mem = max(timed["mem_mb"]) - info["rss_before_build_mb"]
         row = {"layout": layout.label(), "global_batch": gbs, "predicted_s": pred_now.step_time_s,
-               "predicted_calibrated_s": pred.step_time_s, "cpu_share": share, "gemm_probe_tflops": probe,
+               "predicted_calibrated_s": pred.step_time_s, "cpu_share": share, "probes": probes,
                "measured_s": measured_s, "times": timed["times"], "cpu_s": timed.get("cpu_s"),
                "time_error": pred_now.step_time_s / measured_s - 1,
                "predicted_mem_mb": pred.memory_bytes / 2**20, "measured_mem_mb": mem,

@@ -95,6 +95,21 @@ def block_memory_gbps(precision: str, gemm_rate: float, repeats: int = 5) -> dic
     return {"step_s": seconds, "gemm_s": gemm_s, "kept_bytes": kept, "memory_gbps": TRAFFIC * kept / memory_s / 1e9}
 
 
+def probe() -> dict[str, float]:
+    """This process's rates now, one thread: the reference GEMM, the shaped GEMMs (fp32 TFLOP/s) and the
+    memory-bound bandwidth of the one-block GPT (GB/s). ``benchmarks/plan_check.py`` takes them around each timed
+    run, so that a prediction uses the rates its run had (the machine is shared)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = reference_tflops()
+        shaped = shaped_gemm_rate(torch.float32)
+        block = block_memory_gbps("fp32", shaped)
+    finally:
+        torch.set_num_threads(saved)
+    return {"reference_tflops": ref, "shaped_tflops": shaped / 1e12, "memory_gbps": block["memory_gbps"]}
+
+
 def comm(ranks: int = 2) -> dict:
     """``mtnlg.bench.comm`` on ``ranks`` processes of one thread each."""
     with tempfile.TemporaryDirectory() as tmp:

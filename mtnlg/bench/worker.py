@@ -14,7 +14,8 @@ rank 0 sends the answer back. Commands (dicts):
   -> info (``optimizer``: the AdamW flags the peer matches; ``attn``: the peer's attention)
 - ``{"op": "steps", "n": N}`` -> ``{"times": [seconds per step], "loss": last loss, "mem_mb": [per rank],
   "cpu_s": [per rank: [CPU seconds of each step]]}`` (on a shared machine, CPU / wall time is the share a rank got)
-- ``{"op": "gemm", "dtype": "fp32"}`` -> ``{"tflops": [median 1024^3 GEMM rate per rank]}`` (what the ranks get now)
+- ``{"op": "probe"}`` -> ``{"ranks": [mtnlg.bench.calibrate.probe() of each rank]}``: the GEMM and memory-bound
+  rates the ranks get now, all measuring at once
 - ``{"op": "exit"}``
 
 Peak memory is per rank and per setup: the device allocator's peak on an accelerator, the
@@ -72,14 +73,12 @@ def _run(conn, device: torch.device) -> None:
                 cpus = [None] * dist.get_world_size()
                 dist.all_gather_object(cpus, cpu)
                 answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem, "cpu_s": cpus}
-            elif op == "gemm":  # this process group's GEMM rate now (contention on a shared machine shows here)
-                from mtnlg.training.peak import measure_gemm
+            elif op == "probe":  # this process group's rates now (on a shared machine they move with the load)
+                from mtnlg.bench.calibrate import probe
 
-                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cmd.get("dtype", "fp32")]
-                rate = measure_gemm(dtype, sizes=(1024,), repeats=int(cmd.get("repeats", 3)))["median"]
                 rates = [None] * dist.get_world_size()
-                dist.all_gather_object(rates, rate)
-                answer = {"ok": True, "tflops": rates}
+                dist.all_gather_object(rates, probe())
+                answer = {"ok": True, "ranks": rates}
             else:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception:  # report to the parent, which shows it and stops
