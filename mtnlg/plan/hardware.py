@@ -73,17 +73,16 @@ PROFILES: dict[str, Hardware] = {
 }
 
 # The cpu profile: one rank of one thread on a 2-core AMD EPYC machine (the kind the tests run on; 24 GiB shared by
-# its 2 ranks), measured by the calibration step of
-#   python benchmarks/plan_check.py --output benchmarks/results/plan_check     (= mtnlg bench --calibrate; 2026-11-30)
-# (benchmarks/results/plan_check/calibration.json). ``gemm_efficiency``: GEMMs shaped like a ~100M model's
+# its 2 ranks), measured by `mtnlg bench --calibrate` (here: the calibration step of benchmarks/plan_check.py,
+# 2026-11-30; benchmarks/results/plan_check/calibration.json). ``gemm_efficiency``: GEMMs shaped like a ~100M model's
 # ((1024, 768) @ (768, 2304), ...) over the best square GEMM; collectives: gloo between 2 ranks on one host (one
-# node: intra and inter alike); ``reference_tflops``: the 1024^3 fp32 GEMM rate these figures go with (machines of
-# this kind differ and are shared: compare against it). On a busy machine the figures move: a calibration half an
-# hour earlier measured gemm_efficiency 0.97, memory_gbps 2.65, all-reduce 0.71 GB/s at reference 0.134 TFLOP/s.
+# node: intra and inter alike); ``reference_tflops``: the 1024^3 fp32 GEMM rate these figures go with. Machines of
+# this kind differ and are shared: the same machine, busier, measured gemm_efficiency 0.35-0.68 and memory_gbps
+# 0.57-0.84 at reference rates of 0.046-0.095 TFLOP/s; calibrate when it is quiet.
 CPU_CALIBRATION: dict[str, float] = {
-    "peak_fp32_tflops": 0.0992, "peak_bf16_tflops": 0.704, "gemm_efficiency": 0.681, "memory_gbps": 0.804,
-    "intra_node_gbps": 0.903, "inter_node_gbps": 0.903, "gather_scatter_slowdown": 2.53,
-    "latency_us": 1.0, "reserved_gib": 0.247, "memory_gib": 11.8, "reference_tflops": 0.0955,
+    "peak_fp32_tflops": 0.142, "peak_bf16_tflops": 0.943, "gemm_efficiency": 0.971, "memory_gbps": 2.65,
+    "intra_node_gbps": 0.708, "inter_node_gbps": 0.708, "gather_scatter_slowdown": 2.6, "latency_us": 613.0,
+    "reserved_gib": 0.247, "memory_gib": 12.0, "reference_tflops": 0.134,
 }
 
 
