@@ -31,7 +31,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``bench`` on the mtnlg CLI."""
     p = subparsers.add_parser(
         "bench", help="training throughput/MFU benchmark (vs the HF+DeepSpeed peer with --peer), dp=2, pp/tp scaling")
-    p.add_argument("--config", required=True, help="YAML run config (model, batch, precision, DeepSpeed JSON)")
+    p.add_argument("--config", default=None, help="YAML run config (model, batch, precision, DeepSpeed JSON)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only measure this machine for `mtnlg plan --gpu cpu` (1-thread GEMM peak and efficiency, "
+                        "memory-bound kernels, gloo collectives between 2 ranks): writes OUTPUT/calibration.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setup (default 10)")
@@ -64,6 +67,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtnlg.bench.runner import BenchError, BenchOptions, run
+
+    if args.calibrate:
+        from mtnlg.bench.calibrate import calibrate
+
+        try:
+            calibrate(args.output, log=lambda msg: print(f"bench: {msg}", flush=True))
+        except RuntimeError as e:
+            raise UserError(str(e).splitlines()[0]) from None
+        return 0
+    if args.config is None:
+        raise UserError("give --config RUN.yaml (or --calibrate)")
 
     precisions = None
     if args.precisions:

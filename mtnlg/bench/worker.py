@@ -13,7 +13,10 @@ rank 0 sends the answer back. Commands (dicts):
 - ``{"op": "build", "kind": "mtnlg"|"peer", "config": RUN_CONFIG_DICT, "optimizer": {...}, "attn": "eager"|"sdpa"}``
   -> info (``optimizer``: the AdamW flags the peer matches; ``attn``: the peer's attention)
 - ``{"op": "steps", "n": N, "reset_peak": bool}`` -> ``{"times": [seconds per step], "loss": last loss,
-  "mem_mb": [per rank]}`` (the peak since the build, or with ``reset_peak`` since these steps began)
+  "mem_mb": [per rank], "cpu_s": [per rank: [CPU seconds of each step]]}`` (the peak since the build, or with
+  ``reset_peak`` since these steps began; on a shared machine, CPU / wall time is the share a rank got)
+- ``{"op": "probe"}`` -> ``{"ranks": [mtnlg.bench.calibrate.probe() of each rank]}``: the GEMM and memory-bound
+  rates the ranks get now, all measuring at once
 - ``{"op": "rss"}`` -> ``{"mb": [per rank]}``: the resident set before the setup was built
 - ``{"op": "tensor_peak"}`` -> ``{"start", "peak", "before": [per rank]}``: live tensor bytes when one more step
   begins, their peak during it, and their peak before it (``mtnlg.bench.memory.TensorMemory``; the build must
@@ -42,6 +45,7 @@ from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
 
 
 def _run(conn, device: torch.device) -> None:
+    from mtnlg.bench.comm import rss_mb
     from mtnlg.bench.setups import build
 
     setup = tensor_memory = None
@@ -63,22 +67,32 @@ def _run(conn, device: torch.device) -> None:
                     from mtnlg.bench.memory import TensorMemory
 
                     tensor_memory = TensorMemory()
+                before = rss_mb() if device.type == "cpu" else None  # what the process held before the model
                 setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"), cmd.get("attn"))
-                answer = {"ok": True, "info": setup.info()}
+                answer = {"ok": True, "info": {**setup.info(), "rss_before_build_mb": before}}
             elif op == "steps":
                 if cmd.get("reset_peak"):  # the peak of these steps only, not of building the setup
                     gc.collect()
                     reset_peak_memory(device)
-                times, loss = [], None
+                times, cpu, loss = [], [], None
                 for _ in range(int(cmd["n"])):
                     if dist.get_world_size() > 1:
                         dist.barrier()  # every rank starts the step together
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     loss = setup.step()  # returns a float: the step has finished on this rank
                     times.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
                 mem = [None] * dist.get_world_size()
                 dist.all_gather_object(mem, peak_memory_mb(device))
-                answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem}
+                cpus = [None] * dist.get_world_size()
+                dist.all_gather_object(cpus, cpu)
+                answer = {"ok": True, "times": times, "loss": loss, "mem_mb": mem, "cpu_s": cpus}
+            elif op == "probe":  # this process group's rates now (on a shared machine they move with the load)
+                from mtnlg.bench.calibrate import probe
+
+                rates = [None] * dist.get_world_size()
+                dist.all_gather_object(rates, probe())
+                answer = {"ok": True, "ranks": rates}
             elif op == "rss":  # each rank's resident set before its setup was built
                 rss = [None] * dist.get_world_size()
                 dist.all_gather_object(rss, setup.rss_before_build_mb)

@@ -53,8 +53,13 @@ def groups(cfg: ModelConfig) -> list[Group]:
     return list(_groups(_key(cfg)))
 
 
+# fields that change no parameter's shape or sharding: configs differing only in them share one meta model
+_SHAPELESS = {"recompute": "none", "activation_checkpointing": None, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+
+
 def _key(cfg: ModelConfig) -> tuple:
-    return tuple(sorted(dataclasses.asdict(cfg).items()))
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # flat: no nested dataclasses
+    return tuple(sorted({**fields, **_SHAPELESS}.items()))
 
 
 @functools.lru_cache(maxsize=32)
@@ -100,7 +105,12 @@ def spec_flops(cfg: ModelConfig, seq: int | None = None) -> list[float]:
     """Forward FLOPs per token of every layer spec at sequence length ``seq`` (default ``cfg.seq_length``),
     read off each spec's parameters: what a pipeline stage's time is proportional to. (The output layer of a
     GPT costs 2 * h * V per token, several transformer blocks' worth: GPT-2 small's is 4.9 blocks.)"""
-    return _meta_model(_key(cfg)).spec_flops(seq or cfg.seq_length)
+    return list(_spec_flops(_key(cfg), seq or cfg.seq_length))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_flops(key: tuple, seq: int) -> tuple[float, ...]:
+    return tuple(_meta_model(key).spec_flops(seq))
 
 
 def block_anchors(cfg: ModelConfig) -> list[bool]:
@@ -110,7 +120,14 @@ def block_anchors(cfg: ModelConfig) -> list[bool]:
 
 def stage_bounds(cfg: ModelConfig, pp_size: int) -> list[int]:
     """The ``pp_size + 1`` spec-index boundaries of the pipeline stages: contiguous, balanced by forward FLOPs."""
-    return balanced_parts(spec_flops(cfg), pp_size, block_anchors(cfg))
+    return list(_stage_bounds(_key(cfg), pp_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_bounds(key: tuple, pp_size: int) -> tuple[int, ...]:
+    model = _meta_model(key)  # the balance is a dynamic program over every spec: worth keeping (mtnlg plan asks often)
+    anchors = [isinstance(f, TransformerBlock) for f in model._funcs]
+    return tuple(balanced_parts(list(_spec_flops(key, model.cfg.seq_length)), pp_size, anchors))
 
 
 def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:

@@ -61,6 +61,8 @@ class Init:
         width = math.prod(shape[1:])
         per = max(1, self.BLOCK_ELEMENTS // max(width, 1))
         out = torch.empty((stop - start, *shape[1:])) if out is None else out
+        if out.is_meta:  # a model built for its shapes only (mtnlg.model.layout)
+            return out
         for b in range(start // per, -(-stop // per)):
             lo, hi = b * per, min((b + 1) * per, shape[0])
             gen = torch.Generator(device="cpu")
@@ -78,6 +80,8 @@ class Init:
             return self.rows(name, shape, index * n, (index + 1) * n, std)
         n = shape[1] // parts
         out = torch.empty((shape[0], n, *shape[2:]))
+        if out.is_meta:
+            return out
         per = max(1, self.BLOCK_ELEMENTS // max(math.prod(shape[1:]), 1))
         for lo in range(0, shape[0], per):  # whole rows one block at a time, this part's columns kept
             hi = min(lo + per, shape[0])
