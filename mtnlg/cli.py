@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtnlg.errors import TrainingAborted, UserError
+from mtnlg.errors import LostContact, UserError
 
 QUIET_RANK_EXIT_DELAY_S = 3.0
 
@@ -57,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         message = comm_failure(e)
         if message is None:
             raise
-        raise TrainingAborted(message) from None
+        raise LostContact(message) from None
     return 0 if summary.iterations else 1
 
 
@@ -158,5 +158,7 @@ def _quiet_rank(e: UserError) -> bool:
     """Errors every rank of a launch raises alike (config errors, agreed checks): rank 0 alone reports them."""
     import os
 
+    if isinstance(e, LostContact):
+        return os.environ.get("LOCAL_RANK", "0") != "0"
     return e.on_every_rank and os.environ.get("RANK", "0") != "0"
 
