@@ -279,3 +279,5 @@ def test_tp_across_hosts_and_lost_host_message():
     message = lost_contact_message(error, hosts, "0")
     assert "lost host b (ranks 2-3): Read error [198.18.0.12]:59027: Connection reset by peer;" in message
     assert "lost contact with the other ranks" in lost_contact_message("Timed out waiting", hosts[:1], "0")
+    start = lost_contact_message("Gloo connectFullMesh failed with [pair.h:311] Connect timeout [none]", hosts, "2")
+    assert "could not connect to the other ranks at start-up" in start and "GLOO_SOCKET_IFNAME must name" in start

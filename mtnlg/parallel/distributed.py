@@ -137,7 +137,7 @@ def keep_freed_memory() -> bool:
 
 
 _COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Broken pipe",
-               "NCCL communicator was aborted", "Socket Timeout")
+               "NCCL communicator was aborted", "Socket Timeout", "Connect timeout", "connectFullMesh")
 
 
 def comm_failure(e: BaseException) -> str | None:

@@ -187,6 +187,11 @@ def lost_contact_message(error_text: str, hosts: list[RankHost] | None, rank: st
     first = first.split(". ")[0][:160]
     me = socket.gethostname()
     lost = lost_hosts(error_text, hosts or [], me)
+    if "connectFullMesh" in error_text:  # before the first step: the ranks never reached each other
+        iface = os.environ.get("GLOO_SOCKET_IFNAME", "")
+        return (f"rank {rank} on {me} could not connect to the other ranks at start-up ({first}); gloo "
+                f"{'used ' + iface if iface else 'bound to the address its hostname resolves to'}: on a cluster "
+                "GLOO_SOCKET_IFNAME must name the interface the hosts reach each other on")
     if lost:
         names = [h for h in (hosts or []) if h.hostname in lost]
         who = ", ".join(f"{name} ({_ranks([r for r, h in enumerate(hosts) if h.hostname == name])})"
