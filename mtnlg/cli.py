@@ -159,6 +159,23 @@ def _quiet_rank(e: UserError) -> bool:
     import os
 
     if isinstance(e, LostContact):
-        return os.environ.get("LOCAL_RANK", "0") != "0"
+        return not _first_on_this_host("lost-contact")
     return e.on_every_rank and os.environ.get("RANK", "0") != "0"
+
+
+def _first_on_this_host(what: str) -> bool:
+    """Whether this rank is the first of its launch on this host to ask (a file created exclusively in /dev/shm,
+    named by the local launcher's pid and the job's port; the ranks of a host share both)."""
+    import os
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    name = f"mtnlg-{what}-{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    try:
+        os.close(os.open(os.path.join(base, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # cannot tell: speak
+        return True
+    return True
 

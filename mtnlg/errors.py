@@ -24,4 +24,4 @@ class TrainingAborted(UserError):
 
 class LostContact(TrainingAborted):
     """A collective failed because another rank died or hung. Every surviving rank sees it; the first rank of each
-    host (local rank 0) prints it, so a lost host is named once per surviving host."""
+    host to see it prints it, so a lost host is named once per surviving host."""

@@ -281,3 +281,20 @@ def test_tp_across_hosts_and_lost_host_message():
     assert "lost contact with the other ranks" in lost_contact_message("Timed out waiting", hosts[:1], "0")
     start = lost_contact_message("Gloo connectFullMesh failed with [pair.h:311] Connect timeout [none]", hosts, "2")
     assert "could not connect to the other ranks at start-up" in start and "GLOO_SOCKET_IFNAME must name" in start
+
+
+def test_a_lost_contact_is_reported_by_one_rank_per_host(monkeypatch):
+    """The ranks of a host share their launcher (parent pid) and port: the first to ask speaks, the rest are quiet."""
+    from mtnlg.cli import _first_on_this_host, _quiet_rank
+    from mtnlg.errors import LostContact
+
+    monkeypatch.setenv("MASTER_PORT", f"test{os.getpid()}")
+    what = f"test-{time.time_ns()}"
+    try:
+        assert _first_on_this_host(what) and not _first_on_this_host(what)
+    finally:
+        for f in Path("/dev/shm").glob(f"mtnlg-{what}-*"):
+            f.unlink()
+    assert not _quiet_rank(LostContact("x")) and _quiet_rank(LostContact("x"))
+    for f in Path("/dev/shm").glob(f"mtnlg-lost-contact-*-test{os.getpid()}"):
+        f.unlink()
