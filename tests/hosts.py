@@ -68,7 +68,9 @@ def ensure_packages() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return f"needs Debian packages {', '.join(missing)} (apt-get install {' '.join(missing)})"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing])
+    wait = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get (a parallel test session) holds the lock
+    steps = (["apt-get", *wait, "update", "-q"],
+             ["apt-get", *wait, "install", "-y", "-q", "--no-install-recommends", *missing])
     for cmd in steps:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode:
