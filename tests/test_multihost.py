@@ -148,8 +148,10 @@ def test_deepspeed_pdsh_then_torchrun_across_hosts_equal_one_host(cluster, one_h
     torchrun = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{cluster.master}:{port}", "--rdzv-id", "mtnlg-test"]
     args = cluster.script("--set", f"checkpoint.save={save}", "--set", f"checkpoint.load={save}")
+    t0 = time.time()
     procs = [cluster.start(h, [*torchrun, *args]) for h in ("host1", "host2")]
     results = [finish(p, 400) for p in procs]
+    print(f"\ntorchrun on both hosts took {time.time() - t0:.0f}s")
     for rc, text in results:
         assert rc == 0, text[-4000:]
     first = results[0][1]
