@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtnlg.errors import TrainingAborted, UserError
+from mtnlg.errors import LostContact, UserError
 
 QUIET_RANK_EXIT_DELAY_S = 3.0
 
@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         message = comm_failure(e)
         if message is None:
             raise
-        raise TrainingAborted(message) from None
+        raise LostContact(message) from None
     return 0 if summary.iterations else 1
 
 
@@ -161,5 +161,24 @@ def _quiet_rank(e: UserError) -> bool:
     """Errors every rank of a launch raises alike (config errors, agreed checks): rank 0 alone reports them."""
     import os
 
+    if isinstance(e, LostContact):
+        return not _first_on_this_host("lost-contact")
     return e.on_every_rank and os.environ.get("RANK", "0") != "0"
+
+
+def _first_on_this_host(what: str) -> bool:
+    """Whether this rank is the first of its launch on this host to ask (a file created exclusively in /dev/shm,
+    named by the local launcher's pid and the job's port; the ranks of a host share both)."""
+    import os
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    name = f"mtnlg-{what}-{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    try:
+        os.close(os.open(os.path.join(base, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # cannot tell: speak
+        return True
+    return True
 

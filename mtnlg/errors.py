@@ -20,3 +20,8 @@ class TrainingAborted(UserError):
     """Training stopped on purpose (e.g. too many non-finite steps); exit status 1."""
 
     exit_code = 1
+
+
+class LostContact(TrainingAborted):
+    """A collective failed because another rank died or hung. Every surviving rank sees it; the first rank of each
+    host to see it prints it, so a lost host is named once per surviving host."""

@@ -100,6 +100,10 @@ def init_distributed(timeout_s: float = 1800, show_deepspeed: bool = False) -> t
     distributed_c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        if accel.communication_backend_name() == "gloo":
+            from mtnlg.parallel.hosts import set_gloo_interface
+
+            set_gloo_interface()  # a job across hosts: the interface facing them, not loopback
         with deepspeed_output(show_deepspeed):
             deepspeed.init_distributed(
                 dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
@@ -133,7 +137,7 @@ def keep_freed_memory() -> bool:
 
 
 _COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Broken pipe",
-               "NCCL communicator was aborted", "Socket Timeout")
+               "NCCL communicator was aborted", "Socket Timeout", "Connect timeout", "connectFullMesh")
 
 
 def comm_failure(e: BaseException) -> str | None:
@@ -141,7 +145,6 @@ def comm_failure(e: BaseException) -> str | None:
     text = str(e)
     if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or any(s in text for s in _COMM_SIGNS)):
         return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-    rank = os.environ.get("RANK", "?")
-    return (f"rank {rank} lost contact with the other ranks ({first[:160]}); another rank died or hung, so this "
-            "job stops; resume from the last checkpoint (see train.collective_timeout_s)")
+    from mtnlg.parallel.hosts import job_hosts, lost_contact_message
+
+    return lost_contact_message(text or type(e).__name__, job_hosts(), os.environ.get("RANK", "?"))

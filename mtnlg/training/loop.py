@@ -33,6 +33,7 @@ from mtnlg.errors import JobError, TrainingAborted
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.parallel import ParallelState
 from mtnlg.parallel.distributed import init_distributed, local_world_size
+from mtnlg.parallel.hosts import describe_hosts, gather_hosts, gloo_interface, tp_across_hosts
 from mtnlg.training.ds_config import load_ds_json, zero_stage
 from mtnlg.training.engine import Batch, Engine
 from mtnlg.training.guard import LossWatch, all_finite
@@ -134,10 +135,17 @@ def train(cfg: RunConfig) -> RunSummary:
     if cfg.train.deterministic:
         deterministic_algorithms(device)
     ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
+    hosts = gather_hosts()
     is_logger = rank == 0
     t = cfg.train
     if is_logger:
         print(describe(cfg), flush=True)
+        if len({h.hostname for h in hosts}) > 1:
+            iface = gloo_interface() if device.type == "cpu" else None
+            print(f"hosts: {describe_hosts(hosts)}" + (f"; gloo over {iface}" if iface else ""), flush=True)
+        warning = tp_across_hosts(hosts, ps.dims.groups("tp"))
+        if warning:
+            print(warning, flush=True)
 
     train_src, valid_src = build_sources(cfg)
     plan = checkpoint.plan_load(cfg, zero_stage(load_ds_json(cfg.deepspeed_config)), ps)
