@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_helper import nodes_supported, run_distributed
+from tests.dist_helper import nodes_supported, run_distributed, skip_unless_required
 from tests.test_training import run_config
 
 STEPS = 3
@@ -80,7 +80,7 @@ def _resume_on_nodes(rank: int, world: int, ckpt: str, first_half: bool) -> dict
 def nodes_ok():
     why = nodes_supported()
     if why:
-        pytest.skip(f"no private namespaces for simulated nodes: {why}")
+        skip_unless_required(f"no private namespaces for simulated nodes: {why}")
 
 
 def test_nodes_without_a_shared_disk(tmp_path, nodes_ok):

@@ -22,6 +22,7 @@ import pytest
 
 from mtnlg.checkpoint.tags import complete_tags, latest_tag
 from mtnlg.parallel.hosts import RankHost, choose_interface, lost_contact_message, tp_across_hosts
+from tests.dist_helper import skip_unless_required
 from tests.hosts import SimHosts, ensure_packages, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def error_lines(out: str) -> list[str]:
 def cluster(tmp_path_factory):
     why = why_unavailable() or ensure_packages()
     if why:
-        pytest.skip(f"no simulated hosts: {why}")
+        skip_unless_required(f"no simulated hosts: {why}")
     work = tmp_path_factory.mktemp("multihost")
     hosts = SimHosts(2, work / "sim", private=[str(work / "local")])
     hosts.up()
