@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mtnlg.training.metrics import current_rss_mb
+
 SIZES = (2**16, 2**20, 2**22, 2**24, 2**26)
 
 
@@ -34,18 +36,11 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure(device: torch.device, repeats: int = 5) -> dict:
     from mtnlg.training.peak import measure_gemm
 
     p, rank = dist.get_world_size(), dist.get_rank()
-    base_rss = rss_mb()
+    base_rss = current_rss_mb()
     refs = [measure_gemm(torch.float32, sizes=(1024,), repeats=3)["median"]]
     rows = []
     for n in SIZES:

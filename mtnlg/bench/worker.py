@@ -41,11 +41,10 @@ from multiprocessing.connection import Client
 import torch
 import torch.distributed as dist
 
-from mtnlg.training.metrics import peak_memory_mb, reset_peak_memory
+from mtnlg.training.metrics import current_rss_mb, peak_memory_mb, reset_peak_memory
 
 
 def _run(conn, device: torch.device) -> None:
-    from mtnlg.bench.comm import rss_mb
     from mtnlg.bench.setups import build
 
     setup = tensor_memory = None
@@ -67,7 +66,7 @@ def _run(conn, device: torch.device) -> None:
                     from mtnlg.bench.memory import TensorMemory
 
                     tensor_memory = TensorMemory()
-                before = rss_mb() if device.type == "cpu" else None  # what the process held before the model
+                before = current_rss_mb() if device.type == "cpu" else None  # what the process held before the model
                 setup = build(cmd["kind"], cmd["config"], device, cmd.get("optimizer"), cmd.get("attn"))
                 answer = {"ok": True, "info": {**setup.info(), "rss_before_build_mb": before}}
             elif op == "steps":

@@ -34,25 +34,28 @@ def peak_memory_mb(device: torch.device) -> float:
     (Linux's VmHWM, which ``reset_peak_memory`` can reset; elsewhere the lifetime maximum)."""
     if device.type != "cpu":
         return torch.get_device_module(device.type).max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
 
 def current_rss_mb() -> float:
     """This process's resident set size now (Linux; elsewhere its peak)."""
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else peak_memory_mb(torch.device("cpu"))
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status in MB (Linux), or None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_memory_mb(torch.device("cpu"))
+    return None
 
 
 def _fmt_time(seconds: float) -> str:
