@@ -9,8 +9,10 @@ training engine in a fresh worker (after ``--warmup``), and prints the two side 
 the ranks' GEMM and memory-bound rates are probed just before and after the timed steps (``mtnlg.bench.calibrate
 .probe``, every rank at once) and the prediction uses them, with gloo's bandwidth scaled by the reference GEMM
 rate's share of the calibrated one; the prediction at the calibrated rates is in the JSON too. Peak memory measured:
-the ranks' resident-set high-water mark, minus what the process held before building the model (Python, torch,
-DeepSpeed), against ``predict_memory`` (the planner's memory, without its reserved part). Writes
+the largest rank's peak of live tensors over a training step (``mtnlg.bench.memory.live_peak``, in a second worker
+group so the profiler it needs stays out of the timed steps; what ``max_memory_allocated`` is on a GPU), against
+``predict_memory`` (the planner's memory, without its reserved part); the resident set's high-water mark above what
+the process held before building the model is in the JSON (it also holds what malloc keeps after a free). Writes
 ``plan_check.json`` and ``plan_check.md``.
 """
 
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 
 from mtnlg.bench.calibrate import calibrate
+from mtnlg.bench.memory import live_peak
 from mtnlg.bench.runner import BenchOptions, bench_config, close_workers, config_variant, start_workers
 from mtnlg.config import load_config
 from mtnlg.files import write_atomic
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             probes += w.call({"op": "probe"})["ranks"]
         finally:
             close_workers(workers)
+        live = live_peak(cfg, world, args.warmup, logs)
         # the machine is shared: its rates move with the load. The prediction uses the rates the ranks had around the
         # timed steps (every rank probing at once: their contention included): GEMMs at the shaped-GEMM rate, the
         # memory-bound kernels at the probed bandwidth, gloo's collectives scaled by the reference GEMM rate's share
@@ -99,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         # CPU seconds of the busiest rank per step: what the step cost without the waits for other jobs' cores (nor
         # for the other rank: a pipeline's bubble and collectives' waits are not in it)
         cpu_s = statistics.median(max(per_rank[i] for per_rank in timed["cpu_s"]) for i in range(len(timed["times"])))
-        mem = max(timed["mem_mb"]) - info["rss_before_build_mb"]
+        mem = max(live["peak"]) / 2**20
+        rss = max(timed["mem_mb"]) - info["rss_before_build_mb"]
         row = {"layout": layout.label(), "global_batch": gbs, "predicted_s": pred_now.step_time_s,
                "predicted_calibrated_s": pred.step_time_s, "cpu_share": share, "probes": probes,
                "measured_s": measured_s, "times": timed["times"], "cpu_s": timed["cpu_s"], "measured_cpu_s": cpu_s,
                "cpu_error": pred.step_time_s / cpu_s - 1, "calibrated_error": pred.step_time_s / measured_s - 1,
                "time_error": pred_now.step_time_s / measured_s - 1,
                "predicted_mem_mb": pred.memory_bytes / 2**20, "measured_mem_mb": mem,
+               "live_peak_mb": [b / 2**20 for b in live["peak"]], "rss_growth_mb": rss,
                "measured_peak_rss_mb": timed["mem_mb"], "rss_before_build_mb": info["rss_before_build_mb"],
                "mem_error": pred.memory_bytes / 2**20 / mem - 1, "breakdown_s": pred_now.time.breakdown()}
         rows.append(row)
@@ -114,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({100 * row['time_error']:+.0f}%); memory {mem:.0f} MB measured, {row['predicted_mem_mb']:.0f} "
               f"predicted ({100 * row['mem_error']:+.0f}%)", flush=True)
     md = ["| layout | global batch | step s: measured (wall) | CPU s, busiest rank | predicted at the calibrated "
-          "rates | error vs wall | vs CPU | rates probed: share | predicted | error vs wall | peak MB measured | "
-          "predicted | error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "rates | error vs wall | vs CPU | rates probed: share | predicted | error vs wall | "
+          "peak MB of live tensors | predicted | error |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['layout']} | {r['global_batch']} | {r['measured_s']:.2f} | {r['measured_cpu_s']:.2f} | "
                   f"{r['predicted_calibrated_s']:.2f} | {100 * r['calibrated_error']:+.0f}% | "

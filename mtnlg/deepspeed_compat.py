@@ -33,6 +33,26 @@ def skip_lone_gradient_reduction(engine) -> bool:
     return True
 
 
+def free_last_stage_outputs(engine) -> bool:
+    """[DeepSpeed 0.19.8, PipelineEngine._exec_backward_pass; pinned by tests/test_fp32_grads.py (pp=2: the last stage's
+    pipe buffers after a step)] On the last pipeline stage the engine keeps each micro batch's forward output (the
+    logits, (B, T, V/tp)) in its pipe buffer after that micro batch's backward, until the buffer is reused two
+    micro batches later: one stale logits tensor stays alive through the next loss and its backward, the last
+    stage's peak. Drop it once its backward has run (the loss's graph holds what backward needs until then)."""
+    if not (hasattr(engine, "is_last_stage") and engine.is_last_stage()):
+        return False
+    from deepspeed.runtime.pipe import schedule
+
+    backward = engine._INSTRUCTION_MAP[schedule.BackwardPass]
+
+    def backward_then_free(self, buffer_id):
+        backward(self, buffer_id)
+        self.pipe_buffers["outputs"][buffer_id] = None
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.BackwardPass: backward_then_free}
+    return True
+
+
 def embedding_grads_into_fp32(engine, lookups: list) -> int:
     """[DeepSpeed 0.19.8, its BF16_Optimizer internals; pinned by tests/test_fp32_grads.py] Where DeepSpeed's BF16
     optimizer (bf16 with ZeRO 0/1) keeps an fp32 gradient for a token lookup's weight (``lookups``: modules with a

@@ -45,8 +45,14 @@ def _variant(base: dict, world: int, **changes: Any) -> dict:
 class TensorMemory:
     """Live tensor bytes of this process, as an accelerator's allocator counts them (on CPU torch keeps no such
     statistic): the profiler, started before the model is built, records every CPU allocation and free with the
-    running total of live bytes. ``peak_of(step)`` runs one more step and returns (live bytes when it began, their
-    peak during it, the peak before it: building the model and earlier steps)."""
+    size and address. ``peak_of(step)`` runs one more step and returns (live bytes when it began, their peak during
+    it, the peak before it: building the model and earlier steps).
+
+    The profiler records a free only on a thread it profiles: a tensor released on one of gloo's worker threads
+    (e.g. the buffers of a collective whose work object dies there) never shows its free, and the allocator's
+    running total keeps it forever (with tensor, pipeline and sequence parallelism together that was 100+ MB per
+    rank after a few steps). So live bytes are summed per address: a new allocation at an address still counted
+    live means the tensor there was freed unseen, and replaces it."""
 
     MARK = "mtnlg.bench.peak_step"
 
@@ -69,13 +75,19 @@ class TensorMemory:
             e = stack.pop()
             stack.extend(e.children)
             if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
-                events.append((e.start_time_ns, e.typed[1].total_allocated))
+                events.append((e.start_time_ns, e.typed[1].alloc_size, e.typed[1].ptr))
             elif e.name == self.MARK:
                 window = (e.start_time_ns, e.end_time_ns)
-        events.sort()
-        before = [b for t, b in events if t < window[0]] or [0]
-        during = [b for t, b in events if window[0] <= t <= window[1]] or [before[-1]]
-        return float(before[-1]), float(max(during)), float(max(before))
+        events.sort(key=lambda ev: (ev[0], ev[1] > 0))  # at one instant a free comes before an allocation
+        live: dict[int, int] = {}
+        total, before, during = 0, [0], []
+        for t, size, ptr in events:
+            total -= live.pop(ptr, 0)
+            if size > 0:
+                live[ptr] = size
+                total += size
+            (before if t < window[0] else during if t <= window[1] else []).append(total)
+        return float(before[-1]), float(max(during or before[-1:])), float(max(before))
 
 
 def _tiny(cfg: dict, world: int) -> dict:
@@ -175,12 +187,33 @@ def recompute_time(base: dict, steps: int, warmup: int, logs: Path) -> dict[str,
             "selective_over_full": over["selective"] / over["full"] if over["full"] > 0 else None}
 
 
-def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None) -> list[dict[str, Any]]:
-    """Each ``PEAK_ROWS`` layout's per-rank peak of live tensors over a training step after ``warmup`` steps (the
-    optimizer's states exist by then), measured (``TensorMemory``) and predicted; the resident set's growth over
-    the same steps and over building the model alongside."""
+def live_peak(cfg: dict, world: int, warmup: int, logs: Path) -> dict[str, Any]:
+    """One layout's per-rank peak of live tensors over a training step after ``warmup`` steps (the optimizer's
+    states exist by then), in a fresh worker group: ``peak`` and ``start`` (live bytes when the step began), the
+    resident set's growth over the steps (``rss_mb``) and over building the model (``build_rss_mb``), ``info``."""
     from mtnlg.bench.runner import build_command
 
+    workers = start_workers({"peak": (world, 1)}, logs)
+    w = workers["peak"]
+    try:
+        # a tiny model in the same layout first: the modules, buffers and communicators a first engine
+        # brings (an accelerator's context, not the model's memory) are in place before the one measured
+        w.build("mtnlg", _tiny(cfg, world))
+        info = w.call({**build_command("mtnlg", cfg), "tensor_memory": True})["info"]
+        built = w.steps(0)["mem_mb"]  # the resident peak while building
+        run = w.call({"op": "steps", "n": max(warmup, 1), "reset_peak": True})
+        live = w.call({"op": "tensor_peak"})
+        before = w.call({"op": "rss"})["mb"]
+    finally:
+        close_workers(workers)
+    return {"peak": live["peak"], "start": live["start"], "info": info,
+            "rss_mb": [p - b for p, b in zip(run["mem_mb"], before)],
+            "build_rss_mb": [p - b for p, b in zip(built, before)]}
+
+
+def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None) -> list[dict[str, Any]]:
+    """Each ``PEAK_ROWS`` layout's per-rank peak of live tensors over a training step (``live_peak``), measured and
+    predicted; the resident set's growth over the same steps and over building the model alongside."""
     micro = base["train"]["micro_batch_size"]
     out = []
     for name, tp, pp, dp, zero, recompute, sp in rows or PEAK_ROWS:
@@ -189,28 +222,15 @@ def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None) 
         cfg = _variant(base, world, parallel__tensor=tp, parallel__pipeline=pp, parallel__sequence_parallel=sp,
                        model__recompute=recompute, train__global_batch_size=micro * dp * m_count)
         cfg["deepspeed_config"] = _zero_json(zero, logs)
-        workers = start_workers({"peak": (world, 1)}, logs)
-        w = workers["peak"]
-        try:
-            # a tiny model in the same layout first: the modules, buffers and communicators a first engine
-            # brings (an accelerator's context, not the model's memory) are in place before the one measured
-            w.build("mtnlg", _tiny(cfg, world))
-            info = w.call({**build_command("mtnlg", cfg), "tensor_memory": True})["info"]
-            built = w.steps(0)["mem_mb"]  # the resident peak while building
-            run = w.call({"op": "steps", "n": max(warmup, 1), "reset_peak": True})
-            live = w.call({"op": "tensor_peak"})
-            before = w.call({"op": "rss"})["mb"]
-        finally:
-            close_workers(workers)
-        measured = [b / MB for b in live["peak"]]
+        got = live_peak(cfg, world, warmup, logs)
+        measured = [b / MB for b in got["peak"]]
         predicted = [x / MB for x in _predict(cfg, world, zero)]
         ratio = [a / b for a, b in zip(measured, predicted)]
-        rss = [p - b for p, b in zip(run["mem_mb"], before)]
-        out.append({"name": name, "layout": info["layout"], "zero": zero, "recompute": recompute,
+        out.append({"name": name, "layout": got["info"]["layout"], "zero": zero, "recompute": recompute,
                     "measured_mb": measured, "predicted_mb": predicted, "measured_over_predicted": ratio,
-                    "step_start_mb": [b / MB for b in live["start"]], "rss_peak_mb": rss,
-                    "build_rss_peak_mb": [p - b for p, b in zip(built, before)]})
+                    "step_start_mb": [b / MB for b in got["start"]], "rss_peak_mb": got["rss_mb"],
+                    "build_rss_peak_mb": got["build_rss_mb"]})
         _log(f"[memory] {name}: peak of live tensors {[round(x) for x in measured]} MB, predicted "
              f"{[round(x) for x in predicted]} MB per rank (measured/predicted {min(ratio):.2f}-{max(ratio):.2f}; "
-             f"resident set grew {[round(x) for x in rss]} MB)")
+             f"resident set grew {[round(x) for x in got['rss_mb']]} MB)")
     return out

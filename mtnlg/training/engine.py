@@ -21,6 +21,7 @@ from mtnlg.config import RunConfig
 from mtnlg.deepspeed_compat import (
     allow_cpu_fp16,
     embedding_grads_into_fp32,
+    free_last_stage_outputs,
     mend_universal_load,
     skip_lone_gradient_reduction,
 )
@@ -110,6 +111,8 @@ class Engine:
         self.module = self.engine.module
         if ps.dp_size == 1:
             skip_lone_gradient_reduction(self.engine)
+        if self.pipelined:
+            free_last_stage_outputs(self.engine)
         embedding_grads_into_fp32(self.engine, [m.word_embeddings for m in self.module.modules()
                                                 if isinstance(m, Embedding)])
 

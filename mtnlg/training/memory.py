@@ -192,9 +192,10 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
         weights, grads, opt = model_state_bytes(params, dp, zero_stage, t.precision, optimizer)
         in_flight = min(pp - stage, t.grad_accum_steps) if pp > 1 else 1
         acts = blocks * per_layer * in_flight
-        if m.recompute == "full" and blocks:  # the block being recomputed holds its activations once more
-            acts += layer_activation_bytes(_no_recompute(m), t.micro_batch_size, tp, sp, t.precision, attention,
-                                           device)
+        if m.recompute != "none" and blocks:  # the block (full) or attention core (selective) being recomputed
+            whole = layer_activation_bytes(_no_recompute(m), t.micro_batch_size, tp, sp, t.precision, attention,
+                                           device)   # holds its activations once more
+            acts += whole if m.recompute == "full" else whole - per_layer
         if stage == 0:
             acts += embedding_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision) * in_flight
         if stage == pp - 1:
