@@ -248,3 +248,35 @@ def test_distill_config_errors(bad, words):
         setattr(cfg.distill, k, v)
     with pytest.raises(ConfigError, match=words):
         resolve(cfg, 4)
+
+
+def test_import_hf_teacher_gives_the_hf_logits(tmp_path):
+    """An `mtnlg import-hf` output as the teacher (weights-only, module files) at the student's sequence length and
+    vocabulary padding: its logits equal the Hugging Face model's; a raw HF directory is refused with one line."""
+    import dataclasses
+
+    from mtnlg.config import DistillConfig, resolve
+    from mtnlg.convert.hf_import import import_hf
+    from mtnlg.errors import JobError
+    from mtnlg.parallel import ParallelState
+    from mtnlg.training.distill import load_teacher, open_teacher, teacher_config
+    from tests.test_convert_hf import SEQ, VOCAB, hf_model, sample, save_hf
+
+    hf = hf_model("llama").eval()
+    save_hf(hf, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "imported")
+    student = run_cfg({**STUDENT, "vocab_size": VOCAB, "seq_length": SEQ // 2}, 1, 1, 1)
+    student = resolve(dataclasses.replace(student, model=dataclasses.replace(student.model,
+                                                                             make_vocab_size_divisible_by=64)), 1)
+    ckpt = open_teacher(DistillConfig(teacher=str(tmp_path / "imported")))
+    tcfg = teacher_config(ckpt, student.model, 1)
+    assert (tcfg.padded_vocab_size, tcfg.seq_length, tcfg.num_layers) == (student.model.padded_vocab_size,
+                                                                          SEQ // 2, 4)
+    teacher = load_teacher(ckpt, tcfg, ParallelState.single(), torch.device("cpu"), torch.float32)
+    ids = sample(seq=SEQ // 2)
+    with torch.no_grad():
+        ours = teacher.hidden_and_logits(ids)[..., :VOCAB]
+        theirs = hf(ids).logits
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+    with pytest.raises(JobError, match="import-hf"):
+        open_teacher(DistillConfig(teacher=str(tmp_path / "hf")))
