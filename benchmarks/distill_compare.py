@@ -5,7 +5,7 @@
      teacher (distill: {teacher, temperature, alpha}); same seed, same batches, same schedule
   3. held-out perplexity of all three on the test split's documents (`mtnlg evaluate --task perplexity`)
 
-    python benchmarks/distill_compare.py                      # defaults below, ~25 min on 2 busy CPU cores
+    python benchmarks/distill_compare.py                      # defaults below, ~30 min on 2 CPU cores
     python benchmarks/distill_compare.py --ranks 4            # the students in tensor 2 x pipeline 2 (deepspeed)
 
 Writes benchmarks/results/distill/distill.json and distill.md (``--results``), and exits 1 unless the distilled
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/distill", help="working directory (default runs/distill)")
     ap.add_argument("--results", default="benchmarks/results/distill", help="where the JSON and table go")
     ap.add_argument("--teacher-iters", type=int, default=300)
-    ap.add_argument("--student-iters", type=int, default=150)
+    ap.add_argument("--student-iters", type=int, default=100)
     ap.add_argument("--ranks", type=int, default=1, choices=[1, 4], help="1 process, or tensor 2 x pipeline 2")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -100,7 +100,7 @@ def main() -> None:
     layout = "tensor 2 x pipeline 2 (4 ranks)" if args.ranks == 4 else "1 process"
     result = {
         "held_out_documents": n_docs, "layout": layout, "precision": "bf16",
-        "teacher": {"layers": 4, "iters": None if args.teacher else args.teacher_iters},
+        "teacher": {"layers": 4, "iters": int((teacher / "latest").read_text().strip().removeprefix("global_step"))},
         "student": {"layers": 2, "iters": args.student_iters},
         "distill": {"temperature": args.temperature, "alpha": args.alpha},
         "token_perplexity": ppl, "seconds": {k: round(v) for k, v in times.items()},
@@ -112,8 +112,8 @@ def main() -> None:
     rows = [("teacher (4 layers)", ppl["teacher"]), ("student, plain (2 layers)", ppl["student_plain"]),
             ("student, distilled (2 layers)", ppl["student_distilled"])]
     table = ["| model | held-out token perplexity |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in rows]
-    note = (f"{layout}, bf16; teacher {args.teacher_iters} steps, students {args.student_iters} steps on the same "
-            f"batches; T = {args.temperature}, alpha = {args.alpha}; {n_docs} held-out documents. "
+    note = (f"{layout}, bf16; teacher {result['teacher']['iters']} steps, students {args.student_iters} steps on "
+            f"the same batches; T = {args.temperature}, alpha = {args.alpha}; {n_docs} held-out documents. "
             f"Command: `python {' '.join(sys.argv)}`")
     (res / "distill.md").write_text("\n".join(table) + "\n\n" + note + "\n")
     print("\n".join(table) + "\n\n" + note)
