@@ -114,7 +114,6 @@ class DistillLoss:
         self._teacher = [teacher]  # a list: nothing may register it as a submodule of the student
         self.tp_group, self.vocab_size, self.ignore_index = tp_group, vocab_size, ignore_index
         self.temperature, self.alpha = temperature, alpha
-        self.last_terms: tuple[float, float] | None = None  # (KL, LM) of the last training micro batch
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -134,7 +133,6 @@ class DistillLoss:
             teacher_logits = self.teacher.hidden_and_logits(ids)  # (B, T, V_padded / tp), this rank's slice
         kl = vocab_parallel_kl_divergence(logits, teacher_logits, self.tp_group, self.vocab_size, self.temperature)
         kl = (kl * counted).sum() / count
-        self.last_terms = (float(kl.detach()), float(lm.detach()))
         return self.alpha * self.temperature**2 * kl + (1.0 - self.alpha) * lm
 
 
