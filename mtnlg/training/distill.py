@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mtnlg.checkpoint.reader import NativeCheckpoint, open_checkpoint, resolve_model, shard_for
 from mtnlg.config import DistillConfig, ModelConfig
-from mtnlg.errors import JobError
+from mtnlg.errors import JobError, UserError
 from mtnlg.parallel import ParallelDims, ParallelState
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.kl_divergence import vocab_parallel_kl_divergence
@@ -45,8 +46,6 @@ GB = 2**30
 
 def open_teacher(d: DistillConfig) -> NativeCheckpoint:
     """The teacher's checkpoint; a missing or unreadable one is a one-line error on every rank."""
-    from pathlib import Path
-
     if (Path(d.teacher) / "config.json").is_file() and not (Path(d.teacher) / "latest").is_file():
         raise JobError(f"distill.teacher {d.teacher} is a Hugging Face model directory; convert it once with "
                        f"`mtnlg import-hf --model {d.teacher} --output DIR` and set distill.teacher=DIR")
@@ -54,7 +53,7 @@ def open_teacher(d: DistillConfig) -> NativeCheckpoint:
         return open_checkpoint(d.teacher)
     except JobError:
         raise
-    except Exception as e:  # UserError from the reader: the same on every rank, so print it once
+    except UserError as e:  # from the reader: the same on every rank, so printed once
         raise JobError(f"distill.teacher: {e}") from None
 
 
