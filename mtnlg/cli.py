@@ -38,8 +38,15 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     print(describe(cfg))
     ds = load_ds_json(cfg.deepspeed_config)
     stage = zero_stage(ds)
-    print(format_memory(predict_memory(cfg, stage, optimizer_kind(ds), args.device, ds.get("zero_optimization")),
-                        stage))
+    stages = predict_memory(cfg, stage, optimizer_kind(ds), args.device, ds.get("zero_optimization"))
+    print(format_memory(stages, stage))
+    if cfg.distill is not None:
+        from mtnlg.training.distill import format_teacher_memory, open_teacher, teacher_config, teacher_memory
+
+        teacher = teacher_config(open_teacher(cfg.distill), cfg.model, cfg.parallel.tensor)
+        mem = teacher_memory(teacher, cfg.train.micro_batch_size, cfg.parallel.tensor, cfg.train.precision,
+                             args.device)
+        print(format_teacher_memory(mem, teacher, stages[-1].total))
     if args.verbose:
         import yaml
 

@@ -176,6 +176,15 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (see mtnlg.training.distill)."""
+
+    teacher: str | None = None  # an mtnlg checkpoint directory (any layout) or an `mtnlg import-hf` output
+    temperature: float = 1.0  # T: both distributions are softmax(logits / T); the KL term is scaled by T^2
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -184,6 +193,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig | None = None  # optional: the section's presence turns distillation on
     deepspeed_config: str | None = None  # path to a DeepSpeed JSON (ZeRO, precision details)
 
 
@@ -471,6 +481,7 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError("train.exit_interval and train.exit_duration_mins must be >= 0 (0: off)")
 
     _check_data(cfg.data)
+    _check_distill(cfg.distill)
     if cfg.checkpoint.interval < 0:
         raise ConfigError(f"checkpoint.interval = {cfg.checkpoint.interval} must be >= 0")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
@@ -532,6 +543,18 @@ def _check_data(d: DataConfig) -> None:
         if s.branching < 1 or (s.vocab_size is not None and s.vocab_size < 2):
             raise ConfigError("data.synthetic needs branching >= 1 and vocab_size >= 2")
     parse_split(d.split)
+
+
+def _check_distill(d: DistillConfig | None) -> None:
+    if d is None:
+        return
+    if not d.teacher:
+        raise ConfigError("distill.teacher is not set; name the teacher's checkpoint directory (an mtnlg checkpoint "
+                          "or an `mtnlg import-hf` output), or remove the distill section")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature = {d.temperature} must be > 0")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha = {d.alpha} must be in [0, 1] (the weight of the KL term)")
 
 
 def _round_up(x: int, multiple: int) -> int:

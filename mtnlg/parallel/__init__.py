@@ -1,6 +1,7 @@
 """Process groups and Megatron tensor-parallel layers. Knows nothing of GPT."""
 
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
+from mtnlg.parallel.kl_divergence import vocab_parallel_kl_divergence
 from mtnlg.parallel.layers import (
     ColumnParallelLinear,
     Init,
@@ -30,4 +31,5 @@ __all__ = [
     "scatter_to_tp",
     "set_sharding",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_kl_divergence",
 ]

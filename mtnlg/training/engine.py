@@ -93,6 +93,12 @@ class Engine:
         self.pipelined = ps.pp_size > 1
         show = cfg.logging.deepspeed == "info"
         module = build_module(cfg, ps, self.zero_stage, self.ds_config, self.rng)
+        self.distill = None  # the DistillLoss on the ranks computing the loss, when distilling
+        if cfg.distill is not None:
+            from mtnlg.training.distill import attach_teacher
+
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+            self.distill = attach_teacher(module, cfg.distill, cfg.model, ps, device, dtype)
         module.universal_checkpoint_info = universal_checkpoint_info(cfg.model, ps.tp_size)
 
         ds_cfg = dict(self.ds_config)
@@ -135,6 +141,10 @@ class Engine:
         self.engine.train()
         skipped_before = self.skipped_steps
         lr = self.schedule.get_last_lr()[0]
+        if self.cfg.distill is not None:  # the last stage runs the teacher on the input ids
+            from mtnlg.training.distill import with_inputs
+
+            micro_batches = with_inputs(micro_batches)
         if self.pipelined:
             loss = float(self.engine.train_batch(iter(micro_batches)))
         else:
