@@ -153,3 +153,37 @@ def test_sft_config_needs_a_tokenizer_and_one_source():
     with pytest.raises(ConfigError, match="not prefix and sft"):
         resolve(from_dict({"model": model, "data": {"prefix": "y", "sft": {"prefix": "x"}, "tokenizer": "t"}}), 1)
     assert resolve(from_dict({"model": model, "data": {"sft": {"prefix": "x"}, "tokenizer": "t"}}), 1).data.sft
+
+
+def test_generate_match_scores_greedy_answers(tok):
+    """Rows whose response is the model's own greedy answer (up to surrounding whitespace) match; others do not."""
+    from mtnlg.eval.generate import Generator
+    from mtnlg.eval.generate_match import generate_match
+    from mtnlg.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel.from_config({"architecture": "llama", "num_layers": 2, "hidden_size": 32,
+                                  "num_attention_heads": 4, "vocab_size": tok.vocab_size, "seq_length": 32}).eval()
+    gen = Generator(model, tok.encode, tok.decode, tok.eod_id, 1 << 30)
+    prompts = ["def add(a, b):", "hello there", "Return a plus b."]
+    outs = gen.generate_ids([tok.encode(p) for p in prompts], 6)
+    got = [tok.decode([t for t in ids if t != tok.eod_id]) for ids in outs]
+    rows = [{"prompt": prompts[0], "response": got[0], "kind": "x"},
+            {"prompt": prompts[1], "response": got[1] + " extra", "kind": "x"},
+            {"prompt": prompts[2], "response": "  " + got[2].strip() + "\n", "kind": "y"}]
+    r = generate_match(gen, rows, tok.eod_id, max_new_tokens=6, batch_size=2)
+    assert (r["matched"], r["examples"]) == (2, 3)
+    assert r["by_kind"] == {"x": {"exact_match": 0.5, "examples": 2}, "y": {"exact_match": 1.0, "examples": 1}}
+
+
+def test_generate_match_chat_prompt_is_the_trained_prefix(tmp_path, tok):
+    """A chat row's prompt is the text preprocess --sft put before the last answer (default template)."""
+    from mtnlg.data.sft import render_chat
+    from mtnlg.eval.generate_match import prompt_and_answer
+
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]
+    ids, mask = render_chat(tok, msgs)
+    last = len(mask) - 1 - mask[::-1].index(0)  # the last token outside the loss
+    prompt, answer = prompt_and_answer({"messages": msgs}, "row 1", tok.encode, tok.eod_id)
+    assert prompt == ids[: last + 1] and answer == "fine"
