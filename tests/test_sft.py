@@ -9,18 +9,22 @@ In every layout, on real engines (the plain engine at pp = 1, the pipeline engin
 - the loss is averaged over the loss tokens of the whole global batch: one SGD step on the packed rows and one on
   the unpacked rows (other micro batches, other token counts per micro batch and per dp rank) give the same loss
   and the same weights; a mean of per-micro-batch means would not.
-The per-example losses also agree across the three layouts.
+The per-example losses also agree across the three layouts. In the (2,2,1) launch, ``mtnlg train`` also
+fine-tunes a Llama-family Hugging Face model imported at tp = pp = 1 (weights loaded into tp = pp = 2, a fresh
+optimizer); its export loads in transformers with mtnlg's logits.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.dist_helper import ds_config, run_distributed
+from tests.test_convert_hf import load_hf
 
 SEQ = 64
 EXAMPLES = 8
@@ -29,6 +33,14 @@ RTOL = 1e-5
 MODEL = {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
          "seq_length": SEQ}
 LAYOUTS = {1: (1, 1), 4: (2, 2), 8: (2, 2)}  # world -> (tp, pp)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _offline():
+    """Nothing from the hub (the spawned ranks inherit the environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,25 @@ def sft_data(tmp_path_factory) -> dict:
     (root / "text.jsonl").write_text("".join(json.dumps({"text": r["prompt"] + r["response"]}) + "\n" for r in rows))
     tok = train_tokenizer(iter_documents([root / "text.jsonl"]), 320, root / "tok")
     preprocess_sft([root / "demo" / "train.jsonl"], tok, root / "sft", max_length=SEQ + 1, log=lambda _m: None)
-    return {"prefix": str(root / "sft"), "tokenizer": str(root / "tok"), "root": root}
+    return {"prefix": str(root / "sft"), "tokenizer": str(root / "tok"), "root": str(root),
+            "import": import_hf_llama(tok, root)}
+
+
+def import_hf_llama(tok, root: Path) -> str:
+    """A tiny random LlamaForCausalLM with the test tokenizer, imported by `mtnlg import-hf` at tp = pp = 1."""
+    import transformers
+
+    from mtnlg.cli import main
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=tok.vocab_size, max_position_embeddings=SEQ,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=tok.eod_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(root / "hf"))
+    tok.hf.save_pretrained(str(root / "hf"))
+    assert main(["import-hf", "--model", str(root / "hf"), "--output", str(root / "imported")]) == 0
+    return str(root / "imported")
 
 
 def sft_config(data: dict, tp: int, pp: int, packing: bool = True):
@@ -149,6 +179,8 @@ def _sft_layout(rank: int, world: int, data: dict) -> dict:
         result = engine.train_step(batches(source))
         after = params(engine)
         steps[name] = {"loss": result.loss, "grad_norm": result.grad_norm, "params": after}
+    if world == 4:
+        out["finetune"] = _finetune_import(data)
     ref = steps["true"]["params"]
     out["moved"] = max(float((a - b).abs().max()) for a, b in zip(ref, before))
     out["steps"] = {
@@ -157,6 +189,22 @@ def _sft_layout(rank: int, world: int, data: dict) -> dict:
         for name, s in steps.items()
     }
     return out
+
+
+def _finetune_import(data: dict) -> dict:
+    """``mtnlg train`` (the whole loop) on the SFT data from the tp = pp = 1 import, at tp = pp = 2."""
+    from mtnlg.config import load_config
+    from mtnlg.training.loop import train
+
+    cfg = load_config(Path(data["import"]) / "mtnlg_config.yaml", [
+        "parallel.tensor=2", "parallel.pipeline=2", f"model.seq_length={SEQ}", f"data.tokenizer={data['tokenizer']}",
+        f"data.sft={{prefix: {data['prefix']}, packing: true}}", "data.split='100,0,0'", "train.iters=3",
+        f"train.micro_batch_size={MBS}", "train.global_batch_size=8", "train.lr=3e-3", "train.eval_interval=0",
+        "train.precision=fp32", "train.peak_tflops=1.0", f"checkpoint.load={data['import']}",
+        f"checkpoint.save={data['root']}/finetuned", f"deepspeed_config={ds_config(1)}",
+    ])
+    summary = train(cfg)
+    return {"losses": summary.losses, "checkpoint": summary.checkpoint}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +246,24 @@ def test_loss_is_a_mean_over_the_global_batch_tokens(layouts, world):
     if s["true"]["grad_norm"] is not None:
         assert s["packed"]["grad_norm"] == pytest.approx(s["true"]["grad_norm"], rel=RTOL)
     assert s["packed"]["max_param_diff"] <= RTOL * layouts[world]["moved"]
+
+
+def test_finetuned_import_exports_with_equal_logits(layouts, sft_data, tmp_path):
+    from mtnlg.cli import main
+    from mtnlg.eval.loading import open_model
+
+    ft = layouts[4]["finetune"]
+    assert sorted(ft["losses"]) == [1, 2, 3] and ft["losses"][3] < ft["losses"][1]
+    assert main(["export-hf", "--checkpoint", str(Path(sft_data["root"]) / "finetuned"), "--output",
+                 str(tmp_path / "hf")]) == 0
+    hf, base = load_hf(tmp_path / "hf"), load_hf(Path(sft_data["root"]) / "hf")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    mtnlg = open_model(checkpoint=str(Path(sft_data["root"]) / "finetuned")).generator.model
+    ids = torch.randint(0, hf.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs, before = mtnlg(ids), hf(input_ids=ids).logits, base(input_ids=ids).logits
+    assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
+    assert float((theirs - before).abs().max()) > 1e-2  # fine-tuning moved the imported weights
 
 
 def test_layouts_agree(layouts):
