@@ -263,7 +263,20 @@ def test_finetuned_import_exports_with_equal_logits(layouts, sft_data, tmp_path)
     with torch.no_grad():
         ours, theirs, before = mtnlg(ids), hf(input_ids=ids).logits, base(input_ids=ids).logits
     assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
-    assert float((theirs - before).abs().max()) > 1e-2  # fine-tuning moved the imported weights
+    assert float((theirs - before).abs().max()) > 1e-2  # fine-tuning moved the imported weights ...
+    # ... by what 3 AdamW steps of lr 3e-3 can (|update| <~ lr per step): it started from them
+    moved = [float((a - b).abs().max()) for a, b in zip(hf.state_dict().values(), base.state_dict().values())]
+    assert 0 < max(moved) <= 4 * 3 * 3e-3, moved
+
+    # generate-match through the CLI, on the checkpoint and on its export: the same answers
+    heldout = Path(sft_data["root"]) / "demo" / "heldout.jsonl"
+    for flag, path in (("--checkpoint", Path(sft_data["root"]) / "finetuned"), ("--hf", tmp_path / "hf")):
+        out = tmp_path / f"match{flag}.json"
+        assert main(["evaluate", flag, str(path), "--task", "generate-match", "--data", str(heldout), "--limit", "6",
+                     "--max-new-tokens", "4", "--output", str(out)]) == 0
+    native, exported = (json.loads((tmp_path / f"match{f}.json").read_text()) for f in ("--checkpoint", "--hf"))
+    assert native["examples"] == 6 and set(native["by_kind"]) <= {"name", "params", "count", "summary"}
+    assert [s["generated"] for s in native["samples"]] == [s["generated"] for s in exported["samples"]]
 
 
 def test_layouts_agree(layouts):
