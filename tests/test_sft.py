@@ -78,11 +78,11 @@ def import_hf_llama(tok, root: Path) -> str:
     return str(root / "imported")
 
 
-def sft_config(data: dict, tp: int, pp: int, packing: bool = True):
+def sft_config(data: dict, tp: int, pp: int, packing: bool = True, recompute: str = "none", sp: bool = False):
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": MODEL, "parallel": {"tensor": tp, "pipeline": pp},
+        "model": {**MODEL, "recompute": recompute}, "parallel": {"tensor": tp, "pipeline": pp, "sequence_parallel": sp},
         "train": {"iters": 1, "micro_batch_size": MBS, "global_batch_size": EXAMPLES, "lr": 1.0, "min_lr": 0.0,
                   "warmup_iters": 0, "lr_decay": "constant", "weight_decay": 0.0, "clip_grad": 0.0, "seed": 5},
         "data": {"sft": {"prefix": data["prefix"], "packing": packing}, "tokenizer": data["tokenizer"],
@@ -179,7 +179,12 @@ def _sft_layout(rank: int, world: int, data: dict) -> dict:
         result = engine.train_step(batches(source))
         after = params(engine)
         steps[name] = {"loss": result.loss, "grad_norm": result.grad_norm, "params": after}
-    if world == 4:
+    if world == 4:  # the packed step again with full recompute and sequence parallelism inside the pipeline
+        sp_cfg = resolve(with_vocab(sft_config(data, tp, pp, recompute="full", sp=True), data_tokenizer(cfg)), world)
+        engine = Engine(sp_cfg, ParallelState.create(tp, pp, sequence_parallel=True), device)
+        result = engine.train_step(batches(Rows(ds, packed)))
+        steps["packed_full_recompute_sp"] = {"loss": result.loss, "grad_norm": result.grad_norm,
+                                             "params": params(engine)}
         out["finetune"] = _finetune_import(data)
     ref = steps["true"]["params"]
     out["moved"] = max(float((a - b).abs().max()) for a, b in zip(ref, before))
@@ -246,6 +251,14 @@ def test_loss_is_a_mean_over_the_global_batch_tokens(layouts, world):
     if s["true"]["grad_norm"] is not None:
         assert s["packed"]["grad_norm"] == pytest.approx(s["true"]["grad_norm"], rel=RTOL)
     assert s["packed"]["max_param_diff"] <= RTOL * layouts[world]["moved"]
+
+
+def test_full_recompute_and_sequence_parallel_keep_documents_apart(layouts):
+    """(2,2,1): the packed step with full recompute and sequence parallelism equals the unpacked step."""
+    s = layouts[4]["steps"]
+    assert s["packed_full_recompute_sp"]["loss"] == pytest.approx(s["true"]["loss"], rel=RTOL)
+    assert s["packed_full_recompute_sp"]["grad_norm"] == pytest.approx(s["true"]["grad_norm"], rel=RTOL)
+    assert s["packed_full_recompute_sp"]["max_param_diff"] <= RTOL * layouts[4]["moved"]
 
 
 def test_finetuned_import_exports_with_equal_logits(layouts, sft_data, tmp_path):
