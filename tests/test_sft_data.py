@@ -187,3 +187,26 @@ def test_generate_match_chat_prompt_is_the_trained_prefix(tmp_path, tok):
     last = len(mask) - 1 - mask[::-1].index(0)  # the last token outside the loss
     prompt, answer = prompt_and_answer({"messages": msgs}, "row 1", tok.encode, tok.eod_id)
     assert prompt == ids[: last + 1] and answer == "fine"
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_packed_documents_under_recompute(recompute):
+    """Selective and full recompute carry the segment ids: the same loss and gradients as without recompute."""
+    from mtnlg.model import GPTModel
+
+    cfg = {"architecture": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 50,
+           "seq_length": 24}
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 50, (2, 16), generator=g), torch.randint(0, 50, (2, 16), generator=g)
+    seg = torch.tensor([[0] * 7 + [1] * 9, [0] * 10 + [1] * 6])
+    weights = torch.rand(2, 16, generator=g)
+
+    def loss_and_grads(rc: str):
+        m = GPTModel.from_config({**cfg, "recompute": rc}, seed=3).train()
+        loss = m((ids, seg), (labels, weights))
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(recompute), loss_and_grads("none")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
