@@ -210,3 +210,20 @@ def test_packed_documents_under_recompute(recompute):
     (loss, grads), (ref_loss, ref_grads) = loss_and_grads(recompute), loss_and_grads("none")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_chat_template_of_the_tokenizer_is_used(tmp_path, tok):
+    """A tokenizer with a chat template renders the chat; the assistant contents (what the template writes
+    after the generation prompt) are in the loss, the template's headers are not."""
+    from mtnlg.data.sft import render_chat
+    from mtnlg.data.tokenizer import load_tokenizer
+
+    tok.save(tmp_path / "tok")
+    templated = load_tokenizer(str(tmp_path / "tok"))
+    templated.hf.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }};{% endfor %}"
+                                  "{% if add_generation_prompt %}[assistant]{% endif %}")
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]
+    ids, mask = render_chat(templated, msgs)
+    assert templated.decode(ids) == "[user]hello there;[assistant]hi;[user]how are you;[assistant]fine;"
+    assert templated.decode([i for i, m in zip(ids, mask) if m]) == "hi;fine;"
