@@ -138,10 +138,22 @@ class SyntheticConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning on a ``mtnlg preprocess --sft`` output (token ids + loss mask; mtnlg.data.sft)."""
+
+    prefix: str
+    packing: bool = True  # several examples per row, attention kept inside each (document masks, positions reset)
+    # checkpoint.load of another run (not checkpoint.save): load its weights only (any layout), with a fresh
+    # optimizer and schedule from iteration 0; false: resume it as is (same layout, or a resharded one)
+    fresh_optimizer: bool = True
+
+
+@dataclass
 class DataConfig:
     prefix: str | None = None  # PREFIX of PREFIX.bin / PREFIX.idx
     blend: list[BlendItem] | None = None
     synthetic: SyntheticConfig | None = None
+    sft: SFTConfig | None = None  # fine-tuning data instead of prefix/blend/synthetic
     tokenizer: str | None = None  # an HF tokenizer directory
     vocab_file: str | None = None  # GPT-2 style encoder.json (with merge_file)
     merge_file: str | None = None  # GPT-2 style vocab.bpe
@@ -525,9 +537,11 @@ def parse_split(split: str) -> tuple[float, float, float]:
 
 
 def _check_data(d: DataConfig) -> None:
-    sources = [k for k in ("prefix", "blend", "synthetic") if getattr(d, k) is not None]
+    sources = [k for k in ("prefix", "blend", "synthetic", "sft") if getattr(d, k) is not None]
     if len(sources) > 1:
-        raise ConfigError(f"data: give one of prefix, blend or synthetic, not {' and '.join(sources)}")
+        raise ConfigError(f"data: give one of prefix, blend, synthetic or sft, not {' and '.join(sources)}")
+    if d.sft is not None and d.tokenizer is None and d.vocab_file is None:
+        raise ConfigError("data.sft needs the tokenizer its data was preprocessed with: set data.tokenizer")
     if d.blend is not None:
         if not d.blend:
             raise ConfigError("data.blend is empty; list at least one {prefix, weight}")

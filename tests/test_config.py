@@ -83,7 +83,7 @@ BAD = [
     ("model: {seq_length: 2048, max_position_embeddings: 1024}", 1, "model.seq_length = 2048 exceeds"),
     ("train: {lr: 1.0e-4, min_lr: 1.0e-3}", 1, "need 0 <= train.min_lr"),
     ("train: {iters: 10, warmup_iters: 20}", 1, "train.warmup_iters = 20 must be between 0 and lr_decay_iters = 10"),
-    ("data: {prefix: a, synthetic: {}}", 1, "data: give one of prefix, blend or synthetic, not prefix and synthetic"),
+    ("data: {prefix: a, synthetic: {}}", 1, "give one of prefix, blend, synthetic or sft, not prefix and synthetic"),
     ("data: {split: 'a,b'}", 1, "data.split = 'a,b' must be up to three non-negative numbers"),
     ("data: {vocab_file: enc.json}", 1, "data.vocab_file and data.merge_file go together"),
     ("model: {hidden_dropout: 1.5}", 1, "model.hidden_dropout = 1.5 must be in [0, 1)"),

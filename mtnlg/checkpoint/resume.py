@@ -34,19 +34,21 @@ class LoadPlan:
     kind: str  # "native" (same layout), "universal" (from `mtnlg checkpoint reshard`), "weights" (import-hf)
 
 
-def plan_load(cfg: RunConfig, zero_stage: int, ps: ParallelState | None = None) -> LoadPlan | None:
+def plan_load(cfg: RunConfig, zero_stage: int, ps: ParallelState | None = None,
+              weights_only: bool = False) -> LoadPlan | None:
     """What checkpoint.load holds and how to load it into this run's layout (a resolved config, trained with ZeRO
     stage ``zero_stage``); checked before the engine is built.
 
     Rank 0 decides from its own disk and tells the other ranks; every rank then checks that the files it will
-    load are there and whole (nodes need not share a filesystem). A collective when torch.distributed runs."""
+    load are there and whole (nodes need not share a filesystem). A collective when torch.distributed runs.
+    ``weights_only`` (fine-tuning): a native checkpoint of any layout loads as weights, with a fresh optimizer."""
     if not cfg.checkpoint.load:
         return None
     distributed = dist.is_initialized()
     box: list = [None]
     if not distributed or dist.get_rank() == 0:
         try:
-            plan = _plan_on_this_host(cfg, zero_stage)
+            plan = _plan_on_this_host(cfg, zero_stage, weights_only)
             box = [(plan, None if plan is None else listing(Path(plan.directory) / plan.tag))]
         except UserError as e:
             box = [e]
@@ -69,7 +71,7 @@ def plan_load(cfg: RunConfig, zero_stage: int, ps: ParallelState | None = None) 
     return plan
 
 
-def _plan_on_this_host(cfg: RunConfig, stage: int) -> LoadPlan | None:
+def _plan_on_this_host(cfg: RunConfig, stage: int, weights_only: bool = False) -> LoadPlan | None:
     load = cfg.checkpoint.load
     if Path(load).exists() and not Path(load).is_dir():
         raise UserError(f"checkpoint.load = {load} is a file; name the checkpoint.save directory of a run")
@@ -82,6 +84,9 @@ def _plan_on_this_host(cfg: RunConfig, stage: int) -> LoadPlan | None:
     if is_weights_only(tag_dir):
         return LoadPlan(load, tag, "weights")
     if is_universal(tag_dir):
+        if weights_only:
+            raise UserError(f"{tag_dir} is a universal checkpoint; fine-tuning with a fresh optimizer reads the "
+                            "weights of the original checkpoint in any layout: load that one")
         if stage == 0:
             raise UserError(f"{tag_dir} is a universal checkpoint; loading it needs ZeRO stage >= 1 "
                             "(ds_configs/zero1.json)")
@@ -94,6 +99,8 @@ def _plan_on_this_host(cfg: RunConfig, stage: int) -> LoadPlan | None:
                             f"{m.padded_vocab_size}); resume {tag_dir} under ZeRO-1/2, or train with a vocabulary "
                             f"size that is a multiple of {m.make_vocab_size_divisible_by} x tensor")
         return LoadPlan(load, tag, "universal")
+    if weights_only:
+        return LoadPlan(load, tag, "weights")
     saved = NativeCheckpoint(Path(load), tag_dir, int(TAG_RE.match(tag).group(1))).layout
     p = cfg.parallel
     moved = (saved.tp, saved.pp) != (p.tensor, p.pipeline) or saved.zero_stage != stage or (

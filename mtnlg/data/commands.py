@@ -36,7 +36,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of failing")
+    p.add_argument("--sft", action="store_true", help="fine-tuning data: prompt/response or chat JSON lines -> "
+                   "token ids (PREFIX.bin/.idx) + loss mask (PREFIX.mask.bin/.idx); see mtnlg/data/sft.py")
+    p.add_argument("--max-length", type=int, default=None, help="--sft: longest example in tokens (default: none)")
+    p.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
+                   help="--sft: what to do with an example over --max-length (default truncate)")
     p.set_defaults(func=cmd_preprocess)
+
+    p = subparsers.add_parser("demo-sft", help="write the demo fine-tuning set (stdlib signatures): train/heldout")
+    p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/train.jsonl and DIR/heldout.jsonl")
+    p.add_argument("--limit-modules", type=int, default=None, help="only the first N stdlib modules (sorted)")
+    p.set_defaults(func=cmd_demo_sft)
 
     p = subparsers.add_parser("merge-data", help="concatenate preprocessed datasets")
     p.add_argument("--input", nargs="+", required=True, metavar="PREFIX", help="prefixes to merge, in order")
@@ -79,6 +89,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from mtnlg.data.preprocess import preprocess
 
     tokenizer = _tokenizer_from_args(args)
+    if args.sft:
+        from mtnlg.data.sft import preprocess_sft
+
+        preprocess_sft(args.input, tokenizer, args.output_prefix, args.max_length, args.overflow)
+        return 0
+    if args.max_length is not None:
+        raise UserError("--max-length applies to --sft data only")
     preprocess(args.input, args.json_key, tokenizer, args.output_prefix, args.workers, args.skip_bad_lines)
     return 0
 
@@ -101,3 +118,13 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     print(f"corpus: data.tokenizer = {tokenizer_dir}")
     return 0
 
+
+
+def cmd_demo_sft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mtnlg.data.demo_sft import write_demo_sft
+
+    for name, s in write_demo_sft(args.output, limit_modules=args.limit_modules).items():
+        print(f"demo-sft: {Path(args.output) / (name + '.jsonl')}: " + ", ".join(f"{v:,} {k}" for k, v in s.items()))
+    return 0

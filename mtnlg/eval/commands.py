@@ -19,12 +19,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``evaluate``, ``generate`` and ``lm-eval`` on the mtnlg CLI."""
     p = subparsers.add_parser("evaluate", help="zero-shot perplexity / cloze / multiple-choice evaluation")
     _add_model_args(p)
-    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"])
+    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice", "generate-match"])
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="the examples (see mtnlg/eval/tasks.py)")
     p.add_argument("--output", metavar="results.json", help="also write the results here")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: half the context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generate-match: longest answer (default 32)")
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("generate", help="generate text with a KV cache (greedy or sampled)")
@@ -62,7 +63,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtnlg.eval.tasks import read_jsonl, run_task
 
     rows = read_jsonl(args.data)[: args.limit]
-    model = open_model(args.checkpoint, args.hf, args.iteration, _device(args.device), args.batch_size)
+    generating = args.task == "generate-match"
+    model = open_model(args.checkpoint, args.hf, args.iteration, _device(args.device), args.batch_size,
+                       for_generation=generating)
     t0 = time.time()
 
     def progress(done: int, total: int) -> None:
@@ -70,8 +73,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             eta = (time.time() - t0) / done * (total - done)
             print(f"[evaluate] {done}/{total} documents, ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
-    kwargs = {"stride": args.stride, "progress": progress} if args.task == "perplexity" else {}
-    results = run_task(args.task, model.scorer, rows, model.eod_id, **kwargs)
+    if generating:
+        from mtnlg.eval.generate_match import generate_match
+
+        if model.generator is None:
+            raise UserError("generate-match needs pp = 1; run it in one process or with tensor parallelism only")
+        results = generate_match(model.generator, rows, model.eod_id, args.max_new_tokens, args.batch_size, progress)
+    else:
+        kwargs = {"stride": args.stride, "progress": progress} if args.task == "perplexity" else {}
+        results = run_task(args.task, model.scorer, rows, model.eod_id, **kwargs)
     results = {"task": args.task, "data": str(args.data), "model": args.checkpoint or args.hf, **results,
                "seconds": round(time.time() - t0, 2)}
     if model.rank == 0:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
+from mtnlg.model.documents import document_mask, segment_positions, split_inputs
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom, replicated
 from mtnlg.parallel.layers import sequence_shard_dropout
@@ -125,7 +126,9 @@ class ParallelAttention(nn.Module):
             b = self._bias_cache = causal_bias(T, dtype, device)
         return b
 
-    def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVSlot | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); ``segments`` (B, T): packed documents (``mtnlg.model.documents``), attention stays in each
+        and positions restart at each."""
         hd = self.cfg.head_dim
         qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd / tp): the whole sequence
         B, T, _ = qkv.shape
@@ -134,34 +137,41 @@ class ParallelAttention(nn.Module):
         k = k.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.cfg.position_embedding == "rope":
-            if kv is None:
+            if kv is None and segments is None:
                 cos, sin = self._rope(T, x.device, q.dtype)
-            else:  # each row continues from its own position
-                pos = kv.start[kv.rows][:, None] + torch.arange(T, device=x.device)  # (B, T)
+            else:  # each row continues from its own position (decoding) or restarts at each document (packing)
+                pos = kv.new_pos if kv is not None else segment_positions(segments)  # (B, T)
                 table_cos, table_sin = self._rope(int(pos.max()) + 1, x.device, q.dtype)
                 cos, sin = table_cos[pos].unsqueeze(1), table_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # incremental decoding (inference only)
             k, v, mask = kv.append(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        elif self.cfg.recompute == "selective" and self.training and torch.is_grad_enabled():
-            y = self.rng.checkpoint(self._core, q, k, v)  # keep q, k, v; recompute scores, softmax, dropout, AV
         else:
-            y = self._core(q, k, v)
+            mask = None if segments is None else document_mask(segments)  # (B, 1, T, T)
+            if self.cfg.recompute == "selective" and self.training and torch.is_grad_enabled():
+                y = self.rng.checkpoint(self._core, q, k, v, mask)  # keep q, k, v; recompute scores ... AV
+            else:
+                y = self._core(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, C/tp)
         return self.proj(y)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd) + causal mask), dropout, times v: (B, nh, T, hd) from q (B, nh, T, hd) and
-        k, v (B, nkv, T, hd)."""
+        k, v (B, nkv, T, hd). ``mask`` (B, 1, T, T), True = may attend: a document mask replacing the causal one."""
         p = self.cfg.attention_dropout if self.training else 0.0
         gqa = self.n_kv != self.n_heads
+        causal = mask is None
         if p > 0:  # attention probabilities are sharded by head: use the tp stream
             with self.rng.fork(q.device):
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                      enable_gqa=gqa)
         if use_unfused_attention(q):
-            return unfused_causal_attention(q, k, v, self._causal_bias(q.size(-2), q.device, q.dtype))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            bias = self._causal_bias(q.size(-2), q.device, q.dtype) if causal else \
+                torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            return unfused_causal_attention(q, k, v, bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class ParallelMLP(nn.Module):
@@ -215,8 +225,10 @@ class TransformerBlock(nn.Module):
             return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
         return F.dropout(x, self.dropout, self.training)
 
-    def forward(self, x: torch.Tensor, kv: KVSlot | None = None) -> torch.Tensor:
-        """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism."""
-        x = x + self._dropout(self.attn(self.norm1(x), kv))
+    def forward(self, x: torch.Tensor | tuple, kv: KVSlot | None = None) -> torch.Tensor | tuple:
+        """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism; or the pair
+        (x, segment_ids (B, T)) of packed documents, returned as a pair (``mtnlg.model.documents``)."""
+        x, segments = split_inputs(x)
+        x = x + self._dropout(self.attn(self.norm1(x), kv, segments))
         x = x + self._dropout(self.mlp(self.norm2(x)))
-        return x
+        return x if segments is None else (x, segments)

@@ -32,6 +32,7 @@ from torch import nn
 
 from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
 from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.model.documents import segment_positions, split_inputs
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -70,20 +71,27 @@ class Embedding(nn.Module):
         """Forward FLOPs per token of the tied output layer that reuses this embedding: one [V, h] matrix."""
         return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
 
-    def forward(self, input_ids: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> (B, T, C), or (B, T/tp, C) under sequence parallelism. ``start`` (B,): the position of
-        each row's first token (incremental decoding)."""
+    def forward(self, input_ids: torch.Tensor | tuple, positions: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple:
+        """input_ids (B, T) -> (B, T, C), or (B, T/tp, C) under sequence parallelism; (input_ids, segment_ids) ->
+        (x, segment_ids) for packed documents (positions restart at each). ``positions`` (B, T): each token's
+        position (incremental decoding)."""
+        input_ids, segments = split_inputs(input_ids)
         x = self.word_embeddings(input_ids)  # (B, T, C) or (B, T/tp, C)
+        if segments is not None:
+            positions = segment_positions(segments)
         if self.position_embeddings is not None:
             pos = torch.arange(input_ids.size(1), device=input_ids.device)
-            if start is not None:
-                pos = start[:, None] + pos  # (B, T)
+            if positions is not None:
+                pos = positions  # (B, T)
             if self.sequence_parallel:  # this rank's positions
                 pos = pos.narrow(-1, group_rank(self.tp_group) * x.size(1), x.size(1))
             x = x + self.position_embeddings(pos)
         if self.sequence_parallel:
-            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
-        return F.dropout(x, self.dropout, self.training)
+            x = sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
+        else:
+            x = F.dropout(x, self.dropout, self.training)
+        return x if segments is None else (x, segments)
 
 
 def tied_lm_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
@@ -120,17 +128,27 @@ class FinalNorm(nn.Module):
     def forward_flops(self, seq: int) -> float:
         return 0.0  # model FLOPs count matrix products only (Narayanan et al. 2021)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
+        return self.norm(split_inputs(x)[0])  # packed documents: the segment ids end here
 
 
 class GPTLoss:
-    """Mean next-token loss over tokens whose label is not ``ignore_index``."""
+    """Mean next-token loss over tokens whose label is not ``ignore_index``.
+
+    Labels may be a pair ``(labels, weights)`` (fine-tuning, ``mtnlg.data.sft``): the loss is then
+    ``sum(per-token loss x weight)`` over the tokens of non-zero weight; the labels of the others are never read.
+    The weights carry the loss mask and the normalisation over the whole global batch."""
 
     def __init__(self, tp_group, vocab_size: int, ignore_index: int = -100):
         self.tp_group, self.vocab_size, self.ignore_index = tp_group, vocab_size, ignore_index
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(labels, (tuple, list)):
+            labels, weights = labels
+            labels = labels.masked_fill(weights == 0, self.ignore_index)
+            per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, self.vocab_size,
+                                                     self.ignore_index)
+            return (per_token.float() * weights).sum()
         per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group, self.vocab_size, self.ignore_index)
         count = (labels != self.ignore_index).sum().clamp(min=1)
         return per_token.sum() / count
@@ -218,13 +236,15 @@ class GPTModel(nn.Module):
         checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
         for f in self._funcs:
             if checkpoint and isinstance(f, TransformerBlock):
-                x = self.rng.checkpoint(f, x)
+                x = self.rng.checkpoint(lambda *a, f=f: f(a if len(a) > 1 else a[0]), *(x if isinstance(x, tuple)
+                                                                                         else (x,)))
             else:
                 x = f(x)
         return x
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss (scalar) when ``labels`` is given, else full-vocabulary logits (B, T, vocab_size)."""
+    def forward(self, input_ids: torch.Tensor | tuple, labels: torch.Tensor | tuple | None = None) -> torch.Tensor:
+        """Loss (scalar) when ``labels`` is given, else full-vocabulary logits (B, T, vocab_size). ``input_ids`` may
+        be ``(input_ids, segment_ids)`` (packed documents) and ``labels`` ``(labels, weights)`` (see GPTLoss)."""
         logits = self.hidden_and_logits(input_ids)
         if labels is not None:
             return self.loss_fn(logits, labels)
@@ -237,18 +257,20 @@ class GPTModel(nn.Module):
         return [KVSlot(batch, n_kv, max_len, self.cfg.head_dim, p.device, p.dtype) for _ in range(self.cfg.num_layers)]
 
     @torch.no_grad()
-    def forward_cached(self, input_ids: torch.Tensor, cache: list[KVSlot], rows: slice = slice(None)) -> torch.Tensor:
+    def forward_cached(self, input_ids: torch.Tensor, cache: list[KVSlot], rows: slice = slice(None),
+                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) of new tokens ``input_ids`` for cache rows ``rows``, each row continuing
-        at its cached length; the cache grows by T positions per row."""
-        start = cache[0].start[rows]
+        at its cached length; the cache grows by T positions per row. ``segment_ids`` (B, T): packed documents,
+        each attending only to itself (default: every new token continues its row's last document)."""
+        for slot in cache:
+            slot.rows = rows
+            positions = slot.plan(segment_ids, input_ids.size(1))
         x = None
         for f in self._funcs:
             if x is None:
-                x = f(input_ids, start)  # the embedding (first spec)
+                x = f(input_ids, positions)  # the embedding (first spec)
             elif isinstance(f, TransformerBlock):
-                slot = cache[f.layer_number]
-                slot.rows = rows
-                x = f(x, slot)
+                x = f(x, cache[f.layer_number])
             else:
                 x = f(x)
         for slot in cache:

@@ -60,6 +60,10 @@ def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device:
                   count: int | None = None) -> list[Batch]:
     """This dp rank's micro batches of the global batch starting at sample ``start``."""
     mbs, dp = cfg.train.micro_batch_size, ps.dp_size
+    if getattr(source, "sft", False):
+        from mtnlg.training.sft_batches import sft_micro_batches
+
+        return sft_micro_batches(source, start, mbs, ps.dp_rank, dp, device, count or cfg.train.grad_accum_steps)
     out = []
     for m in range(count or cfg.train.grad_accum_steps):
         first = start + m * mbs * dp + ps.dp_rank * mbs
@@ -109,6 +113,15 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
+def fine_tune_from(cfg: RunConfig) -> bool:
+    """Whether checkpoint.load is loaded as weights only (fresh optimizer and schedule): fine-tuning
+    (``data.sft.fresh_optimizer``) from a checkpoint that is not this run's own ``checkpoint.save``."""
+    sft, c = cfg.data.sft, cfg.checkpoint
+    if sft is None or not sft.fresh_optimizer or not c.load:
+        return False
+    return not (c.save and Path(c.load).resolve() == Path(c.save).resolve())
+
+
 def _check_save_dir(cfg: RunConfig) -> None:
     save = cfg.checkpoint.save
     if save and Path(save).exists() and not Path(save).is_dir():
@@ -148,7 +161,7 @@ def train(cfg: RunConfig) -> RunSummary:
             print(warning, flush=True)
 
     train_src, valid_src = build_sources(cfg)
-    plan = checkpoint.plan_load(cfg, zero_stage(load_ds_json(cfg.deepspeed_config)), ps)
+    plan = checkpoint.plan_load(cfg, zero_stage(load_ds_json(cfg.deepspeed_config)), ps, fine_tune_from(cfg))
     engine = Engine(cfg, ps, device, load_universal=plan is not None and plan.kind == "universal")
     start_iter, consumed = checkpoint.load(engine, plan)
 

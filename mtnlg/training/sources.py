@@ -2,6 +2,7 @@
 
 - ``data.synthetic``: a Markov chain (mtnlg.data.synthetic); validation walks the same chain;
 - ``data.prefix`` / ``data.blend``: Megatron indexed datasets, split by documents;
+- ``data.sft``: fine-tuning examples (``mtnlg.data.sft_dataset``), split by examples;
 - nothing: the default corpus (Python standard-library docstrings), built on first use.
 """
 
@@ -19,7 +20,8 @@ def data_tokenizer(cfg: RunConfig):
     d = cfg.data
     if d.synthetic is not None:
         return None
-    if (d.tokenizer is not None or d.vocab_file is not None) and d.prefix is None and d.blend is None:
+    if (d.tokenizer is not None or d.vocab_file is not None) and d.prefix is None and d.blend is None \
+            and d.sft is None:
         raise UserError("data.tokenizer is set but there is no data.prefix or data.blend to read with it "
                         "(the default corpus has its own tokenizer); add data.prefix")
     from mtnlg.data.gpt_dataset import build_tokenizer
@@ -54,6 +56,10 @@ def build_sources(cfg: RunConfig):
         train = MarkovSource(vocab, s.branching, m.seq_length, s.seed, stream=0)
         valid = MarkovSource(vocab, s.branching, m.seq_length, s.seed, stream=1)  # same chain, other walks
         return train, valid
+    if d.sft is not None:
+        from mtnlg.training.sft_batches import sft_sources
+
+        return sft_sources(cfg)
     from mtnlg.data.gpt_dataset import build_datasets
 
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
