@@ -169,9 +169,11 @@ def activations(base: dict, logs: Path) -> dict[str, Any]:
     return out
 
 
-def recompute_time(base: dict, steps: int, warmup: int, logs: Path) -> dict[str, Any]:
-    """Step times of recompute none / selective / full at tp = 2 (SP off), interleaved, and their overheads."""
-    common = dict(train__global_batch_size=base["train"]["micro_batch_size"], parallel__tensor=2)
+def recompute_time(base: dict, steps: int, warmup: int, logs: Path, micro_batches: int = 4) -> dict[str, Any]:
+    """Step times of recompute none / selective / full at tp = 2 (SP off), interleaved, and their overheads. A step
+    accumulates ``micro_batches`` micro batches, so that the optimizer's step (the same in all three) does not
+    dilute the price of recomputing."""
+    common = dict(train__global_batch_size=base["train"]["micro_batch_size"] * micro_batches, parallel__tensor=2)
     specs = {rc: (2, 1) for rc in RECOMPUTE}
     workers = start_workers(specs, logs)
     try:
