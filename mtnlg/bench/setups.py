@@ -95,11 +95,12 @@ class MtnlgSetup:
         rng, plain = module.rng, module.rng.checkpoint
 
         def checkpoint(fn, *args):  # full recompute keeps a block's input as the checkpoint's, outside the block
-            depth[0] += isinstance(fn, TransformerBlock)
+            block = isinstance(getattr(fn, "__self__", fn), TransformerBlock)
+            depth[0] += block
             try:
                 return plain(fn, *args)
             finally:
-                depth[0] -= isinstance(fn, TransformerBlock)
+                depth[0] -= block
 
         rng.checkpoint = checkpoint
 

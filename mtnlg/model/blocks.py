@@ -225,6 +225,10 @@ class TransformerBlock(nn.Module):
             return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
         return F.dropout(x, self.dropout, self.training)
 
+    def forward_args(self, *args: torch.Tensor) -> torch.Tensor | tuple:
+        """``forward`` of the input given as separate tensors (x, or x and segment ids): what a checkpoint passes."""
+        return self(args if len(args) > 1 else args[0])
+
     def forward(self, x: torch.Tensor | tuple, kv: KVSlot | None = None) -> torch.Tensor | tuple:
         """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism; or the pair
         (x, segment_ids (B, T)) of packed documents, returned as a pair (``mtnlg.model.documents``)."""

@@ -236,8 +236,7 @@ class GPTModel(nn.Module):
         checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
         for f in self._funcs:
             if checkpoint and isinstance(f, TransformerBlock):
-                x = self.rng.checkpoint(lambda *a, f=f: f(a if len(a) > 1 else a[0]), *(x if isinstance(x, tuple)
-                                                                                         else (x,)))
+                x = self.rng.checkpoint(f.forward_args, *(x if isinstance(x, tuple) else (x,)))
             else:
                 x = f(x)
         return x
