@@ -40,10 +40,15 @@ class StageMemory:
     # backward working set)
     in_flight: int  # micro batches whose activations are alive at once
     buffers: float = 0.0  # DeepSpeed's gradient-reduction buckets
+    head: float = 0.0  # of ``activations``: the logits kept for the loss and the loss's backward working set
+    buffers_after_head: bool = False  # the buckets exist only from a backward's first gradient (after the head's)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+        """The peak: ZeRO-2 allocates its bucket at a backward's first gradient and frees it at the backward's
+        end, by when the loss's backward has freed the logits and its working set; ZeRO-3's stays."""
+        extra = max(self.head, self.buffers) if self.buffers_after_head else self.head + self.buffers
+        return self.weights + self.gradients + self.optimizer + self.activations - self.head + extra
 
 
 def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
@@ -198,10 +203,12 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
             acts += whole if m.recompute == "full" else whole - per_layer
         if stage == 0:
             acts += embedding_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision) * in_flight
+        head = 0.0
         if stage == pp - 1:
-            acts += head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
-            acts += loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device)
-        out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts, in_flight, buffers))
+            head = (head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
+                    + loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device))
+        out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts + head, in_flight, buffers, head,
+                               buffers_after_head=zero_stage == 2))
     return out
 
 
