@@ -39,16 +39,19 @@ class StageMemory:
     activations: float  # stored for backward at the peak (all in-flight micro batches; the last stage: + the loss's
     # backward working set)
     in_flight: int  # micro batches whose activations are alive at once
-    buffers: float = 0.0  # DeepSpeed's gradient-reduction buckets
+    buffers: float = 0.0  # DeepSpeed's gradient-reduction buckets alive during backward
     head: float = 0.0  # of ``activations``: the logits kept for the loss and the loss's backward working set
     buffers_after_head: bool = False  # the buckets exist only from a backward's first gradient (after the head's)
+    after: float = 0.0  # alive at the gradient reduction and the step, once activations are freed (over the states)
 
     @property
     def total(self) -> float:
-        """The peak: ZeRO-2 allocates its bucket at a backward's first gradient and frees it at the backward's
-        end, by when the loss's backward has freed the logits and its working set; ZeRO-3's stays."""
+        """The peak, during backward or at the reduction after it. ZeRO-2 allocates its bucket at a backward's
+        first gradient and frees it at the backward's end, by when the loss's backward has freed the logits and its
+        working set; ZeRO-1 and 3 keep theirs until the reduction."""
         extra = max(self.head, self.buffers) if self.buffers_after_head else self.head + self.buffers
-        return self.weights + self.gradients + self.optimizer + self.activations - self.head + extra
+        during = self.activations - self.head + extra
+        return self.weights + self.gradients + self.optimizer + max(during, self.after)
 
 
 def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
@@ -143,11 +146,12 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int
 def model_state_bytes(params: float, dp: int, zero_stage: int, precision: str,
                       optimizer: str = "adamw") -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) in bytes on one rank holding ``params`` parameters (its tp shard of its
-    pipeline stage), as DeepSpeed 0.19.8 keeps them:
+    pipeline stage), as DeepSpeed 0.19.8 keeps them through backward:
 
     - ZeRO-0, fp32: a torch optimizer on the model's own tensors: weights, gradients, Adam's two moments;
-    - ZeRO-1/2: fp32 master partitions (a copy, also in fp32 training) and gradient partitions; ZeRO-1 keeps the
-      module's full gradients too, ZeRO-2 reduces them into partitions as backward makes them;
+    - ZeRO-1/2: fp32 master partitions (a copy, also in fp32 training); ZeRO-1 keeps the module's full gradients
+      (its gradient partition is made at the reduction: ``reduction_bytes``), ZeRO-2 reduces them into
+      partitions as backward makes them;
     - bf16 with ZeRO 0/1 (DeepSpeed's BF16 optimizer): fp32 gradients of every parameter, fp32 master partitions;
     - ZeRO-3: weights, gradients and states all partitioned over dp.
     """
@@ -165,20 +169,37 @@ def model_state_bytes(params: float, dp: int, zero_stage: int, precision: str,
     elif zero_stage == 2:
         grads = 4.0 * part + (low * part if mixed else 0.0)
     else:
-        grads = low * params + 4.0 * part
+        grads = low * params
     return low * params, grads, master + states * part
 
 
 def reduction_buffer_bytes(zero: dict, dp: int, precision: str) -> float:
-    """DeepSpeed's gradient-reduction buckets on a rank (0.19.8; ``zero``: the JSON's ``zero_optimization``): ZeRO-2
-    and 3 over dp > 1 reduce gradients through a buffer of ``reduce_bucket_size`` elements in the gradients'
-    dtype, allocated whole however small the model (5e8 elements by default) -- ZeRO-2 two of them with
-    ``overlap_comm``, ZeRO-3 one (measured: ``mtnlg bench``'s memory section)."""
+    """DeepSpeed's gradient-reduction buckets alive during backward on a rank (0.19.8; ``zero``: the JSON's
+    ``zero_optimization``), each ``reduce_bucket_size`` elements of the gradients' dtype (5e8 by default) allocated
+    whole however small the model: ZeRO-1 and 2 through DeepSpeed's ZeRO optimizer (fp32 and fp16; bf16 only at
+    ZeRO-2, ZeRO-1 in bf16 runs the BF16 optimizer) at any dp, 1 included, from a backward's first gradient -- two
+    with ``overlap_comm``; ZeRO-3 over dp > 1 one (measured: ``mtnlg bench``'s memory section and
+    benchmarks/plan_check.py)."""
     stage = int(zero.get("stage", 0))
-    if dp == 1 or stage < 2 or not zero.get("contiguous_gradients", True):
+    if stage == 0 or (stage == 3 and dp == 1) or (stage == 1 and precision == "bf16"):
         return 0.0
-    count = 2 if stage == 2 and zero.get("overlap_comm", False) else 1
+    if not zero.get("contiguous_gradients", True):
+        return 0.0
+    count = 2 if stage in (1, 2) and zero.get("overlap_comm", False) else 1
     return count * float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
+
+
+def reduction_bytes(zero: dict, params: float, dp: int, pp: int, precision: str) -> float:
+    """Bytes ZeRO-1 through DeepSpeed's ZeRO optimizer (fp32, fp16) holds at the gradient reduction after the last
+    backward, over the module's weights, gradients and optimizer states: its buckets (under the pipeline engine
+    one more, allocated by the reduction itself), or, once they are freed, the rank's fp32 gradient partition."""
+    stage = int(zero.get("stage", 0))
+    if stage != 1 or precision == "bf16":
+        return 0.0
+    buckets = reduction_buffer_bytes(zero, dp, precision)
+    if pp > 1 and buckets:
+        buckets += float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
+    return max(buckets, 4.0 * params / dp)
 
 
 def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
@@ -207,8 +228,9 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
         if stage == pp - 1:
             head = (head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
                     + loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device))
+        after = reduction_bytes({**(zero or {}), "stage": zero_stage}, params, dp, pp, t.precision)
         out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts + head, in_flight, buffers, head,
-                               buffers_after_head=zero_stage == 2))
+                               buffers_after_head=zero_stage == 2, after=after))
     return out
 
 
