@@ -78,11 +78,12 @@ PROFILES: dict[str, Hardware] = {
 # ((1024, 768) @ (768, 2304), ...) over the best square GEMM; collectives: gloo between 2 ranks on one host (one
 # node: intra and inter alike); ``reference_tflops``: the 1024^3 fp32 GEMM rate these figures go with. Machines of
 # this kind differ and are shared: the same machine, busier, measured gemm_efficiency 0.35-0.68 and memory_gbps
-# 0.57-0.84 at reference rates of 0.046-0.095 TFLOP/s; calibrate when it is quiet.
+# 0.57-0.84 at reference rates of 0.046-0.095 TFLOP/s, and gloo latency 613 us; calibrate when it is quiet (these
+# figures are from a quiet stretch).
 CPU_CALIBRATION: dict[str, float] = {
-    "peak_fp32_tflops": 0.142, "peak_bf16_tflops": 0.943, "gemm_efficiency": 0.971, "memory_gbps": 2.65,
-    "intra_node_gbps": 0.708, "inter_node_gbps": 0.708, "gather_scatter_slowdown": 2.6, "latency_us": 613.0,
-    "reserved_gib": 0.247, "memory_gib": 12.0, "reference_tflops": 0.134,
+    "peak_fp32_tflops": 0.152, "peak_bf16_tflops": 1.01, "gemm_efficiency": 0.979, "memory_gbps": 2.64,
+    "intra_node_gbps": 1.10, "inter_node_gbps": 1.10, "gather_scatter_slowdown": 2.96, "latency_us": 18.3,
+    "reserved_gib": 0.246, "memory_gib": 11.77, "reference_tflops": 0.150,
 }
 
 
