@@ -186,7 +186,12 @@ def reduction_buffer_bytes(zero: dict, dp: int, precision: str) -> float:
     if not zero.get("contiguous_gradients", True):
         return 0.0
     count = 2 if stage in (1, 2) and zero.get("overlap_comm", False) else 1
-    return count * float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
+    return count * _bucket_bytes(zero, precision)
+
+
+def _bucket_bytes(zero: dict, precision: str) -> float:
+    """One reduction bucket: ``reduce_bucket_size`` elements (5e8 by default) of the gradients' dtype."""
+    return float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
 
 
 def reduction_bytes(zero: dict, params: float, dp: int, pp: int, precision: str) -> float:
@@ -198,7 +203,7 @@ def reduction_bytes(zero: dict, params: float, dp: int, pp: int, precision: str)
         return 0.0
     buckets = reduction_buffer_bytes(zero, dp, precision)
     if pp > 1 and buckets:
-        buckets += float(zero.get("reduce_bucket_size", 5e8)) * (4 if precision == "fp32" else 2)
+        buckets += _bucket_bytes(zero, precision)
     return max(buckets, 4.0 * params / dp)
 
 
