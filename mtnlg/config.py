@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mtnlg import families
 from mtnlg.errors import JobError
 
 
@@ -34,24 +35,18 @@ class ConfigError(JobError):
 # --------------------------------------------------------------------------- sections
 
 
-# model.architecture names a set of defaults (and the Hugging Face class export prefers); every knob it sets can
-# be stated in the YAML instead. Export picks the HF class that represents the result exactly, or refuses.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "gpt2": {"norm": "layernorm", "activation": "gelu", "position_embedding": "learned", "bias": True,
-             "tie_embeddings": True, "rope_theta": 10000.0},
-    "llama": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
-              "tie_embeddings": False, "rope_theta": 10000.0},
-    "mistral": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
-                "tie_embeddings": False, "rope_theta": 10000.0},  # full causal attention (no sliding window)
-    "qwen2": {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope", "bias": False,
-              "qkv_bias": True, "tie_embeddings": False, "rope_theta": 1000000.0},
-}
+class Architecture(str):
+    """A ``model.architecture`` value: one of the registered families' architectures (``mtnlg.families``), each
+    naming a set of knob defaults (and the Hugging Face class export prefers); every knob it sets can be stated in
+    the YAML instead. Export picks the HF class that represents the result exactly, or refuses."""
+
+
 KNOBS = ("norm", "activation", "position_embedding", "bias", "qkv_bias", "tie_embeddings", "rope_theta")
 
 
 @dataclass
 class ModelConfig:
-    architecture: Literal["gpt2", "llama", "mistral", "qwen2"] | None = None  # default gpt2: see ARCHITECTURES
+    architecture: Architecture | None = None  # default gpt2; the registered ones: mtnlg.families
     preset: Literal["gpt2", "llama"] | None = None  # deprecated alias of architecture (one release)
     num_layers: int = 12
     hidden_size: int = 768
@@ -72,6 +67,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # the output layer reuses the token embedding
     rope_theta: float | None = None
     norm_eps: float = 1e-5
+    # each residual sub-layer normalised before it (pre: GPT-2, Llama, Megatron) or after the residual sum (post:
+    # the original Transformer and BERT)
+    norm_position: Literal["pre", "post"] = "pre"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
@@ -304,6 +302,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{where} = {_show(value)} is not one of: {', '.join(map(str, choices))}")
         return value
+    if tp is Architecture:
+        choices = families.architectures()
+        if value not in choices:
+            raise ConfigError(f"{where} = {_show(value)} is not one of: {', '.join(choices)}")
+        return value
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -498,6 +501,8 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError(f"checkpoint.interval = {cfg.checkpoint.interval} must be >= 0")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
+    for check in families.declaration(m.architecture).checks:  # the model family's own checks
+        check(m, par)
     return cfg
 
 
@@ -509,7 +514,7 @@ def _resolve_architecture(m: ModelConfig) -> None:
                               "give model.architecture only (preset is its deprecated name)")
         m.architecture, m.preset = m.preset, None
     m.architecture = m.architecture or "gpt2"
-    for knob, value in ARCHITECTURES[m.architecture].items():
+    for knob, value in families.declaration(m.architecture).architectures[m.architecture].items():
         if getattr(m, knob) is None:
             setattr(m, knob, value)
     if m.qkv_bias is None:

@@ -222,3 +222,76 @@ def universal_stage3_optimizer_state(zero_dir: Path) -> None:
     tmp = temp_path(path)
     torch.save(sd, tmp)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- DeepSpeed's private state, read here only
+
+
+def loss_scale(engine) -> float:
+    """[DeepSpeed 0.19.8, ``DeepSpeedEngine._get_optimizer_loss_scale`` (private); pinned by tests/test_precision.py]
+    The current dynamic loss scale of an fp16 engine."""
+    return float(engine._get_optimizer_loss_scale())
+
+
+def zero3_partitioned(params: list[torch.nn.Parameter]) -> int:
+    """[DeepSpeed 0.19.8, ZeRO-3's ``ds_tensor``/``ds_numel``/``ds_persist`` parameter attributes; pinned by
+    tests/test_training.py (ZeRO-3 partitions)] How many of ``params`` ZeRO-3 holds as a partition on this rank
+    (not whole: parameters below ``stage3_param_persistence_threshold`` persist)."""
+    return sum(1 for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel)
+
+
+def gathered_for_write(params: list[torch.nn.Parameter]):
+    """ZeRO-3: a context in which ``params`` are whole and what rank 0 writes into them is partitioned back."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def set_fp32_master(param: torch.nn.Parameter, value: torch.Tensor) -> bool:
+    """[DeepSpeed 0.19.8, a parameter's ``_hp_mapping`` (private) under ZeRO 1/2 and the BF16 optimizer; pinned by
+    tests/test_convert_train.py (weights-only fine-tuning)] Set the optimizer's fp32 master copy of ``param`` to
+    ``value`` (this rank's full tp shard); False where the optimizer keeps none through that mapping."""
+    if not hasattr(param, "_hp_mapping"):
+        return False
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value.float())
+    return True
+
+
+def set_zero3_fp32_masters(optimizer, values, dp_size: int, mixed_precision: bool) -> None:
+    """[DeepSpeed 0.19.8, ZeRO-3's ``refresh_fp32_params`` and ``safe_set_full_fp32_param``; pinned by
+    tests/test_convert_train.py] After module weights were written under ZeRO-3: make the fp32 masters from them
+    (exact for fp32 training); with mixed precision, set each master again from ``values()`` ((parameter, fp32
+    value) pairs, a second read) where the parameter's size divides by ``dp_size`` (DeepSpeed's setter cannot
+    handle partition padding; the others keep masters rounded like the module weights)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    optimizer.refresh_fp32_params()
+    if mixed_precision:
+        for p, value in values():
+            if p.ds_numel % dp_size == 0:
+                safe_set_full_fp32_param(p, value.float())
+
+
+# --------------------------------------------------------------------------- version
+
+TESTED_DEEPSPEED = "0.19.8"  # every shim above was written against and is pinned by tests on this version
+
+
+def version_warning(version: str) -> str | None:
+    """One line when ``version`` is not the DeepSpeed the shims are tested on, else None."""
+    if version == TESTED_DEEPSPEED:
+        return None
+    return (f"mtnlg: warning: DeepSpeed {version} is installed; mtnlg's DeepSpeed shims are tested on "
+            f"{TESTED_DEEPSPEED} (pip install deepspeed=={TESTED_DEEPSPEED}, or run the test suite on {version})")
+
+
+def warn_untested_version() -> None:
+    """Print ``version_warning`` once per process (rank 0 of a launch only)."""
+    import deepspeed
+
+    line = version_warning(deepspeed.__version__)
+    if line and os.environ.get("RANK", "0") == "0" and not getattr(warn_untested_version, "done", False):
+        warn_untested_version.done = True
+        print(line, flush=True)

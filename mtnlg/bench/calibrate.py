@@ -70,8 +70,8 @@ def shaped_gemm_rate(dtype: torch.dtype, tokens: int = 1024, hidden: int = 768, 
 def block_memory_gbps(precision: str, gemm_rate: float, repeats: int = 5) -> dict[str, float]:
     """Bandwidth (GB/s) that makes the planner's memory-bound time exact for a one-block GPT's forward + backward."""
     from mtnlg.config import from_dict, resolve
-    from mtnlg.model import GPTModel
     from mtnlg.model.flops import flops_per_token
+    from mtnlg.model.registry import family
     from mtnlg.training.memory import attention_kind, head_activation_bytes, layer_activation_bytes
 
     raw = {"model": {"architecture": "gpt2", "num_layers": 1, "hidden_size": 512, "num_attention_heads": 8,
@@ -80,7 +80,7 @@ def block_memory_gbps(precision: str, gemm_rate: float, repeats: int = 5) -> dic
     cfg = resolve(from_dict(raw), 1)
     m, b = cfg.model, cfg.train.micro_batch_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    model = GPTModel.from_config(raw["model"]).to(dtype)
+    model = family(m).model(m).to(dtype)
     ids = torch.randint(0, m.vocab_size, (b, m.seq_length))
 
     def step() -> None:

@@ -79,7 +79,7 @@ class MtnlgSetup:
         """Bytes autograd keeps for backward over one micro batch's forward on this rank (parameters excluded, each
         storage once): the activation memory ``mtnlg.training.memory`` predicts; all of them, and those kept
         inside the transformer blocks (the per-layer memory sequence parallelism and recompute act on). pp = 1."""
-        from mtnlg.model.blocks import TransformerBlock
+        from mtnlg.model.registry import is_block
 
         if self.ps.pp_size > 1:
             raise ValueError("saved activations are measured at pp = 1")
@@ -88,14 +88,14 @@ class MtnlgSetup:
         seen: dict[int, int] = {}
         in_blocks: dict[int, int] = {}
         depth = [0]
-        blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+        blocks = [m for m in module.modules() if is_block(m)]
         handles = [h for b in blocks for h in (
             b.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)),
             b.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1)))]
         rng, plain = module.rng, module.rng.checkpoint
 
         def checkpoint(fn, *args):  # full recompute keeps a block's input as the checkpoint's, outside the block
-            block = isinstance(getattr(fn, "__self__", fn), TransformerBlock)
+            block = is_block(fn)
             depth[0] += block
             try:
                 return plain(fn, *args)

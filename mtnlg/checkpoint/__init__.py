@@ -3,7 +3,7 @@
 
     from mtnlg.checkpoint import open_checkpoint, full_state_dict, load_native_model
     ckpt = open_checkpoint("runs/tiny")                 # newest complete global_stepN, any layout
-    model, run_cfg, tokenizer_dir = load_native_model("runs/tiny")   # GPTModel at tp=1, pp=1
+    model, run_cfg, tokenizer_dir = load_native_model("runs/tiny")   # the family's model at tp=1, pp=1
 
 Below training, convert and eval: it imports none of them.
 """

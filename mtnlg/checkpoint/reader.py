@@ -3,7 +3,7 @@
     ckpt = open_checkpoint("runs/tiny")                  # newest complete global_stepN
     for group, tensors in ckpt.iter_groups():            # "embed", "layers.0", ..., "final_norm"[, "head"]
         ...                                              # tensors: local name -> fp32, as at tp=1
-    model, run_cfg, tokenizer_dir = load_native_model("runs/tiny")   # GPTModel at tp=1, pp=1
+    model, run_cfg, tokenizer_dir = load_native_model("runs/tiny")   # the family's model at tp=1, pp=1
 
 The layout comes from DeepSpeed's files and ``mtnlg_config.yaml``: tensor (tp) and pipeline
 (pp) sizes, data-parallel (dp) size and ZeRO stage. Weights come from
@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint import ds_files
 from mtnlg.checkpoint.tags import CONFIG_NAME, TOKENIZER_DIR, find_tag, is_weights_only
 from mtnlg.config import ConfigError, ModelConfig, RunConfig, load_config, resolve
 from mtnlg.errors import UserError
 from mtnlg.model.layout import Group, groups, local_shape, sharding
+from mtnlg.model.registry import family
 from mtnlg.parallel.layers import shard_tensor
 
 
@@ -102,26 +104,26 @@ class NativeCheckpoint:
 
     def _detect_layout(self, cfg: RunConfig) -> Layout:
         d = self.tag_dir
-        zero3 = (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
-        first = d / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt")
+        zero3 = (d / ds_files.zero3_model_states(0, 0)).is_file()
+        first = d / (ds_files.zero3_model_states(0, 0) if zero3 else ds_files.model_states(0))
         if not first.is_file():
             raise UserError(f"{d} has {CONFIG_NAME} but no DeepSpeed model states ({first.name}); "
                             "the checkpoint is incomplete or not an mtnlg checkpoint")
         meta = load_pt(first)
-        dims = meta.get("checkpoint_parallel_dimensions") or {}
+        dims = meta.get(ds_files.PARALLEL_DIMS) or {}
         tp, pp = int(dims.get("tp_degree", 1)), int(dims.get("pp_degree", 1))
-        dp = int(meta.get("dp_world_size") or 1)
+        dp = int(meta.get(ds_files.DP_WORLD_SIZE) or 1)
         if (tp, pp) != (cfg.parallel.tensor, cfg.parallel.pipeline):
             raise UserError(
                 f"{d}: DeepSpeed's files are tp={tp}, pp={pp} but {CONFIG_NAME} says tensor={cfg.parallel.tensor}, "
                 f"pipeline={cfg.parallel.pipeline}; the directory mixes two runs"
             )
-        ds = meta.get("ds_config") or {}
+        ds = meta.get(ds_files.DS_CONFIG) or {}
         stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
         precision = next((p for p in ("bf16", "fp16") if (ds.get(p) or {}).get("enabled")), "fp32")
-        has_master = any(d.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+        has_master = any(d.glob(ds_files.optim_glob()))
         if zero3 and not has_master:
-            raise UserError(f"{d}: a ZeRO-3 checkpoint without its *_optim_states.pt files cannot be read; "
+            raise UserError(f"{d}: a ZeRO-3 checkpoint without its *_{ds_files.OPTIM_SUFFIX} files cannot be read; "
                             "copy the whole global_step directory")
         return Layout(tp, pp, dp, 3 if zero3 else stage, precision, has_master, is_weights_only(d))
 
@@ -205,10 +207,10 @@ class NativeCheckpoint:
         L = self.layout
         for t in range(L.tp):
             if L.pp > 1:  # one file per layer, keyed by local names
-                sd = load_pt(self.tag_dir / f"layer_{group.spec_index:02d}-model_{t:02d}-model_states.pt")
+                sd = load_pt(self.tag_dir / ds_files.layer_states(group.spec_index, t))
                 keys = {local: local for local in group.locals}
             else:
-                sd = load_pt(self.tag_dir / f"mp_rank_{t:02d}_model_states.pt").get("module") or {}
+                sd = load_pt(self.tag_dir / ds_files.model_states(t)).get(ds_files.MODULE) or {}
                 keys = {local: group.full(local) for local in group.locals}
             out = {}
             for local in group.locals:
@@ -228,8 +230,8 @@ class NativeCheckpoint:
             index: dict[str, tuple[int, dict[int, torch.Size]]] = {}
             for s in range(L.pp):
                 for t in range(L.tp):
-                    shapes = load_pt(self.tag_dir / f"mp_rank_{_mp(s, t, L.tp):02d}_model_states.pt").get(
-                        "param_shapes") or []
+                    shapes = load_pt(self.tag_dir / ds_files.model_states(_mp(s, t, L.tp))).get(
+                        ds_files.PARAM_SHAPES) or []
                     for g in shapes:
                         for n, shape in g.items():
                             stage, per_tp = index.setdefault(n, (s, {}))
@@ -240,7 +242,7 @@ class NativeCheckpoint:
 
     def _optim_file(self, stage: int, t: int, d: int) -> Path:
         mp = _mp(stage, t, self.layout.tp)
-        found = sorted(self.tag_dir.glob(f"*zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt"))
+        found = sorted(self.tag_dir.glob(ds_files.optim_glob(d, mp)))
         if len(found) != 1:
             raise UserError(f"{self.tag_dir}: expected one optimizer file for dp rank {d}, mp rank {mp}, "
                             f"found {len(found)}; the checkpoint is incomplete")
@@ -260,8 +262,8 @@ class NativeCheckpoint:
             for stage in sorted(set(stages.values())):
                 mine = [local for local in group.locals if stages[local] == stage]
                 for d in range(L.dp):  # each dp rank holds a contiguous fragment of each parameter
-                    osd = load_pt(self._optim_file(stage, t, d))["optimizer_state_dict"]
-                    flat, maps = osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]
+                    osd = load_pt(self._optim_file(stage, t, d))[ds_files.OPTIMIZER_STATE]
+                    flat, maps = osd[ds_files.FP32_PARTITIONS], osd[ds_files.SLICE_MAPPINGS]
                     for local in mine:
                         for g, mapping in enumerate(maps):
                             frag = mapping.get(fulls[local])
@@ -281,9 +283,9 @@ class NativeCheckpoint:
     # --- ZeRO-3: each parameter split evenly (padded) over dp, in param_shapes order
     def _zero3_offsets(self, t: int) -> dict[str, tuple[int, int, torch.Size]]:
         if t not in self._z3:
-            meta = load_pt(self.tag_dir / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt")
+            meta = load_pt(self.tag_dir / ds_files.zero3_model_states(0, t))
             offsets, offset = {}, 0
-            for g in meta.get("param_shapes") or []:
+            for g in meta.get(ds_files.PARAM_SHAPES) or []:
                 for n, shape in g.items():
                     part = math.ceil(math.prod(shape) / self.layout.dp)
                     offsets[n] = (offset, part, shape)
@@ -297,7 +299,7 @@ class NativeCheckpoint:
             offsets = self._zero3_offsets(t)
             pieces: dict[str, list[torch.Tensor]] = {local: [] for local in group.locals}
             for d in range(L.dp):
-                flat = load_pt(self._optim_file(0, t, d))["optimizer_state_dict"]["fp32_flat_groups"]
+                flat = load_pt(self._optim_file(0, t, d))[ds_files.OPTIMIZER_STATE][ds_files.FP32_FLAT_GROUPS]
                 bounds = [0]
                 for f in flat:
                     bounds.append(bounds[-1] + f.numel())
@@ -356,39 +358,42 @@ def shard_for(local: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp
     return shard_tensor(full, rule.dim, rule.blocks, tp_rank, tp).clone()
 
 
+# model fields that change no parameter: a checkpoint trained with other values of these loads as it is
+_WEIGHTLESS = {"seq_length", "padded_vocab_size", "make_vocab_size_divisible_by", "norm_eps", "hidden_dropout",
+               "attention_dropout", "init_std", "recompute", "activation_checkpointing", "rope_theta", "preset"}
+
+
 def check_same_model(have: ModelConfig, want: ModelConfig, where: str) -> None:
-    """Refuse weights of another architecture (one line naming the first difference)."""
-    keys = ["num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-            "norm", "activation", "position_embedding", "bias", "qkv_bias", "tie_embeddings"]
-    if have.position_embedding == "learned":
-        keys.append("max_position_embeddings")
-    for k in keys:
-        if getattr(have, k) != getattr(want, k):
+    """Refuse weights of another model: every model key that shapes or uses the weights must agree (one line naming
+    the first that differs), and so must the parameters themselves (names, full shapes, shardings, read off each
+    family's model)."""
+    same_family = family(have).name == family(want).name
+    skip = set(_WEIGHTLESS) | ({"architecture"} if same_family else set())
+    if have.position_embedding != "learned" and want.position_embedding != "learned":
+        skip.add("max_position_embeddings")  # the size of a table neither has
+    for f in dataclasses.fields(ModelConfig):
+        k = f.name
+        if k not in skip and getattr(have, k) != getattr(want, k):
             raise UserError(
                 f"{where} holds a model with model.{k} = {getattr(have, k)} but the run config has "
                 f"{getattr(want, k)}; train with that checkpoint's {CONFIG_NAME} or match model.{k}"
             )
+    if [(g.name, g.params) for g in groups(have)] != [(g.name, g.params) for g in groups(want)]:
+        raise UserError(f"{where} holds a model whose parameters differ from the run config's; train with that "
+                        f"checkpoint's {CONFIG_NAME}")
 
 
 def load_native_model(checkpoint_dir: str | Path, iteration: int | None = None, dtype: torch.dtype = torch.float32,
                       source: str = "auto"):
-    """(GPTModel at tp=1, pp=1 in eval mode, the checkpoint's RunConfig, tokenizer dir or None).
+    """(the family's pipeline-free model at tp=1, pp=1 in eval mode, the checkpoint's RunConfig, tokenizer dir or
+    None).
 
     Works for any layout the checkpoint was trained (or imported) with. The RunConfig is the
     one saved with the checkpoint (its training layout); ``model.cfg`` is the tp=1 model config.
     """
-    from mtnlg.model import GPTModel
+    from mtnlg.checkpoint.loader import load_model
 
     ckpt = open_checkpoint(checkpoint_dir, iteration)
-    cfg = dataclasses.replace(ckpt.model_cfg, padded_vocab_size=None, recompute="none")
-    with torch.device("meta"):  # no random init: every parameter is loaded below
-        model = GPTModel.from_config(cfg)
-    model.to_empty(device="cpu")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for group, tensors in ckpt.iter_groups(source):
-            for local, full in tensors.items():
-                params.pop(group.full(local)).copy_(shard_for(local, full, model.cfg, 0, 1))
-    if params:  # a bug, not a user error: the groups must cover the model
-        raise RuntimeError(f"parameters not loaded from the checkpoint: {sorted(params)}")
-    return model.to(dtype).eval(), ckpt.run_config, ckpt.tokenizer_dir
+    cfg = resolve(RunConfig(model=dataclasses.replace(ckpt.model_cfg, padded_vocab_size=None, recompute="none")),
+                  world_size=1).model
+    return load_model(ckpt, cfg, dtype=dtype, source=source), ckpt.run_config, ckpt.tokenizer_dir

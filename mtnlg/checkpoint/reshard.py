@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mtnlg.checkpoint import ds_files
 from mtnlg.checkpoint.reader import NativeCheckpoint
 from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, TOKENIZER_DIR, UNIVERSAL_MARKER, find_tag, is_universal
 from mtnlg.deepspeed_compat import universal_model_state_names, universal_stage3_optimizer_state
@@ -37,7 +38,7 @@ def reshard(checkpoint_dir: str | Path, output_dir: str | Path, iteration: int |
     tag = tag_dir.name
     if is_universal(tag_dir):
         raise UserError(f"{tag_dir} is already a universal checkpoint; train from it directly")
-    if not list(tag_dir.glob("*optim_states.pt")) or NativeCheckpoint(root, tag_dir, it).layout.zero_stage == 0:
+    if not list(tag_dir.glob(ds_files.optim_glob())) or NativeCheckpoint(root, tag_dir, it).layout.zero_stage == 0:
         raise UserError(f"{tag_dir} was trained with ZeRO stage 0, which keeps no optimizer shards to reshard; "
                         "train with ZeRO stage >= 1 (ds_configs/zero1.json), or export the weights with export-hf")
     with atomic_dir(out) as tmp:

@@ -10,7 +10,6 @@ fresh optimizer; ``load_weights``).
 
 from __future__ import annotations
 
-import re
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mtnlg.checkpoint.reader import NativeCheckpoint, check_same_model, shard_for
+from mtnlg.checkpoint import ds_files
+from mtnlg.checkpoint.reader import NativeCheckpoint, check_same_model
 from mtnlg.checkpoint.tags import TAG_RE, is_universal, is_weights_only, latest_tag
 from mtnlg.config import RunConfig
 from mtnlg.errors import JobError, UserError
-from mtnlg.model.layout import Group, saved_layers
+from mtnlg.model.layout import saved_layers
 from mtnlg.parallel import ParallelState
 
 
@@ -135,17 +135,13 @@ def load(engine, plan: LoadPlan | None) -> tuple[int, int]:
 def load_weights(engine, tag_dir: str | Path) -> None:
     """Load a checkpoint's weights (any layout) into a freshly built training ``Engine``; no optimizer state.
 
-    Every rank reads the groups its pipeline stage holds and copies its tp shard into the module;
-    ZeRO-3 parameters are gathered for the copy (``GatheredParameters(modifier_rank=0)``).
-    DeepSpeed made its fp32 master weights from the random init at ``deepspeed.initialize``, so
-    they are set too, from the fp32 values: through each parameter's ``_hp_mapping`` (ZeRO 1/2,
-    BF16 optimizer), or for ZeRO-3 by ``refresh_fp32_params`` (exact for fp32 training) and then,
-    with mixed precision, ``safe_set_full_fp32_param`` (a second read) for every parameter whose
-    size divides by the data-parallel size (DeepSpeed's setter cannot handle partition padding;
-    the rest keep masters rounded like the module weights).
+    Every rank reads the groups its pipeline stage holds and copies its tp shard into the module
+    (``mtnlg.checkpoint.loader.shard_values``, the loader every other reader uses); ZeRO-3 parameters are
+    gathered for the copy. DeepSpeed made its fp32 master weights from the random init at
+    ``deepspeed.initialize``, so they are set too, from the fp32 values (``deepspeed_compat.set_fp32_masters``).
     """
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
+    from mtnlg.checkpoint.loader import shard_values
+    from mtnlg.deepspeed_compat import gathered_for_write, set_fp32_master, set_zero3_fp32_masters
 
     tag_dir = Path(tag_dir)
     ckpt = NativeCheckpoint(tag_dir.parent, tag_dir, int(TAG_RE.match(tag_dir.name).group(1)))
@@ -155,36 +151,21 @@ def load_weights(engine, tag_dir: str | Path) -> None:
     params = dict(ds.module.named_parameters())
     zero3 = engine.zero_stage == 3
 
-    def mine(group: Group) -> dict[str, torch.nn.Parameter]:
-        return {local: params[group.full(local)] for local in group.locals if group.full(local) in params}
-
-    def values(group: Group, wanted) -> dict[str, torch.Tensor]:
-        tensors = ckpt.read_group(group)
-        return {local: shard_for(local, tensors[local], cfg, ps.tp_rank, ps.tp_size) for local in wanted}
-
     with torch.no_grad():
-        for group in ckpt.groups:
-            wanted = mine(group)
-            if not wanted:
-                continue
-            vals = values(group, wanted)
+        for _, wanted, values in shard_values(ckpt, cfg, params, ps.tp_rank, ps.tp_size):
             if zero3:
-                with deepspeed.zero.GatheredParameters(list(wanted.values()), modifier_rank=0):
+                with gathered_for_write(list(wanted.values())):
                     for local, p in wanted.items():
-                        p.data.copy_(vals[local])
+                        p.data.copy_(values[local])
                 continue
             for local, p in wanted.items():
-                p.data.copy_(vals[local])
-                if hasattr(p, "_hp_mapping"):  # ZeRO 1/2 and the BF16 optimizer: the exact fp32 master
-                    safe_set_full_fp32_param(p, vals[local].float())
+                p.data.copy_(values[local])
+                set_fp32_master(p, values[local])
         if zero3:
-            ds.optimizer.refresh_fp32_params()
-            if engine.cfg.train.precision != "fp32":
-                for group in ckpt.groups:
-                    wanted = {k: p for k, p in mine(group).items() if p.ds_numel % ps.dp_size == 0}
-                    if wanted:
-                        for local, v in values(group, wanted).items():
-                            safe_set_full_fp32_param(wanted[local], v.float())
+            def reread():  # a second read, for the masters of mixed precision
+                for _, wanted, values in shard_values(ckpt, cfg, params, ps.tp_rank, ps.tp_size):
+                    yield from ((p, values[local]) for local, p in wanted.items())
+            set_zero3_fp32_masters(ds.optimizer, reread, ps.dp_size, engine.cfg.train.precision != "fp32")
     if ps.rank == 0:
         print(f"loaded the weights of {tag_dir} (weights only: training starts at iteration 0 with a fresh "
               "optimizer)", flush=True)
@@ -204,15 +185,14 @@ def native_files(seen: dict[str, int], tp_rank: int, pp_rank: int, dp_rank: int,
     and, under pipeline parallelism, the files of its stage's layers (``layer_LL-model_TT-model_states.pt`` for LL in
     ``layer_files``). ``seen``: the files rank 0 sees, which tell the ZeRO-3 and optimizer-file naming in use."""
     mp = pp_rank * tp + tp_rank
-    zero3 = any(re.fullmatch(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt", n) for n in seen)
-    states = "zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" if zero3 else "mp_rank_{m:02d}_model_states.pt"
-    wanted = [states.format(d=dp_rank, m=m) for m in range(tp * pp)]
-    optim = [n for n in seen if n.endswith("optim_states.pt")]
+    zero3 = any(ds_files.ZERO3_MODEL_STATES_RE.fullmatch(n) for n in seen)
+    wanted = [ds_files.zero3_model_states(dp_rank, m) if zero3 else ds_files.model_states(m) for m in range(tp * pp)]
+    optim = [n for n in seen if n.endswith(ds_files.OPTIM_SUFFIX)]
     if optim:
         prefix = "bf16_" if optim[0].startswith("bf16_") else ""
-        wanted.append(f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")
+        wanted.append(ds_files.optim_states(dp_rank, mp, prefix))
     if pp > 1:
-        wanted += [f"layer_{i:02d}-model_{tp_rank:02d}-model_states.pt" for i in layer_files]
+        wanted += [ds_files.layer_states(i, tp_rank) for i in layer_files]
     return wanted
 
 

@@ -13,7 +13,7 @@ which silently garbles anything else. So every parameter gets a rule, read off i
 - the tied embedding's copy on the last pipeline stage: skipped (pipeline-replicated).
 
 Names are those of DeepSpeed's PipelineModule (``<layer index>.<name>``,
-``tied_modules.embed.<name>``), which GPTModel uses too, so one rule set serves every layout:
+``tied_modules.embed.<name>``), which the family's pipeline-free model uses too, so one rule set serves every layout:
 a layer index becomes ``\\d+`` in the patterns.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.gpt import tied_weight_names
 from mtnlg.model.layout import groups
+from mtnlg.model.registry import family
 
 
 def _pattern(prefix: str, local: str) -> str:
@@ -56,7 +56,7 @@ def universal_checkpoint_info(cfg: ModelConfig, tp: int) -> dict:
         "parameter_with_sub_params": sub_params,
         "sub_param_shard_widths": widths,
     }
-    tied = tied_weight_names(cfg)
+    tied = family(cfg).tied_weight_names(cfg)
     if tied:
         info["pipeline_replicated_parameter_patterns"] = [re.escape(name) + "$" for name in tied]
     return info

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint import ds_files
 from mtnlg.checkpoint.reader import shard_for
 from mtnlg.checkpoint.tags import CONFIG_NAME, MARKER, WEIGHTS_ONLY, tag_for
 from mtnlg.checkpoint.universal import universal_checkpoint_info
@@ -31,16 +32,9 @@ def _metadata(model_cfg: ModelConfig, tp: int, pp: int) -> dict:
     """The non-weight entries DeepSpeed puts in a model-states file (for an untrained engine)."""
     import deepspeed
 
-    return {
-        "buffer_names": [], "optimizer": None, "param_shapes": None, "frozen_param_shapes": None,
-        "shared_params": {}, "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None,
-        "random_ltd": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
-        "dp_world_size": 1, "mp_world_size": tp * pp,
-        "checkpoint_parallel_dimensions": {"pp_degree": pp, "tp_degree": tp},
-        "ds_config": {"zero_optimization": {"stage": 0}}, "ds_version": deepspeed.__version__,
-        "universal_checkpoint_info": universal_checkpoint_info(model_cfg, tp),
-        "iteration": 0, "consumed_samples": 0,
-    }
+    return {**ds_files.untrained_model_states(tp, pp, deepspeed.__version__),
+            "universal_checkpoint_info": universal_checkpoint_info(model_cfg, tp), "iteration": 0,
+            "consumed_samples": 0}
 
 
 def write_weights_only(root: Path, run_cfg: RunConfig, model_cfg: ModelConfig,
@@ -58,16 +52,16 @@ def write_weights_only(root: Path, run_cfg: RunConfig, model_cfg: ModelConfig,
             tensors = read_group(group)
             for t in range(tp):
                 sd = {local: shard_for(local, x, model_cfg, t, tp) for local, x in tensors.items()}
-                torch.save(sd, tag_dir / f"layer_{group.spec_index:02d}-model_{t:02d}-model_states.pt")
+                torch.save(sd, tag_dir / ds_files.layer_states(group.spec_index, t))
         for mp in range(tp * pp):
-            torch.save({"module": None, **meta}, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+            torch.save({ds_files.MODULE: None, **meta}, tag_dir / ds_files.model_states(mp))
     else:
         for t in range(tp):
             module = {}
             for group in groups(model_cfg):
                 for local, x in read_group(group).items():
                     module[group.full(local)] = shard_for(local, x, model_cfg, t, tp)
-            torch.save({"module": module, **meta}, tag_dir / f"mp_rank_{t:02d}_model_states.pt")
+            torch.save({ds_files.MODULE: module, **meta}, tag_dir / ds_files.model_states(t))
             del module
     save_config(run_cfg, tag_dir / CONFIG_NAME)
     (tag_dir / WEIGHTS_ONLY).write_text(json.dumps({"source": source, "tensor": tp, "pipeline": pp}) + "\n")

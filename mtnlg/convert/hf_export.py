@@ -1,4 +1,5 @@
-"""An mtnlg checkpoint (any layout) -> a Hugging Face directory: GPT2LMHeadModel or LlamaForCausalLM.
+"""An mtnlg checkpoint (any layout) -> a Hugging Face directory of the class its HF adapter names
+(``mtnlg.convert.hf``: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 
     export_hf("runs/tiny", "hf/tiny", dtype="bf16", verify=True)
 
@@ -9,7 +10,7 @@ mapped (``keymaps``) and streamed to disk at a time; the output appears only whe
 (a temporary directory renamed at the end).
 
 ``verify`` loads the written directory with transformers and compares its logits with mtnlg's
-own GPTModel (tp=1) holding the same weights, both computed in fp32: for a bf16/fp16 export the
+own model (tp=1) holding the same weights, both computed in fp32: for a bf16/fp16 export the
 mtnlg model gets the same rounded weights, so any difference is a conversion error, not rounding.
 """
 
@@ -24,6 +25,7 @@ import torch
 from mtnlg.checkpoint.reader import NativeCheckpoint, load_native_model, open_checkpoint
 from mtnlg.config import ModelConfig
 from mtnlg.convert import keymaps
+from mtnlg.convert.hf import adapter_for
 from mtnlg.convert.hf_import import check_output
 from mtnlg.convert.safetensors_io import ShardedWriter, parse_size
 from mtnlg.errors import UserError
@@ -47,30 +49,12 @@ class ExportResult:
 
 def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]):
     """The transformers config of a (resolved) mtnlg model config, for the HF class that represents it exactly
-    (``keymaps.hf_class``: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
-
-    cls = keymaps.hf_class(cfg)
+    (its adapter: ``mtnlg.convert.hf.adapter_for``)."""
+    adapter = adapter_for(cfg)
     common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std, "dtype": HF_DTYPE_NAME[dtype],
-              "tie_word_embeddings": bool(cfg.tie_embeddings), "architectures": [cls],
+              "tie_word_embeddings": bool(cfg.tie_embeddings), "architectures": [adapter.HF_CLASS],
               "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos")}
-    if cls == "GPT2LMHeadModel":
-        return GPT2Config(
-            n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
-            n_head=cfg.num_attention_heads, n_inner=cfg.ffn_hidden_size, activation_function="gelu_new",
-            resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.norm_eps, **common,
-        )
-    rope = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_dropout": cfg.attention_dropout,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, **common}
-    if cls == "Qwen2ForCausalLM":  # q, k, v biased; full attention in every layer
-        return Qwen2Config(use_sliding_window=False, **rope)
-    if cls == "MistralForCausalLM":
-        return MistralConfig(head_dim=cfg.head_dim, sliding_window=None, **rope)
-    return LlamaConfig(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias, **rope)
+    return adapter.to_hf_config(cfg, common)
 
 
 def hf_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 / Llama / Qwen2 / Mistral (safetensors) -> a weights-only mtnlg checkpoint for any (tp, pp).
+"""A Hugging Face model of a type some family maps to (``mtnlg.convert.hf``: GPT-2, Llama, Qwen2, Mistral; safetensors)
+-> a weights-only mtnlg checkpoint for any (tp, pp).
 
     import_hf("hf/gpt2", "runs/gpt2-ft", ["parallel.tensor=2", "parallel.pipeline=2"])
     # then: mtnlg train --config runs/gpt2-ft/mtnlg_config.yaml --set checkpoint.save=runs/ft
@@ -25,6 +26,7 @@ from mtnlg.checkpoint.tags import CONFIG_NAME, TOKENIZER_DIR
 from mtnlg.checkpoint.writer import write_weights_only
 from mtnlg.config import ConfigError, ModelConfig, RunConfig, apply_override, from_dict, save_config
 from mtnlg.convert import keymaps
+from mtnlg.convert.hf import adapter, model_types
 from mtnlg.convert.safetensors_io import HFWeights
 from mtnlg.errors import UserError
 from mtnlg.files import atomic_dir
@@ -55,18 +57,14 @@ def read_hf_config(model_dir: Path) -> tuple[str, object, dict]:
     except ValueError as e:
         raise UserError(f"{path}: malformed JSON ({e}); fix or re-save the config") from None
     kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind not in keymaps.MODEL_TYPES:
+    if kind not in model_types():
         arch = ", ".join(raw.get("architectures") or []) if isinstance(raw, dict) else ""
         raise UserError(
             f"{path}: model_type {kind!r}{f' ({arch})' if arch else ''} is not supported; import-hf reads "
-            + ", ".join(f"{t} ({c})" for t, c in keymaps.MODEL_TYPES.items()) + " models"
+            + ", ".join(f"{t} ({adapter(t).HF_CLASS})" for t in model_types()) + " models"
         )
-    import transformers
-
-    config_class = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
-                    "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[kind]
     try:
-        hf = config_class.from_dict(raw)
+        hf = adapter(kind).config_class().from_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: not a valid {kind} config ({str(e).splitlines()[0][:150]})") from None
     return kind, hf, raw
@@ -77,44 +75,7 @@ def model_section(kind: str, hf, where: Path) -> dict:
     def refuse(what: str) -> None:
         raise UserError(f"{where}: {what} is not supported by mtnlg's {kind} architecture; it cannot be imported")
 
-    if kind == "gpt2":
-        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            refuse(f"activation_function {hf.activation_function!r} (mtnlg uses tanh GELU)")
-        if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.add_cross_attention:
-            refuse("non-standard attention (scale_attn_weights/scale_attn_by_inverse_layer_idx/cross attention)")
-        return {
-            "architecture": "gpt2", "num_layers": hf.n_layer, "hidden_size": hf.n_embd,
-            "num_attention_heads": hf.n_head, "ffn_hidden_size": hf.n_inner or 4 * hf.n_embd,
-            "seq_length": hf.n_positions, "max_position_embeddings": hf.n_positions, "vocab_size": hf.vocab_size,
-            "norm_eps": hf.layer_norm_epsilon, "hidden_dropout": hf.resid_pdrop, "attention_dropout": hf.attn_pdrop,
-            "init_std": hf.initializer_range, "tie_embeddings": bool(hf.tie_word_embeddings),
-        }
-    rope = dict(hf.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default":
-        refuse(f"rope_parameters.rope_type {rope.get('rope_type')!r} (RoPE scaling)")
-    if hf.hidden_act != "silu":
-        refuse(f"hidden_act {hf.hidden_act!r}")
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    if head_dim * hf.num_attention_heads != hf.hidden_size:
-        refuse(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-    knobs: dict = {}
-    if kind == "llama":
-        if hf.attention_bias != hf.mlp_bias:
-            refuse("attention_bias != mlp_bias (mtnlg's model.bias covers both)")
-        knobs = {"bias": bool(hf.attention_bias), "qkv_bias": bool(hf.attention_bias)}
-    elif kind == "mistral" and hf.sliding_window is not None and hf.sliding_window < hf.max_position_embeddings:
-        refuse(f"sliding_window {hf.sliding_window} (mtnlg attends to the whole causal context)")
-    elif kind == "qwen2" and hf.use_sliding_window:
-        refuse("use_sliding_window (mtnlg attends to the whole causal context)")
-    return {
-        "architecture": kind, "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
-        "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
-        "ffn_hidden_size": hf.intermediate_size, "seq_length": min(hf.max_position_embeddings, 4096),
-        "max_position_embeddings": hf.max_position_embeddings, "vocab_size": hf.vocab_size,
-        "rope_theta": float(rope.get("rope_theta", 10000.0)), "norm_eps": hf.rms_norm_eps,
-        "attention_dropout": float(hf.attention_dropout or 0.0), "init_std": hf.initializer_range,
-        "tie_embeddings": bool(hf.tie_word_embeddings), **knobs,
-    }
+    return adapter(kind).model_section(hf, refuse)
 
 
 def _expected(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -129,13 +90,12 @@ def _expected(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _name_resolver(weights: HFWeights, kind: str):
     """HF names as this directory spells them (GPT2Model-style checkpoints lack 'transformer.')."""
     have = set(weights.keys())
+    spelled = getattr(adapter(kind), "hf_name", None)
 
     def actual(name: str) -> str | None:
-        if name in have:
-            return name
-        if kind == "gpt2" and name.startswith("transformer.") and name[len("transformer."):] in have:
-            return name[len("transformer."):]
-        return None
+        if spelled is not None:
+            return spelled(name, have)
+        return name if name in have else None
 
     return actual
 
@@ -157,7 +117,7 @@ def check_weights(weights: HFWeights, model_cfg: ModelConfig, kind: str, where: 
     for name in weights.keys():
         if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight"):
             continue
-        raise UserError(f"{where}: unexpected weight {name}; not a plain {keymaps.MODEL_TYPES[kind]} checkpoint")
+        raise UserError(f"{where}: unexpected weight {name}; not a plain {adapter(kind).HF_CLASS} checkpoint")
 
 
 def run_config_from_hf(kind: str, hf, raw: dict, model_dir: Path, output: Path, overrides: list[str],

@@ -34,7 +34,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 class Generator:
-    """Incremental decoding with an mtnlg ``GPTModel`` (any tensor-parallel size, pp = 1)."""
+    """Incremental decoding with an mtnlg causal model (its ``new_cache``/``forward_cached``): any tensor-parallel
+    size, pp = 1."""
 
     def __init__(self, model, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
                  eod_id: int, max_positions: int):

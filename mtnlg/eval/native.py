@@ -1,6 +1,6 @@
 """Inference on a native checkpoint in a tensor/pipeline layout, for evaluation under the launchers.
 
-Every rank builds its own part of the model (``GPTModel`` for pp = 1, or its pipeline stage of
+Every rank builds its own part of the model (the family's pipeline-free model for pp = 1, or its pipeline stage of
 the ``PipelineModule``) on the meta device and copies in its tensor-parallel shard of each
 parameter, read from the checkpoint (any layout it was saved in). A forward pass sends the
 hidden states stage to stage (point-to-point); the last stage scores the next tokens over
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtnlg.checkpoint.reader import open_checkpoint, resolve_model, shard_for
+from mtnlg.checkpoint.reader import open_checkpoint, resolve_model
 from mtnlg.parallel import ParallelState
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.mappings import group_rank, group_size
@@ -25,27 +25,14 @@ from mtnlg.parallel.mappings import group_rank, group_size
 def build_model(checkpoint: str, iteration: int | None, ps: ParallelState, device: torch.device,
                 dtype: torch.dtype = torch.float32):
     """(this rank's module, its model config, the checkpoint) for layout ``ps``."""
-    from mtnlg.model import GPTModel
+    from mtnlg.checkpoint.loader import load_model
     from mtnlg.model.layout import stage_specs
 
     ckpt = open_checkpoint(checkpoint, iteration)
     cfg = resolve_model(ckpt.run_config, ps.tp_size, ps.pp_size, ckpt.tag_dir)
     cfg = dataclasses.replace(cfg, recompute="none", hidden_dropout=0.0, attention_dropout=0.0)
-    with torch.device("meta"):
-        module = GPTModel(cfg, ps, specs=None if ps.pp_size == 1 else stage_specs(cfg, ps.pp_size, ps.pp_rank))
-    module.to_empty(device=device)
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for group in ckpt.groups:
-            wanted = [local for local in group.locals if group.full(local) in params]
-            if not wanted:
-                continue  # another pipeline stage holds it
-            tensors = ckpt.read_group(group)
-            for local in wanted:
-                params.pop(group.full(local)).copy_(shard_for(local, tensors[local], cfg, ps.tp_rank, ps.tp_size))
-    if params:
-        raise RuntimeError(f"parameters not loaded from the checkpoint: {sorted(params)}")
-    return module.to(dtype).eval(), cfg, ckpt
+    specs = None if ps.pp_size == 1 else stage_specs(cfg, ps.pp_size, ps.pp_rank)
+    return load_model(ckpt, cfg, ps, device, dtype, specs), cfg, ckpt
 
 
 def _stage_rank(ps: ParallelState, stage: int) -> int:
@@ -76,7 +63,7 @@ class NativeScorer:
             T = x.size(1) // ps.tp_size if ps.sequence_parallel else x.size(1)
             h = torch.empty(x.size(0), T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
             dist.recv(h, src=_stage_rank(ps, ps.pp_rank - 1))
-        run = getattr(self.module, "hidden_and_logits", self.module)  # GPTModel stage or DeepSpeed's PipelineModule
+        run = getattr(self.module, "hidden_and_logits", self.module)  # a model stage or DeepSpeed's PipelineModule
         out = run(h)  # this stage's layers
         if not ps.is_last_stage:
             dist.send(out.contiguous(), dst=_stage_rank(ps, ps.pp_rank + 1))

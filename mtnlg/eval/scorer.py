@@ -1,7 +1,7 @@
 """Next-token log-probabilities from a model: the one primitive every evaluation task needs.
 
 ``TorchScorer`` wraps any ``forward(input_ids) -> logits`` on one process: a Hugging Face
-model, or mtnlg's ``GPTModel``. Sequences of one batch are right-padded (causal attention
+model, or an mtnlg causal model. Sequences of one batch are right-padded (causal attention
 never looks right, so padding does not change the scores of real positions).
 """
 

@@ -1,7 +1,9 @@
-"""A transformer block with tensor-parallel attention and MLP.
+"""A transformer block with tensor-parallel attention (self, and optionally cross) and MLP.
 
-    x = x + dropout(attn(norm1(x)))
+    x = x + dropout(attn(norm1(x)))            # norm_position: pre (GPT, Megatron's BERT, T5)
+    x = x + dropout(cross_attn(cross_norm(x), context))   # encoder-decoder decoders only
     x = x + dropout(mlp(norm2(x)))
+    (post: x = norm(x + dropout(sublayer(x))) for each)
 
 Shapes are batch-first: x is (B, T, C). Inside attention each tp rank holds
 ``nh / tp`` query heads and ``nkv / tp`` key/value heads.
@@ -16,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.documents import document_mask, segment_positions, split_inputs
+from mtnlg.model.documents import segment_positions
 from mtnlg.model.kv_cache import KVSlot
+from mtnlg.model.masks import MaskKind, cross_attention_mask, self_attention_mask
 from mtnlg.parallel import ColumnParallelLinear, Init, ParallelState, RowParallelLinear, TPRandom, replicated
 from mtnlg.parallel.layers import sequence_shard_dropout
 
@@ -89,22 +92,27 @@ def unfused_causal_attention(
 
 
 class ParallelAttention(nn.Module):
-    """Causal self-attention; heads split across tp ranks; GQA when num_kv_heads < heads. Under sequence parallelism
-    it takes and returns (B, T/tp, C) sequence shards (the QKV projection gathers them, the output one scatters)."""
+    """Self-attention (``causal`` or ``bidirectional``: ``mtnlg.model.masks``), or with ``cross=True`` attention of
+    x's queries over a ``context`` (an encoder's output; never causal, no RoPE). Heads split across tp ranks; GQA when
+    num_kv_heads < heads. Under sequence parallelism it takes and returns (B, T/tp, C) sequence shards (the input
+    projections gather them, the output one scatters)."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, name: str):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, name: str,
+                 mask: MaskKind = "causal", cross: bool = False):
         super().__init__()
         tp = ps.tp_size
-        self.cfg, self.rng = cfg, rng
+        self.cfg, self.rng, self.causal, self.cross = cfg, rng, mask == "causal" and not cross, cross
         hd = cfg.head_dim
         self.n_heads = cfg.num_attention_heads // tp  # local query heads
         self.n_kv = cfg.num_kv_heads // tp  # local key/value heads
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size,
-            [cfg.num_attention_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd],
-            tp_group=ps.tp_group, init=init, name=f"{name}.qkv", bias=cfg.qkv_bias,
-            sequence_parallel=ps.sequence_parallel,
-        )
+        q, kv = cfg.num_attention_heads * hd, cfg.num_kv_heads * hd
+        column = {"tp_group": ps.tp_group, "init": init, "bias": cfg.qkv_bias,
+                  "sequence_parallel": ps.sequence_parallel}
+        if cross:  # queries from x, keys and values from the context
+            self.q = ColumnParallelLinear(cfg.hidden_size, [q], name=f"{name}.q", **column)
+            self.kv = ColumnParallelLinear(cfg.hidden_size, [kv, kv], name=f"{name}.kv", **column)
+        else:
+            self.qkv = ColumnParallelLinear(cfg.hidden_size, [q, kv, kv], name=f"{name}.qkv", **column)
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * hd, cfg.hidden_size,
             tp_group=ps.tp_group, init=init, name=f"{name}.proj", bias=cfg.bias,
@@ -112,6 +120,11 @@ class ParallelAttention(nn.Module):
         )
         self._rope_cache: tuple | None = None
         self._bias_cache: torch.Tensor | None = None
+
+    @property
+    def query_width(self) -> int:
+        """Query features at full (tp = 1) size: what the attention core's FLOPs scale with."""
+        return (self.q if self.cross else self.qkv).weight.sharding.blocks[0]
 
     def _rope(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._rope_cache
@@ -126,17 +139,25 @@ class ParallelAttention(nn.Module):
             b = self._bias_cache = causal_bias(T, dtype, device)
         return b
 
-    def forward(self, x: torch.Tensor, kv: KVSlot | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.cfg.head_dim).transpose(1, 2)  # (B, n, T, hd)
+
+    def forward(self, x: torch.Tensor, kv: KVSlot | None = None, segments: torch.Tensor | None = None,
+                padding: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_padding: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C); ``segments`` (B, T): packed documents (``mtnlg.model.documents``), attention stays in each
-        and positions restart at each."""
+        and positions restart at each; ``padding`` (B, T): real tokens (True); ``context`` (B, S, C) and
+        ``context_padding`` (B, S): what cross-attention attends to."""
         hd = self.cfg.head_dim
-        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd / tp): the whole sequence
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if self.cfg.position_embedding == "rope":
+        if self.cross:
+            q = self.q(x)  # (B, T, nh hd / tp): the whole sequence
+            k, v = self.kv(context).split([self.n_kv * hd, self.n_kv * hd], dim=-1)  # (B, S, nkv hd / tp) each
+        else:
+            q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        B, T = q.shape[:2]
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+        if self.cfg.position_embedding == "rope" and not self.cross:
             if kv is None and segments is None:
                 cos, sin = self._rope(T, x.device, q.dtype)
             else:  # each row continues from its own position (decoding) or restarts at each document (packing)
@@ -148,7 +169,11 @@ class ParallelAttention(nn.Module):
             k, v, mask = kv.append(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
-            mask = None if segments is None else document_mask(segments)  # (B, 1, T, T)
+            if self.cross:
+                mask = cross_attention_mask(context_padding, T)
+            else:
+                mask = self_attention_mask("causal" if self.causal else "bidirectional", T, x.device, segments,
+                                           padding)
             if self.cfg.recompute == "selective" and self.training and torch.is_grad_enabled():
                 y = self.rng.checkpoint(self._core, q, k, v, mask)  # keep q, k, v; recompute scores ... AV
             else:
@@ -158,18 +183,23 @@ class ParallelAttention(nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
               ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd) + causal mask), dropout, times v: (B, nh, T, hd) from q (B, nh, T, hd) and
-        k, v (B, nkv, T, hd). ``mask`` (B, 1, T, T), True = may attend: a document mask replacing the causal one."""
+        """softmax(q k^T / sqrt(hd) + mask), dropout, times v: (B, nh, T, hd) from q (B, nh, T, hd) and k, v
+        (B, nkv, S, hd). ``mask`` (B, 1, T, S), True = may attend; None: plain causal (or, for a bidirectional or
+        cross attention, no) mask."""
         p = self.cfg.attention_dropout if self.training else 0.0
         gqa = self.n_kv != self.n_heads
-        causal = mask is None
+        causal = self.causal and mask is None
         if p > 0:  # attention probabilities are sharded by head: use the tp stream
             with self.rng.fork(q.device):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                       enable_gqa=gqa)
         if use_unfused_attention(q):
-            bias = self._causal_bias(q.size(-2), q.device, q.dtype) if causal else \
-                torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            if causal:
+                bias = self._causal_bias(q.size(-2), q.device, q.dtype)
+            elif mask is None:
+                bias = torch.zeros(q.size(-2), k.size(-2), dtype=q.dtype, device=q.device)
+            else:
+                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
             return unfused_causal_attention(q, k, v, bias)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
@@ -202,37 +232,68 @@ class ParallelMLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, layer_number: int):
+    """One transformer layer with slots: self-attention (causal or bidirectional), an optional cross-attention over
+    a context, and the MLP, each a residual sub-layer normalised before (``model.norm_position: pre``) or after
+    (``post``, the original Transformer and BERT) its residual sum.
+
+    What travels with the hidden states (a tuple, through DeepSpeed's pipeline too) is named by ``carries``:
+    the default is packed documents' ``("segments",)`` (x alone, or (x, segment_ids)); an encoder-decoder's
+    decoder blocks carry e.g. ``("padding", "context", "context_padding")``. The block returns the tuple with x
+    replaced."""
+
+    is_block = True  # the unit of full recompute and of pipeline balance (mtnlg.model.registry.is_block)
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, layer_number: int,
+                 mask: MaskKind = "causal", cross_attention: bool = False, carries: tuple[str, ...] = ("segments",)):
         super().__init__()
         name = self.group = f"layers.{layer_number}"  # its parameter group (checkpoints, converters)
         self.layer_number = layer_number
         self.dropout = cfg.hidden_dropout
+        self.pre_norm = cfg.norm_position == "pre"
+        self.carries = carries
         self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.norm1 = make_norm(cfg)
-        self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn")
+        self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn", mask=mask)
+        self.cross_norm = make_norm(cfg) if cross_attention else None
+        self.cross_attn = ParallelAttention(cfg, ps, rng, init, f"{name}.cross_attn", cross=True) \
+            if cross_attention else None
         self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp")
 
     def forward_flops(self, seq: int) -> float:
         """Forward FLOPs per token at full (tp = 1) size (Narayanan et al. 2021): 2 per multiply-add of every matrix
-        (read off the parameters' shardings) plus the attention core, QK^T and AV: 4 x seq x the query width."""
+        (read off the parameters' shardings) plus each attention core, QK^T and AV: 4 x seq x the query width."""
         mats = sum(math.prod(p.sharding.full_shape) for p in self.parameters()
                    if p.sharding.kind != "replicated" and len(p.sharding.full_shape) == 2)
-        return 2.0 * mats + 4.0 * seq * self.attn.qkv.weight.sharding.blocks[0]
+        cores = [a for a in (self.attn, self.cross_attn) if a is not None]
+        return 2.0 * mats + sum(4.0 * seq * a.query_width for a in cores)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group)
         return F.dropout(x, self.dropout, self.training)
 
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self._dropout(sublayer(norm(x)))
+        return norm(x + self._dropout(sublayer(x)))
+
     def forward_args(self, *args: torch.Tensor) -> torch.Tensor | tuple:
-        """``forward`` of the input given as separate tensors (x, or x and segment ids): what a checkpoint passes."""
+        """``forward`` of the input given as separate tensors (x, or x and what it carries): what a checkpoint
+        passes."""
         return self(args if len(args) > 1 else args[0])
 
     def forward(self, x: torch.Tensor | tuple, kv: KVSlot | None = None) -> torch.Tensor | tuple:
-        """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism; or the pair
-        (x, segment_ids (B, T)) of packed documents, returned as a pair (``mtnlg.model.documents``)."""
-        x, segments = split_inputs(x)
-        x = x + self._dropout(self.attn(self.norm1(x), kv, segments))
-        x = x + self._dropout(self.mlp(self.norm2(x)))
-        return x if segments is None else (x, segments)
+        """x (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism; or the tuple
+        (x, *carried) (``carries``), returned as a tuple with the new x."""
+        extras: tuple = ()
+        if isinstance(x, (tuple, list)):
+            x, extras = x[0], tuple(x[1:])
+        got = dict(zip(self.carries, extras))
+        segments, padding = got.get("segments"), got.get("padding")
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, kv, segments, padding))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
+                h, context=got["context"], context_padding=got.get("context_padding")))
+        x = self._residual(x, self.norm2, self.mlp)
+        return (x, *extras) if extras else x

@@ -31,9 +31,11 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from mtnlg.config import ModelConfig, RunConfig, from_dict, load_config, resolve
+from mtnlg.model import gpt_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.documents import segment_positions, split_inputs
 from mtnlg.model.kv_cache import KVSlot
+from mtnlg.model.registry import Family, is_block
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.layers import sequence_shard_dropout, sum_replicated_grads
@@ -235,7 +237,7 @@ class GPTModel(nn.Module):
         x = input_ids
         checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
         for f in self._funcs:
-            if checkpoint and isinstance(f, TransformerBlock):
+            if checkpoint and is_block(f):
                 x = self.rng.checkpoint(f.forward_args, *(x if isinstance(x, tuple) else (x,)))
             else:
                 x = f(x)
@@ -268,13 +270,17 @@ class GPTModel(nn.Module):
         for f in self._funcs:
             if x is None:
                 x = f(input_ids, positions)  # the embedding (first spec)
-            elif isinstance(f, TransformerBlock):
+            elif is_block(f):
                 x = f(x, cache[f.layer_number])
             else:
                 x = f(x)
         for slot in cache:
             slot.start[rows] += input_ids.size(1)
         return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
+
+    def spec_modules(self) -> list:
+        """What each spec this model holds runs: its module, or a tied output layer's forward (a partial)."""
+        return list(self._funcs)
 
     def spec_flops(self, seq: int) -> list[float]:
         """Forward FLOPs per token of each spec this model holds, at full (tp = 1) size, read off its parameters."""
@@ -285,3 +291,25 @@ class GPTModel(nn.Module):
             else:
                 out.append(f.forward_flops(seq))
         return out
+
+
+def next_token_batch(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples of seq_length + 1 tokens -> (input ids, labels): each token predicts the next."""
+    return samples[:, :-1], samples[:, 1:]
+
+
+def token_lookups(module: nn.Module) -> list[nn.Module]:
+    return [m.word_embeddings for m in module.modules() if isinstance(m, Embedding)]
+
+
+FAMILY = Family(
+    name="gpt",
+    layer_specs=layer_specs,
+    model=GPTModel,
+    loss=lambda cfg, ps: GPTLoss(ps.tp_group, cfg.vocab_size),
+    micro_batch=next_token_batch,
+    tied_weight_names=tied_weight_names,
+    token_lookups=token_lookups,
+    hf_model_types=("gpt2", "llama", "qwen2", "mistral"),
+    memory=gpt_memory,
+)

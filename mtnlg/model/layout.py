@@ -3,7 +3,7 @@
 A model is read and written one *group* at a time, one per layer spec that holds parameters:
 ``embed``, ``layers.<i>``, ``final_norm`` and (untied models) ``head``. Inside a group a
 parameter has a *local* name (``attn.qkv.weight``); its full name is the group's prefix plus
-the local name, exactly as DeepSpeed's PipelineModule and GPTModel name it
+the local name, exactly as DeepSpeed's PipelineModule and the family's pipeline-free model name it
 (``3.attn.qkv.weight``, ``tied_modules.embed.word_embeddings.weight``).
 
 Nothing here is a table: ``groups(cfg)`` builds the model on the meta device (no memory, no
@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.blocks import TransformerBlock
-from mtnlg.model.gpt import GPTModel
+from mtnlg.model.registry import family, is_block
 from mtnlg.parallel import ParallelState, Sharding
 from mtnlg.parallel.pipeline import balanced_parts
 
@@ -63,10 +62,11 @@ def _key(cfg: ModelConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _meta_model(key: tuple) -> GPTModel:
+def _meta_model(key: tuple) -> torch.nn.Module:
     """The whole model at tp = 1 on the meta device: shapes and shardings, no memory, no initialisation."""
+    cfg = ModelConfig(**dict(key))
     with torch.device("meta"):
-        return GPTModel(ModelConfig(**dict(key)), ParallelState.single())
+        return family(cfg).model(cfg, ParallelState.single())
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,7 +115,7 @@ def _spec_flops(key: tuple, seq: int) -> tuple[float, ...]:
 
 def block_anchors(cfg: ModelConfig) -> list[bool]:
     """Which specs are transformer blocks: every pipeline stage holds at least one."""
-    return [isinstance(f, TransformerBlock) for f in _meta_model(_key(cfg))._funcs]
+    return [is_block(f) for f in _meta_model(_key(cfg)).spec_modules()]
 
 
 def stage_bounds(cfg: ModelConfig, pp_size: int) -> list[int]:
@@ -126,7 +126,7 @@ def stage_bounds(cfg: ModelConfig, pp_size: int) -> list[int]:
 @functools.lru_cache(maxsize=256)
 def _stage_bounds(key: tuple, pp_size: int) -> tuple[int, ...]:
     model = _meta_model(key)  # the balance is a dynamic program over every spec: worth keeping (mtnlg plan asks often)
-    anchors = [isinstance(f, TransformerBlock) for f in model._funcs]
+    anchors = [is_block(f) for f in model.spec_modules()]
     return tuple(balanced_parts(list(_spec_flops(key, model.cfg.seq_length)), pp_size, anchors))
 
 

@@ -4,7 +4,7 @@
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * LM loss
 
-both terms averaged over the tokens whose label counts (label != -100), per micro batch as ``GPTLoss`` does. The
+both terms averaged over the tokens whose label counts (label != -100), per micro batch as the GPT loss does. The
 KL term is scaled by T^2 (Hinton et al. 2015) so that its gradient, which carries a 1/T, keeps the size of the LM
 loss's as T changes; at T = 1 the scale is 1.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.checkpoint.reader import NativeCheckpoint, open_checkpoint, resolve_model, shard_for
+from mtnlg.checkpoint.reader import NativeCheckpoint, open_checkpoint, resolve_model
 from mtnlg.config import DistillConfig, ModelConfig
 from mtnlg.errors import JobError, UserError
 from mtnlg.parallel import ParallelDims, ParallelState
@@ -85,22 +85,11 @@ def tensor_only(ps: ParallelState) -> ParallelState:
 
 def load_teacher(ckpt: NativeCheckpoint, cfg: ModelConfig, ps: ParallelState, device: torch.device,
                  dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen teacher on this rank: a pipeline-free GPTModel over ``ps``'s tp group holding this rank's tp shard
-    of every parameter, in ``dtype``, in eval mode."""
-    from mtnlg.model import GPTModel
+    """The frozen teacher on this rank: the family's pipeline-free model over ``ps``'s tp group holding this rank's
+    tp shard of every parameter, in ``dtype``, in eval mode."""
+    from mtnlg.checkpoint.loader import load_model
 
-    tps = tensor_only(ps)
-    with torch.device("meta"):  # no random init: every parameter is read from the checkpoint
-        teacher = GPTModel(cfg, tps)
-    teacher.to_empty(device=device)
-    params = dict(teacher.named_parameters())
-    with torch.no_grad():
-        for group, tensors in ckpt.iter_groups():
-            for local, full in tensors.items():
-                params.pop(group.full(local)).copy_(shard_for(local, full, cfg, tps.tp_rank, tps.tp_size))
-    if params:  # a bug: the groups cover the model
-        raise RuntimeError(f"teacher parameters not loaded from the checkpoint: {sorted(params)}")
-    return teacher.to(dtype).eval().requires_grad_(False)
+    return load_model(ckpt, cfg, tensor_only(ps), device, dtype).requires_grad_(False)
 
 
 class DistillLoss:
@@ -144,7 +133,7 @@ def with_inputs(batches: list) -> list:
 def attach_teacher(module: torch.nn.Module, d: DistillConfig, student: ModelConfig, ps: ParallelState,
                    device: torch.device, dtype: torch.dtype) -> DistillLoss | None:
     """Replace the student's loss with a ``DistillLoss`` on the ranks that compute it (the last pipeline stage);
-    returns it there, None on other stages. ``module``: a GPTModel or DeepSpeed PipelineModule (both call
+    returns it there, None on other stages. ``module``: a pipeline-free model or DeepSpeed PipelineModule (both call
     ``module.loss_fn``)."""
     ckpt = open_teacher(d)
     cfg = teacher_config(ckpt, student, ps.tp_size)  # checked on every rank: every rank fails alike

@@ -4,7 +4,7 @@ plain engine with ZeRO 0-3 (pp = 1), and one train/eval step interface over both
 - pp > 1: the layer specs in a ``PipelineModule`` on the topology of our ParallelState,
   trained by ``PipelineEngine.train_batch`` (1F1B), TP inside each stage, ZeRO 0/1 across dp,
   tied embeddings synchronised across the first and last stage by DeepSpeed.
-- pp = 1: ``GPTModel`` (same specs, same parameter names) with our ParallelState as ``mpu``,
+- pp = 1: the family's pipeline-free model (same specs, same parameter names) with our ParallelState as ``mpu``,
   so ZeRO, gradient clipping and checkpoint names see the tp groups.
 """
 
@@ -22,11 +22,13 @@ from mtnlg.deepspeed_compat import (
     allow_cpu_fp16,
     embedding_grads_into_fp32,
     free_last_stage_outputs,
+    loss_scale,
     mend_universal_load,
     skip_lone_gradient_reduction,
+    warn_untested_version,
+    zero3_partitioned,
 )
-from mtnlg.model import GPTModel
-from mtnlg.model.gpt import Embedding
+from mtnlg.model.registry import family
 from mtnlg.parallel import ParallelState, TPRandom
 from mtnlg.parallel.distributed import deepspeed_output
 from mtnlg.training.ds_config import adam_hyperparams, build_ds_config, optimizer_kind, sgd_hyperparams, zero_stage
@@ -75,13 +77,14 @@ def build_module(cfg: RunConfig, ps: ParallelState, zero: int, ds_config: dict, 
         ds_init = {k: v for k, v in ds_config.items() if k != "optimizer"}
         with deepspeed_output(show), deepspeed.zero.Init(data_parallel_group=ps.dp_group, mpu=ps,
                                                          config_dict_or_path=ds_init):
-            return GPTModel(cfg.model, ps, seed=seed, rng=rng)
-    return GPTModel(cfg.model, ps, seed=seed, rng=rng)
+            return family(cfg.model).model(cfg.model, ps, seed=seed, rng=rng)
+    return family(cfg.model).model(cfg.model, ps, seed=seed, rng=rng)
 
 
 class Engine:
     def __init__(self, cfg: RunConfig, ps: ParallelState, device: torch.device, load_universal: bool = False):
         self.cfg, self.ps, self.device = cfg, ps, device
+        warn_untested_version()
         self.ds_config = build_ds_config(cfg)
         if load_universal:  # resharding a `mtnlg checkpoint reshard` output into this layout
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -119,8 +122,7 @@ class Engine:
             skip_lone_gradient_reduction(self.engine)
         if self.pipelined:
             free_last_stage_outputs(self.engine)
-        embedding_grads_into_fp32(self.engine, [m.word_embeddings for m in self.module.modules()
-                                                if isinstance(m, Embedding)])
+        embedding_grads_into_fp32(self.engine, family(cfg.model).token_lookups(self.module))
 
     def zero3_partitioned(self) -> tuple[int, int] | None:
         """(parameters ZeRO-3 partitions across dp, all parameters) on this rank; None below ZeRO-3. DeepSpeed keeps
@@ -128,8 +130,7 @@ class Engine:
         if self.zero_stage != 3:
             return None
         params = list(self.module.parameters())
-        split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
-        return len(split), len(params)
+        return zero3_partitioned(params), len(params)
 
     def after_load(self, universal: bool) -> None:
         """After DeepSpeed's ``load_checkpoint``: mend its universal-checkpoint loading (``deepspeed_compat``)."""
@@ -187,7 +188,7 @@ class Engine:
         """The current dynamic loss scale (fp16), else None."""
         if self.cfg.train.precision != "fp16":
             return None
-        return float(self.engine._get_optimizer_loss_scale())
+        return loss_scale(self.engine)
 
     @property
     def skipped_steps(self) -> int:

@@ -31,6 +31,7 @@ from mtnlg import checkpoint
 from mtnlg.config import RunConfig, resolve
 from mtnlg.errors import JobError, TrainingAborted
 from mtnlg.model.flops import describe, flops_per_token
+from mtnlg.model.registry import family
 from mtnlg.parallel import ParallelState
 from mtnlg.parallel.distributed import init_distributed, local_world_size
 from mtnlg.parallel.hosts import describe_hosts, gather_hosts, gloo_interface, tp_across_hosts
@@ -65,10 +66,12 @@ def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device:
 
         return sft_micro_batches(source, start, mbs, ps.dp_rank, dp, device, count or cfg.train.grad_accum_steps)
     out = []
+    to_batch = family(cfg.model).micro_batch  # samples -> (inputs, labels): the family's (a GPT shifts by one)
     for m in range(count or cfg.train.grad_accum_steps):
         first = start + m * mbs * dp + ps.dp_rank * mbs
-        tokens = torch.from_numpy(np.stack([source[i] for i in range(first, first + mbs)]).astype(np.int64))
-        out.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device)))
+        samples = torch.from_numpy(np.stack([source[i] for i in range(first, first + mbs)]).astype(np.int64))
+        inputs, labels = to_batch(samples)
+        out.append((inputs.to(device), labels.to(device)))
     return out
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from mtnlg.config import ModelConfig, RunConfig
 from mtnlg.model.layout import groups, stage_specs
+from mtnlg.model.registry import family
 
 GB = 2**30
 
@@ -54,74 +55,34 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + max(during, self.after)
 
 
+# The activation terms are the model family's (``Family.memory``; the GPT's: ``mtnlg.model.gpt_memory``, which
+# documents how each is counted); these dispatch on the config's family.
+
+
 def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
-    """Which attention path mtnlg runs (``model/blocks.py``): "unfused" (bf16 on a CPU: scores and probabilities
-    kept), "dropout" (attention dropout: torch's math path keeps the probabilities, the mask and the dropped
-    probabilities) or "flash" (torch's fused kernel: output and log-sum-exp kept)."""
-    if m.attention_dropout > 0:
-        return "dropout"
-    if device == "cpu" and precision == "bf16" and m.seq_length <= 1024:
-        return "unfused"
-    return "flash"
+    """Which attention kernel the model runs ("unfused", "dropout" or "flash"): what its activations keep."""
+    return family(m).memory.attention_kind(m, precision, device)
 
 
 def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
                            attention: str = "flash", device: str = "cpu") -> float:
-    """Bytes one transformer block keeps for backward per micro batch on one rank (recompute ``m.recompute``),
-    counted the way autograd saves mtnlg's tensors (measured with ``saved_tensors_hooks``: mtnlg bench)."""
-    e = 4 if precision == "fp32" else 2
-    s, b, h = m.seq_length, micro, m.hidden_size
-    q = s * b * m.num_attention_heads * m.head_dim / tp  # elements of this rank's q (and of the attention output)
-    kv = s * b * m.num_kv_heads * m.head_dim / tp
-    f = s * b * m.ffn_hidden_size / tp
-    sbh = s * b * h / (tp if sp else 1)  # a tensor of the replicated region (a sequence shard under SP)
-    if m.recompute == "full":
-        return e * sbh  # the block's input; everything else is recomputed in backward
-    # a norm keeps its input (LayerNorm), or, as torch's CPU RMSNorm computes it, two fp32 copies
-    norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
-    dropout = e * sbh if m.hidden_dropout > 0 else 0  # F.dropout keeps its mask in the input's dtype
-    stored = 2 * norm + 2 * e * sbh + 2 * dropout  # + the inputs of the QKV and MLP-in projections
-    rope = m.position_embedding == "rope"
-    qkv_storage = q + 2 * kv  # v (and without RoPE q and k) are views of the QKV output, which stays alive
-    if m.recompute == "selective":
-        stored += e * ((q + kv if rope else 0) + qkv_storage)  # only the core's inputs
-    elif attention == "unfused":
-        stored += e * (3 * q + b * (m.num_attention_heads / tp) * s * s)  # scaled q, k, v (contiguous), probs
-    elif attention == "dropout":  # torch's math path; on a CPU it works in fp32 whatever the input dtype
-        ea = 4 if device == "cpu" else e
-        stored += ea * (3 * q + 3 * b * (m.num_attention_heads / tp) * s * s)  # q, k, v; probs, mask, dropped
-    else:
-        stored += e * ((q + kv if rope else 0) + qkv_storage + q) + 4 * b * (m.num_attention_heads / tp) * s
-    stored += e * q  # the output projection's input
-    stored += e * (4 * f if m.activation == "swiglu" else 2 * f)  # fc output ([gate; up]), activation output(s)
-    return stored
+    """Bytes one transformer block keeps for backward per micro batch on one rank (recompute ``m.recompute``)."""
+    return family(m).memory.layer_activation_bytes(m, micro, tp, sp, precision, attention, device)
 
 
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
-    """The first stage before the blocks: the embedding dropout's mask (in the activations' dtype)."""
-    e = 4 if precision == "fp32" else 2
-    return e * m.seq_length * micro * m.hidden_size / (tp if sp else 1) if m.hidden_dropout > 0 else 0.0
+    """What the first stage keeps before the blocks, per micro batch."""
+    return family(m).memory.embedding_activation_bytes(m, micro, tp, sp, precision)
 
 
 def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str, device: str = "cpu") -> float:
-    """The last stage past the blocks: the final norm's input, the output layer's input, and the logits (B, T, V/tp)
-    kept for the loss's backward."""
-    e = 4 if precision == "fp32" else 2
-    sbh = m.seq_length * micro * m.hidden_size / (tp if sp else 1)
-    norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
-    return norm + e * sbh + e * m.seq_length * micro * m.padded_vocab_size / tp
+    """What the last stage keeps past the blocks (the logits included), per micro batch."""
+    return family(m).memory.head_activation_bytes(m, micro, tp, sp, precision, device)
 
 
 def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
-    """The last stage's working set on top of what is saved, at its peak (the loss's backward): the gradient of the
-    logits (B, T, V/tp) in their dtype and two fp32 chunks of rows (the chunk converted and its softmax; see
-    ``mtnlg.parallel.cross_entropy``)."""
-    from mtnlg.parallel.cross_entropy import CHUNK_ELEMENTS_CPU, CHUNK_ELEMENTS_DEVICE
-
-    e = 4 if precision == "fp32" else 2
-    logits = m.seq_length * micro * m.padded_vocab_size / tp
-    chunk = min(logits, CHUNK_ELEMENTS_CPU if device == "cpu" else CHUNK_ELEMENTS_DEVICE)
-    return e * logits + (4 if precision == "fp32" else 8) * chunk  # fp32 logits: the chunk is a view, not a copy
+    """The last stage's working set on top of what is saved, at the loss's backward."""
+    return family(m).memory.loss_backward_bytes(m, micro, tp, precision, device)
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int]:

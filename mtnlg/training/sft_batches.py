@@ -1,6 +1,6 @@
 """Fine-tuning batches: the loss averaged over the tokens in the loss of the whole global batch.
 
-A micro batch is ``((input_ids, segment_ids), (labels, weights))`` (``GPTModel``/``GPTLoss`` take both pairs).
+A micro batch is ``((input_ids, segment_ids), (labels, weights))`` (the GPT family's model and loss take both pairs).
 With M micro batches per rank and dp data-parallel ranks, N tokens in the loss over all of them, every token in
 the loss weighs ``M * dp / N``: DeepSpeed divides each micro batch's loss by M (gradient accumulation) and
 averages gradients over dp, so the gradient is that of ``sum(token losses) / N`` over the global batch, and the

@@ -1,0 +1,49 @@
+"""The model families mtnlg knows, declared without torch: the one place a family is registered.
+
+A family (GPT today; BERT and T5 next) is a set of architectures (``model.architecture`` values) that share one
+model definition. Its *declaration* lives here, next to the run config that reads it: its architectures and the
+knob defaults each one sets, the checks its config must pass (run by ``mtnlg.config.resolve``), and the module
+that implements it. The implementation (``mtnlg.model.<family>``: layer specs, pipeline-free model, loss, micro
+batches, tied weights; reached through ``mtnlg.model.registry``) and its Hugging Face adapters
+(``mtnlg.convert.hf.<model_type>``) are the family's own files. Nothing else in mtnlg names a family's classes.
+
+Adding a family: write ``mtnlg/families/<name>.py`` (a ``FAMILY = Declaration(...)``), its implementation module
+and adapters, and add the declaration to ``REGISTERED`` below (docs/architecture.md walks through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtnlg.families import gpt
+
+
+@dataclass(frozen=True)
+class Declaration:
+    name: str  # "gpt"
+    architectures: dict[str, dict[str, Any]]  # model.architecture -> the knob defaults it sets
+    implementation: str  # the module whose FAMILY (a mtnlg.model.registry.Family) implements it
+    # checks of a model config with the family's defaults filled in: (model config, parallel config) -> None,
+    # raising mtnlg.config.ConfigError with one line
+    checks: tuple[Callable[[Any, Any], None], ...] = field(default=())
+
+
+# the one registration of each family
+REGISTERED: tuple[Declaration, ...] = (
+    Declaration("gpt", gpt.ARCHITECTURES, "mtnlg.model.gpt", gpt.CHECKS),
+)
+
+
+def architectures() -> list[str]:
+    """Every ``model.architecture`` value, in registration order."""
+    return [a for d in REGISTERED for a in d.architectures]
+
+
+def declaration(architecture: str) -> Declaration:
+    """The family that owns ``architecture`` (a KeyError for an unknown one: configs are checked on load)."""
+    for d in REGISTERED:
+        if architecture in d.architectures:
+            return d
+    raise KeyError(architecture)
