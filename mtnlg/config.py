@@ -70,6 +70,9 @@ class ModelConfig:
     # each residual sub-layer normalised before it (pre: GPT-2, Llama, Megatron) or after the residual sum (post:
     # the original Transformer and BERT)
     norm_position: Literal["pre", "post"] = "pre"
+    # the knobs only the architecture's family has (``mtnlg.families``: its ``knobs`` dataclass); stated in the YAML
+    # beside the others
+    family_knobs: Any = None
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
@@ -261,8 +264,13 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data (for YAML/JSON next to checkpoints)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data (for YAML/JSON next to checkpoints); a family's own model knobs sit in ``model:``
+    beside the others, as the YAML states them."""
+    out = dataclasses.asdict(cfg)
+    model = out.get("model") if isinstance(cfg, RunConfig) else out if isinstance(cfg, ModelConfig) else None
+    if model is not None:
+        model.update(model.pop("family_knobs", None) or {})
+    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -278,15 +286,27 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name} must be a mapping of keys, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"family_knobs"}
     kwargs = {}
+    knobs = _family_knobs(raw) if cls is ModelConfig else None
+    if knobs is not None:  # the keys of the architecture's family (mtnlg.families): a section of their own
+        own = {f.name for f in dataclasses.fields(knobs)}
+        kwargs["family_knobs"] = _build(knobs, {k: v for k, v in raw.items() if k in own}, where)
+        raw = {k: v for k, v in raw.items() if k not in own}
     for key, value in raw.items():
         full = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            valid = ", ".join([f.name for f in dataclasses.fields(cls) if f.name in fields]
+                              + ([f.name for f in dataclasses.fields(knobs)] if knobs else []))
             raise ConfigError(f"unknown key '{full}'; valid keys in {name}: {valid}")
         kwargs[key] = _convert(hints[key], value, full)
     return cls(**kwargs)
+
+
+def _family_knobs(raw: Any) -> type | None:
+    """The knob dataclass of the family a raw ``model:`` section's architecture belongs to (None: it has none)."""
+    arch = (raw.get("architecture") or raw.get("preset") or "gpt2") if isinstance(raw, dict) else "gpt2"
+    return families.declaration(arch).knobs if arch in families.architectures() else None
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -514,7 +534,10 @@ def _resolve_architecture(m: ModelConfig) -> None:
                               "give model.architecture only (preset is its deprecated name)")
         m.architecture, m.preset = m.preset, None
     m.architecture = m.architecture or "gpt2"
-    for knob, value in families.declaration(m.architecture).architectures[m.architecture].items():
+    declared = families.declaration(m.architecture)
+    if declared.knobs is not None and not isinstance(m.family_knobs, declared.knobs):
+        m.family_knobs = declared.knobs()  # the family's defaults (an architecture set by --set or in Python)
+    for knob, value in declared.architectures[m.architecture].items():
         if getattr(m, knob) is None:
             setattr(m, knob, value)
     if m.qkv_bias is None:

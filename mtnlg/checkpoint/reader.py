@@ -371,12 +371,16 @@ def check_same_model(have: ModelConfig, want: ModelConfig, where: str) -> None:
     skip = set(_WEIGHTLESS) | ({"architecture"} if same_family else set())
     if have.position_embedding != "learned" and want.position_embedding != "learned":
         skip.add("max_position_embeddings")  # the size of a table neither has
-    for f in dataclasses.fields(ModelConfig):
-        k = f.name
-        if k not in skip and getattr(have, k) != getattr(want, k):
+    pairs = [(f.name, getattr(have, f.name), getattr(want, f.name)) for f in dataclasses.fields(ModelConfig)
+             if f.name != "family_knobs"]
+    if have.family_knobs is not None and want.family_knobs is not None and same_family:  # the family's own keys
+        pairs += [(f.name, getattr(have.family_knobs, f.name), getattr(want.family_knobs, f.name))
+                  for f in dataclasses.fields(have.family_knobs)]
+    for k, mine, theirs in pairs:
+        if k not in skip and mine != theirs:
             raise UserError(
-                f"{where} holds a model with model.{k} = {getattr(have, k)} but the run config has "
-                f"{getattr(want, k)}; train with that checkpoint's {CONFIG_NAME} or match model.{k}"
+                f"{where} holds a model with model.{k} = {mine} but the run config has "
+                f"{theirs}; train with that checkpoint's {CONFIG_NAME} or match model.{k}"
             )
     if [(g.name, g.params) for g in groups(have)] != [(g.name, g.params) for g in groups(want)]:
         raise UserError(f"{where} holds a model whose parameters differ from the run config's; train with that "

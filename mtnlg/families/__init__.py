@@ -28,6 +28,9 @@ class Declaration:
     # checks of a model config with the family's defaults filled in: (model config, parallel config) -> None,
     # raising mtnlg.config.ConfigError with one line
     checks: tuple[Callable[[Any, Any], None], ...] = field(default=())
+    # the model keys only this family has: a frozen dataclass (its fields are keys of the YAML's ``model:``
+    # section; read as ``model.family_knobs.<key>``), or None
+    knobs: type | None = None
 
 
 # the one registration of each family
