@@ -30,9 +30,10 @@ def _save_and_record(rank: int, world: int, save: str) -> dict:
 
     cfg = resolve(run_config("gpt2", tp=2, pp=2, zero=1, save=save), dist.get_world_size())
     engine = Engine(cfg, ParallelState.create(2, 2), torch.device("cpu"))
-    synced = []
+    synced, marker = [], Path(save) / "global_step1" / "complete"
     fsync = checkpoint.fsync_path
-    checkpoint.fsync_path = lambda path: (synced.append(str(path)), fsync(path))[1]
+    # each fsync, and whether the marker already existed when it ran
+    checkpoint.fsync_path = lambda path: (synced.append((str(path), marker.exists())), fsync(path))[1]
     try:
         checkpoint.save(engine.engine, cfg, 1, {"iteration": 1, "consumed_samples": 8}, dist.get_rank())
     finally:
@@ -53,7 +54,9 @@ def test_every_checkpoint_file_is_fsynced_before_the_marker(tmp_path):
     kinds = [sum(1 for f in on_disk if key in Path(f).name) for key in ("optim_states", "mp_rank_", "layer_")]
     assert kinds[0] == 8 and kinds[1] - kinds[0] == 4 and kinds[2] >= 4  # partitions, model states, layer files
     for r in results:
-        assert set(r["written"]) <= set(r["synced"]) and str(tag) in r["synced"]
+        synced = {path for path, _ in r["synced"]}
+        assert set(r["written"]) <= synced and str(tag) in synced
+        assert not any(after for _, after in r["synced"]), r["synced"]  # every fsync before the marker exists
     assert (tag / "complete").is_file() and (save / "latest").read_text() == "global_step1"
 
 

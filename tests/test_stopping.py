@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from tests.dist_helper import free_port, run_distributed
 from tests.test_training import run_config
@@ -71,8 +72,8 @@ def _signal_mid_run(tmp_path: Path, save: Path, load: bool, sig: int, which: sli
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    stopped = max(int(d.name.removeprefix("global_step")) for d in save.glob("global_step*")
-                  if (d / "complete").exists())
+    stopped = max((int(d.name.removeprefix("global_step")) for d in save.glob("global_step*")
+                   if (d / "complete").exists()), default=None)  # None: the run saved nothing (its status says why)
     return proc.returncode, out, stopped
 
 
@@ -114,3 +115,50 @@ def test_exit_duration_saves_and_stops(tmp_path):
     assert res[0] == res[1]  # the ranks agree
     assert res[0]["stopped"] == "train.exit_duration_mins" and res[0]["iterations"] == 1
     assert res[0]["checkpoint"].endswith("global_step1") and (tmp_path / "ckpt" / "global_step1" / "complete").is_file()
+
+
+def test_a_stopper_off_the_main_thread_warns_that_signals_cannot_stop_it():
+    """Python delivers signals to the main thread only: a run started elsewhere says so instead of silently
+    ignoring SIGTERM."""
+    import threading
+    import warnings
+
+    from mtnlg.training.stopping import Stopper
+
+    Stopper.warned = False
+    caught: list = []
+
+    def build():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            Stopper(0, 0.0, torch.device("cpu")).close()
+            caught.extend(w)
+
+    t = threading.Thread(target=build)
+    t.start()
+    t.join()
+    assert any("outside the main thread" in str(w.message) and "SIGTERM" in str(w.message) for w in caught), caught
+
+
+def test_only_errors_raised_in_a_collective_read_as_a_lost_host(tmp_path):
+    """An error whose text says "timed out" or "Broken pipe" but that no collective raised (a file system, a
+    subprocess) keeps its own traceback; a collective's failure becomes the one-line lost-contact report, with the
+    original traceback kept in a log it names."""
+    import torch.distributed as dist
+
+    from mtnlg.parallel.distributed import comm_failure
+
+    for text in ("Connection timed out", "[Errno 32] Broken pipe", "Timed out waiting for the tokenizer"):
+        try:
+            raise OSError(text)
+        except OSError as e:
+            assert comm_failure(e) is None, text
+    try:
+        raise dist.DistBackendError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                                    "[198.18.0.12]:12345")
+    except dist.DistBackendError as e:
+        line = comm_failure(e)
+    assert line is not None and "\n" not in line and "lost contact" in line
+    log = Path(line.rsplit("traceback: ", 1)[1].rstrip(")"))
+    assert "DistBackendError" in log.read_text() and "test_stopping.py" in log.read_text()
+    log.unlink()

@@ -16,6 +16,9 @@ import logging
 import os
 import socket
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -140,11 +143,31 @@ _COMM_SIGNS = ("Connection closed by peer", "Connection reset by peer", "timed o
                "NCCL communicator was aborted", "Socket Timeout", "Connect timeout", "connectFullMesh")
 
 
+def in_collective(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside torch.distributed (a collective or point-to-point op): the one place a peer's
+    death or hang shows up. An error elsewhere whose text happens to say "timed out" or "Broken pipe" (a file
+    system, a subprocess, a tokenizer) is not one."""
+    if isinstance(e, (dist.DistBackendError, dist.DistNetworkError)):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    comm = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}", f"pipe{os.sep}p2p.py")
+    return any(c in f.filename for f in frames for c in comm)
+
+
 def comm_failure(e: BaseException) -> str | None:
-    """A one-line explanation when ``e`` is a collective that failed because another rank died or hung."""
+    """A one-line explanation when ``e`` is a collective that failed because another rank died or hung, else None.
+    The original error and its traceback go to a debug log (its path ends the line), so nothing is lost."""
     text = str(e)
-    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or any(s in text for s in _COMM_SIGNS)):
+    if not (in_collective(e) and (isinstance(e, (dist.DistBackendError, dist.DistNetworkError))
+                                  or any(s in text for s in _COMM_SIGNS))):
         return None
     from mtnlg.parallel.hosts import job_hosts, lost_contact_message
 
-    return lost_contact_message(text or type(e).__name__, job_hosts(), os.environ.get("RANK", "?"))
+    rank = os.environ.get("RANK", "?")
+    log = Path(tempfile.gettempdir()) / f"mtnlg-lost-contact-rank{rank}-{os.getpid()}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(e)))
+        where = f" (the error's traceback: {log})"
+    except OSError:
+        where = ""
+    return lost_contact_message(text or type(e).__name__, job_hosts(), rank) + where

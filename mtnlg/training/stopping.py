@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,11 @@ class Stopper:
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (e.g. an embedding application): no signal handling
-                pass
+                if not getattr(Stopper, "warned", False):
+                    Stopper.warned = True
+                    warnings.warn(f"mtnlg: training runs outside the main thread, so {signal.Signals(sig).name} "
+                                  "cannot stop it at a step boundary (Python delivers signals to the main thread "
+                                  "only); use train.exit_interval or train.exit_duration_mins", stacklevel=2)
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = signum  # acted on at the next step boundary, never inside a collective
