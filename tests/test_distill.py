@@ -22,6 +22,7 @@ TEACHER = {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_att
            "vocab_size": 96, "seq_length": 32}
 STUDENT = {**TEACHER, "num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "num_kv_heads": 2}
 TEMPERATURE, ALPHA = 2.0, 0.6
+TEACHER_ITERS = 40  # a teacher that has learned the data: its KL term is a large part of the student's loss
 
 
 def reference_kl(student: torch.Tensor, teacher: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
@@ -99,7 +100,7 @@ def _distill_checks(rank: int, world: int, root: str) -> dict:
 
     # --- a teacher trained in another layout: tp 1 x pp 2 x dp 2, ZeRO-1 (weights in the optimizer partitions)
     teacher = f"{root}/teacher"
-    train(run_cfg(TEACHER, 1, 2, iters=2, save=teacher))
+    train(run_cfg(TEACHER, 1, 2, iters=TEACHER_ITERS, save=teacher))
 
     # --- the student distilled in tp 2 x pp 2
     summary = train(student_cfg(teacher, save=f"{root}/student"))
@@ -130,9 +131,10 @@ def test_kl_tp2_matches_reference(distill_run, case):
         assert err["fwd"] <= TOL and err["grad"] <= TOL, err
 
 
-def reference_step(teacher_dir: Path) -> tuple[float, float, float]:
+def reference_step(teacher_dir: Path, break_teacher=None) -> tuple[float, float, float]:
     """(loss, gradient norm, LM loss) of the student's first step computed in one process from full logits: the
-    student's initial weights (layout-independent init), the teacher merged to tp = 1, the same micro batches."""
+    student's initial weights (layout-independent init), the teacher merged to tp = 1, the same micro batches.
+    ``break_teacher(model)``: a change to the teacher's weights before the step."""
     from mtnlg.checkpoint import load_native_model
     from mtnlg.config import resolve
     from mtnlg.model import GPTModel
@@ -142,6 +144,9 @@ def reference_step(teacher_dir: Path) -> tuple[float, float, float]:
 
     cfg = resolve(student_cfg(str(teacher_dir)), 4)
     teacher, _, _ = load_native_model(teacher_dir)
+    if break_teacher is not None:
+        with torch.no_grad():
+            break_teacher(teacher)
     student = GPTModel.from_config(student_cfg(str(teacher_dir)).model, seed=cfg.train.seed)  # at tp = 1
     source, _ = build_sources(cfg)
     batches = micro_batches(source, 0, cfg, ParallelState.single(), torch.device("cpu"))
@@ -165,8 +170,17 @@ def test_distill_tp2_pp2_first_step_matches_reference(distill_run):
     first = results[0]
     for r in results[1:]:  # every rank reports the same losses
         assert r["losses"] == first["losses"]
-    loss, norm, _ = reference_step(root / "teacher")
+    loss, norm, lm = reference_step(root / "teacher")
     assert first["losses"][1] == pytest.approx(loss, rel=TOL), (first["losses"][1], loss)
+    kl_share = (loss - (1 - ALPHA) * lm) / loss
+    assert kl_share > 0.3, kl_share  # the teacher matters: its term is a large part of the loss
+
+    def wrong_tp_shard(teacher):  # what a teacher reading the other tp rank's shard of one layer's q, k, v sees
+        w = teacher.get_submodule("1").attn.qkv.weight
+        w.copy_(torch.cat([half.flip(0) for half in w.chunk(2, dim=0)]))
+
+    broken, _, _ = reference_step(root / "teacher", wrong_tp_shard)
+    assert abs(broken - loss) > 100 * TOL * loss, (broken, loss)  # far outside the tolerance above
     assert first["grad_norms"][1] == pytest.approx(norm, rel=1e-4), (first["grad_norms"][1], norm)
     assert all(math.isfinite(v) for v in first["losses"].values())
     assert first["losses"][3] < first["losses"][1]
