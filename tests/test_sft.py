@@ -57,8 +57,10 @@ def sft_data(tmp_path_factory) -> dict:
     (root / "text.jsonl").write_text("".join(json.dumps({"text": r["prompt"] + r["response"]}) + "\n" for r in rows))
     tok = train_tokenizer(iter_documents([root / "text.jsonl"]), 320, root / "tok")
     preprocess_sft([root / "demo" / "train.jsonl"], tok, root / "sft", max_length=SEQ + 1, log=lambda _m: None)
+    # each example's prompt, as token ids, from the raw rows (not from the loss mask under test)
+    prompts = [tok.encode(r["prompt"]) for r in rows]
     return {"prefix": str(root / "sft"), "tokenizer": str(root / "tok"), "root": str(root),
-            "import": import_hf_llama(tok, root)}
+            "import": import_hf_llama(tok, root), "prompts": prompts}
 
 
 def import_hf_llama(tok, root: Path) -> str:
@@ -93,12 +95,14 @@ def sft_config(data: dict, tp: int, pp: int, packing: bool = True, recompute: st
 
 class Rows:
     """An SFT source over chosen rows of examples; ``keep``: only these examples' tokens are in the loss;
-    ``relabel``: replace the labels of masked (or, with ``response=True``, of one unmasked) token of each row."""
+    ``relabel``: "prompt" replaces every label that is a prompt token (``prompts``: each example's prompt ids, from
+    the raw data) and the padding's; "response" changes one label in the loss."""
 
     sft = True
 
-    def __init__(self, ds, rows: list[list[int]], keep: set[int] | None = None, relabel: str | None = None):
-        self.ds, self.rows, self.keep, self.relabel = ds, rows, keep, relabel
+    def __init__(self, ds, rows: list[list[int]], keep: set[int] | None = None, relabel: str | None = None,
+                 prompts: list[list[int]] | None = None):
+        self.ds, self.rows, self.keep, self.relabel, self.prompts = ds, rows, keep, relabel, prompts
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -110,9 +114,14 @@ class Rows:
             for seg, e in enumerate(self.rows[i]):
                 if e not in self.keep:
                     s.loss_mask[s.segment_ids == seg] = 0
-        if self.relabel == "prompt":  # every label outside the loss: random ids
+        if self.relabel == "prompt":  # every label that is a prompt token, and the padding's: random ids
             rng = np.random.RandomState(i)
-            off = s.loss_mask == 0
+            off = s.segment_ids == len(self.rows[i])  # padding
+            for seg, e in enumerate(self.rows[i]):
+                at = int(np.flatnonzero(s.segment_ids == seg)[0])
+                p = len(self.prompts[e])
+                assert list(self.ds.tokens.get(e, 0, p)) == self.prompts[e]  # the example starts with its prompt
+                off[at : at + p - 1] = True  # inputs 0..p-2 predict prompt tokens 1..p-1
             s.labels[off] = rng.randint(0, 300, int(off.sum()))
         elif self.relabel == "response" and i == 0:  # one label in the loss
             j = int(np.flatnonzero(s.loss_mask)[0])
@@ -171,7 +180,8 @@ def _sft_layout(rank: int, world: int, data: dict) -> dict:
     }
     before = params(engine)
     steps = {}
-    runs = [("true", Rows(ds, unpacked)), ("prompt_relabelled", Rows(ds, unpacked, relabel="prompt")),
+    runs = [("true", Rows(ds, unpacked)),
+            ("prompt_relabelled", Rows(ds, unpacked, relabel="prompt", prompts=data["prompts"])),
             ("packed", Rows(ds, packed))]
     if world == 1:  # the control, once: the comparison sees a changed label in the loss
         runs.append(("response_relabelled", Rows(ds, unpacked, relabel="response")))
