@@ -13,10 +13,13 @@ MODEL = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "seq_len
 
 
 def _saved(rank: int, world: int, arch: str, precision: str, attention_dropout: float) -> list[tuple]:
-    """(recompute, sp, measured bytes autograd keeps over one forward, predicted) on this rank, tp = 2."""
+    """(recompute, sp, bytes autograd keeps over one forward, predicted, bytes kept by the transformer blocks,
+    predicted for the blocks) on this rank, tp = 2. A block's bytes are those saved while it runs, and under full
+    recompute its input, which the checkpoint keeps."""
     import torch
 
     from mtnlg.config import from_dict, resolve
+    from mtnlg.model.registry import is_block
     from mtnlg.parallel import ParallelState, TPRandom
     from mtnlg.training.engine import build_module
     from mtnlg.training.memory import (
@@ -41,10 +44,27 @@ def _saved(rank: int, world: int, arch: str, precision: str, attention_dropout: 
                 module = module.to(torch.bfloat16)
             params = {p.untyped_storage().data_ptr() for p in module.parameters()}
             seen: dict[int, int] = {}
+            in_blocks: dict[int, int] = {}
+            depth = [0]
+            for b in (m for m in module.modules() if is_block(m)):
+                b.register_forward_pre_hook(lambda *_, d=depth: d.__setitem__(0, d[0] + 1))
+                b.register_forward_hook(lambda *_, d=depth: d.__setitem__(0, d[0] - 1))
+            plain = rng.checkpoint
 
-            def pack(t, seen=seen, params=params):
+            def checkpoint(fn, *args, plain=plain, depth=depth):  # full recompute: the block's kept input is its
+                depth[0] += is_block(fn)
+                try:
+                    return plain(fn, *args)
+                finally:
+                    depth[0] -= is_block(fn)
+
+            rng.checkpoint = checkpoint
+
+            def pack(t, seen=seen, params=params, in_blocks=in_blocks, depth=depth):
                 if t.untyped_storage().data_ptr() not in params:
                     seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    if depth[0] > 0:
+                        in_blocks[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 
             g = torch.Generator().manual_seed(0)
@@ -55,10 +75,10 @@ def _saved(rank: int, world: int, arch: str, precision: str, attention_dropout: 
                 module(ids, ids)
             m = cfg.model
             kind = attention_kind(m, precision)
-            predicted = (m.num_layers * layer_activation_bytes(m, 2, 2, sp, precision, kind)
-                         + embedding_activation_bytes(m, 2, 2, sp, precision)
+            blocks = m.num_layers * layer_activation_bytes(m, 2, 2, sp, precision, kind)
+            predicted = (blocks + embedding_activation_bytes(m, 2, 2, sp, precision)
                          + head_activation_bytes(m, 2, 2, sp, precision))
-            out.append((recompute, sp, sum(seen.values()), predicted))
+            out.append((recompute, sp, sum(seen.values()), predicted, sum(in_blocks.values()), blocks))
     return out
 
 
@@ -66,11 +86,14 @@ def _saved(rank: int, world: int, arch: str, precision: str, attention_dropout: 
 def test_activation_bytes_match_what_autograd_keeps(arch, precision, attention_dropout):
     rows = run_distributed(_saved, 2, args=(arch, precision, attention_dropout))
     for rank_rows in rows:
-        for recompute, sp, measured, predicted in rank_rows:
+        for recompute, sp, measured, predicted, blocks, blocks_predicted in rank_rows:
             print(f"{arch} {precision} recompute={recompute} sp={sp}: autograd keeps {measured / 1024:.0f} KiB, "
-                  f"predicted {predicted / 1024:.0f} KiB ({measured / predicted:.3f}x)")
-            assert measured == pytest.approx(predicted, rel=0.05), (recompute, sp)
-    by = {(r, s): m for r, s, m, _ in rows[0]}
+                  f"predicted {predicted / 1024:.0f} KiB ({measured / predicted:.3f}x); the blocks "
+                  f"{blocks / 1024:.1f} KiB, predicted {blocks_predicted / 1024:.1f} KiB")
+            assert blocks == blocks_predicted, (recompute, sp)  # the blocks: exact, as the docs say
+            # outside them the loss's few per-token tensors (~B*T*V/tp-free, a few KiB) are not modelled
+            assert 0 <= measured - predicted <= 0.02 * predicted + 24 * 1024, (recompute, sp)
+    by = {(r, s): m for r, s, m, *_ in rows[0]}
     assert by[("none", True)] < by[("none", False)] and by[("full", True)] < by[("selective", True)]
     if arch == "gpt2":  # (llama at this size: the saved q, k, v equal the scores it no longer keeps)
         assert by[("selective", True)] < by[("none", True)]

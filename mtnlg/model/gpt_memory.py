@@ -36,11 +36,15 @@ def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precis
     sbh = s * b * h / (tp if sp else 1)  # a tensor of the replicated region (a sequence shard under SP)
     if m.recompute == "full":
         return e * sbh  # the block's input; everything else is recomputed in backward
-    # a norm keeps its input (LayerNorm), or, as torch's CPU RMSNorm computes it, two fp32 copies
+    # a norm keeps its input (LayerNorm), or, as torch's CPU RMSNorm computes it, two fp32 copies; and its
+    # per-token statistics in fp32 (LayerNorm: mean and 1/std; RMSNorm: 1/rms)
     norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
+    norm += norm_stats_bytes(m, s * b, tp, sp)
     dropout = e * sbh if m.hidden_dropout > 0 else 0  # F.dropout keeps its mask in the input's dtype
     stored = 2 * norm + 2 * e * sbh + 2 * dropout  # + the inputs of the QKV and MLP-in projections
     rope = m.position_embedding == "rope"
+    if rope:  # the layer's cos and sin tables (T, hd), which rotating q and k keeps
+        stored += 2 * e * s * m.head_dim
     qkv_storage = q + 2 * kv  # v (and without RoPE q and k) are views of the QKV output, which stays alive
     if m.recompute == "selective":
         stored += e * ((q + kv if rope else 0) + qkv_storage)  # only the core's inputs
@@ -68,7 +72,13 @@ def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precisi
     e = 4 if precision == "fp32" else 2
     sbh = m.seq_length * micro * m.hidden_size / (tp if sp else 1)
     norm = (8 if device == "cpu" else e) * sbh if m.norm == "rmsnorm" else e * sbh
+    norm += norm_stats_bytes(m, m.seq_length * micro, tp, sp)
     return norm + e * sbh + e * m.seq_length * micro * m.padded_vocab_size / tp
+
+
+def norm_stats_bytes(m: ModelConfig, tokens: float, tp: int, sp: bool) -> float:
+    """What one norm keeps per token besides its input: fp32 mean and 1/std (LayerNorm) or 1/rms (RMSNorm)."""
+    return (8 if m.norm == "layernorm" else 4) * tokens / (tp if sp else 1)
 
 
 def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
