@@ -60,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner, info = open_runner(args.checkpoint, args.hf, args.device or default_device(), args.max_batch_size,
                                args.model_name)
     if info.rank != 0:
+        # a launcher passes SIGTERM to every rank: rank 0 drains and then tells the others to stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         runner.follow()
         return 0
     return _serve(args, runner, info)

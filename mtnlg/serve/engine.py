@@ -85,9 +85,8 @@ class Engine:
             if len(self.waiting) + len(self.running) + len(seqs) > self.max_batch_size + self.max_queue:
                 raise QueueFull()
             for i, s in enumerate(seqs):
-                seed = s.params.seed
-                s.generator = torch.Generator().manual_seed(seed if seed is not None else
-                                                            int(torch.randint(0, 2**62, ()).item()) + i)
+                seed = s.params.seed if s.params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                s.generator = torch.Generator().manual_seed(seed + i)  # choice i of a seeded request: seed + i
                 self.waiting.append(s)
             self.metrics.queue_depth.set(len(self.waiting))
             self.lock.notify()
@@ -153,6 +152,7 @@ class Engine:
             admitted.append(s)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.running))
+        self.metrics.running_peak.set(max(self.metrics.running_peak.v, len(self.running)))
         return admitted
 
     def _step(self, admitted: list[Sequence]) -> None:

@@ -79,12 +79,14 @@ class Metrics:
         self.generation_tokens = Counter("mtnlg_generation_tokens_total", "tokens generated")
         self.queue_depth = Gauge("mtnlg_queue_depth", "sequences waiting for a cache row")
         self.running = Gauge("mtnlg_running_sequences", "sequences holding a cache row")
+        self.running_peak = Gauge("mtnlg_running_sequences_peak", "most sequences that held rows at once")
         self.ttft = Histogram("mtnlg_time_to_first_token_seconds", "from arrival to the first generated token")
         self.itl = Histogram("mtnlg_inter_token_latency_seconds", "between two tokens of one sequence")
 
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.queue_depth, self.running,
+                  self.running_peak,
                   self.ttft, self.itl):
             lines += m.render()
         return "\n".join(lines) + "\n"
