@@ -53,6 +53,7 @@ def dirs(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(d / "src")
     tok.hf.save_pretrained(d / "src")
     import_hf(d / "src", d / NAME)
+    import_hf(d / "src", d / "tp2pp2", overrides=["parallel.tensor=2", "parallel.pipeline=2"])  # another layout
     export_hf(str(d / NAME), str(d / "hf"), verify=True)
     return d
 
@@ -361,6 +362,12 @@ def test_hf_export_served_in_process_equals_native(dirs, native):
         engine.stop()
     want = native.generate_ids(prompts, 12, stop_at_eod=False)
     assert [s.out for s in seqs] == want
+    # a checkpoint of layout tensor 2 x pipeline 2 served by one process (merged on load) decodes the same
+    runner, info = open_runner(str(dirs / "tp2pp2"), None, "cpu", 4)
+    from mtnlg.serve.model_runner import Step
+
+    out = runner.run(Step(prefill=[(0, prompts[0])]))
+    torch.testing.assert_close(out.prefill_logits[0][-1], native.model(torch.tensor([prompts[0]]))[0, -1].float())
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -388,8 +395,10 @@ def _tp_answers(port: int) -> list:
 def test_tensor_parallel_server_answers_as_one_rank(dirs, server):
     port = _free_port()
     torchrun = Path(sys.executable).with_name("torchrun")
+    # the checkpoint of layout tensor 2 x pipeline 2, resharded on load to tensor 2 x pipeline 1
     proc = _start([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "mtnlg",
-                   "serve", "--checkpoint", str(dirs / NAME), "--port", str(port), "--device", "cpu"], port,
+                   "serve", "--checkpoint", str(dirs / "tp2pp2"), "--model-name", NAME, "--port", str(port),
+                   "--device", "cpu"], port,
                   dirs / "tp2.log", timeout=180)
     try:
         assert "tensor parallel over 2 ranks" in (dirs / "tp2.log").read_text()
