@@ -96,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mtnlg.data.commands import add_commands as add_data_commands
     from mtnlg.eval.commands import add_commands as add_eval_commands
     from mtnlg.plan.commands import add_commands as add_plan_commands
+    from mtnlg.serve.commands import add_commands as add_serve_commands
 
     add_data_commands(sub)
     add_convert_commands(sub)
     add_eval_commands(sub)
     add_bench_commands(sub)
     add_plan_commands(sub)
+    add_serve_commands(sub)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")

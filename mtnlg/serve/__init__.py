@@ -1,0 +1,1 @@
+"""`mtnlg serve`: an OpenAI-compatible HTTP server with continuous batching (see docs/serve.md)."""
