@@ -60,24 +60,13 @@ def why_unavailable() -> str | None:
 
 
 def ensure_packages() -> str | None:
-    """Install what the hosts need from Debian (``openssh-server`` for sshd, ``pdsh`` for DeepSpeed's default
-    multi-node runner) when missing; None when they are there, else why they could not be installed."""
+    """None when the Debian packages the hosts need are installed (``openssh-server`` for sshd, ``pdsh`` for
+    DeepSpeed's default multi-node runner), else what to run. Installing them is a setup step of the test command
+    (``scripts/setup_system.sh``, which ``scripts/test.sh`` runs), never done by a test."""
     missing = sorted({pkg for path, pkg in PACKAGES.items() if not Path(path).exists()})
     if not missing:
         return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"needs Debian packages {', '.join(missing)} (apt-get install {' '.join(missing)})"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    wait = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get (a parallel test session) holds the lock
-    steps = (["apt-get", *wait, "update", "-q"],
-             ["apt-get", *wait, "install", "-y", "-q", "--no-install-recommends", *missing])
-    for cmd in steps:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-            return f"could not install {', '.join(missing)} with apt-get: {tail[0]}"
-    still = [pkg for path, pkg in PACKAGES.items() if not Path(path).exists()]
-    return f"{', '.join(still)} installed but not found" if still else None
+    return f"needs Debian packages {', '.join(missing)}: run `bash scripts/setup_system.sh` (as root) first"
 
 
 class SimHosts:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mtnlg.checkpoint.tags import TAG_RE, complete_tags, latest_tag
+from mtnlg.checkpoint.tags import complete_tags, latest_tag
 from mtnlg.training.guard import LossWatch
 from tests.dist_helper import ds_config, free_port, run_distributed
 
@@ -189,42 +189,30 @@ def test_a_hung_rank_times_out_with_a_clear_message(tmp_path):
 
 
 def test_killed_saves_leave_the_previous_checkpoint_loadable(tmp_path):
-    """SIGKILL the run while a checkpoint is half written, several times; each resume picks the newest
-    complete checkpoint and the run finishes."""
+    """SIGKILL the run while a checkpoint is half written (every shard on disk, no marker yet: the fault point
+    ``MTNLG_FAULT_KILL_BEFORE_MARKER``), three times at chosen iterations; each resume picks the newest complete
+    checkpoint and the run finishes."""
+    from mtnlg.checkpoint.saver import FAULT_ENV
+
     cfg = tmp_path / "run.yaml"
     save = tmp_path / "ckpt"
     cfg.write_text(CONFIG.replace("iters: 100000", "iters: 40"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "mtnlg"), "train", "--config", str(cfg), "--set", f"checkpoint.save={save}",
            "--set", f"checkpoint.load={save}", "--set", "checkpoint.interval=1"]
-    kills = 0
-    for _ in range(3):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        killed = False
-        while time.time() < deadline and proc.poll() is None:
-            # ``done`` first: a save that completes between the two looks would otherwise count as
-            # partial while its ``latest`` is still being written.
-            done = complete_tags(save)
-            newest_done = done[-1][0] if done else None
-            partial = [d for d in save.glob("global_step*") if (m := TAG_RE.match(d.name))
-                       and not (d / "complete").exists()
-                       and newest_done is not None and int(m.group(1)) > newest_done]
-            if partial:  # a save is under way and an older complete one exists
-                proc.kill()
-                killed = True
-                break
-        proc.wait()
-        assert killed, proc.stdout.read()
-        kills += 1
+    for kill_at in (3, 5, 9):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: str(kill_at)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+        half = save / f"global_step{kill_at}"
+        assert half.is_dir() and any(half.glob("*.pt")) and not (half / "complete").exists()  # killed mid-save
         newest = latest_tag(save)
-        assert newest is not None and (save / newest / "complete").is_file()
+        assert newest == f"global_step{kill_at - 1}" and (save / newest / "complete").is_file()
         assert (save / "latest").read_text() == newest
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no fault this time
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     assert "resumed from iteration" in final.stdout
     assert latest_tag(save) == "global_step40"
-    assert kills == 3
 
 
 def _keep_last(rank, world, save):

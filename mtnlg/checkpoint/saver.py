@@ -8,7 +8,9 @@ crash anywhere in between leaves the previous complete checkpoint the one that i
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int, 
         r, host, why = bad[0]
         raise JobError(f"saving {save_dir / tag} failed on host {host} (rank {r}: {why}); it is left incomplete and "
                        "the previous checkpoint stays the one to resume from")
+    _fault_point(iteration)
     if rank == 0:
         write_atomic(save_dir / tag / MARKER, f"{iteration}\n")
         write_atomic(save_dir / "latest", tag)
@@ -62,3 +65,15 @@ def save(engine, cfg: RunConfig, iteration: int, client_state: dict, rank: int, 
                 shutil.rmtree(save_dir / old, ignore_errors=True)
     dist.barrier()
     return save_dir / tag
+
+
+FAULT_ENV = "MTNLG_FAULT_KILL_BEFORE_MARKER"
+
+
+def _fault_point(iteration: int) -> None:
+    """Fault injection for the crash-safety tests: with ``MTNLG_FAULT_KILL_BEFORE_MARKER=N`` the process kills
+    itself (SIGKILL, as a lost node or an OOM killer would) at iteration N's save, after every rank's shards are
+    written and fsynced and before the marker: the worst moment, reached deterministically. Unset: nothing."""
+    at = os.environ.get(FAULT_ENV)
+    if at and at.strip().lstrip("-").isdigit() and int(at) == iteration:
+        os.kill(os.getpid(), signal.SIGKILL)
