@@ -1,16 +1,75 @@
-"""Test-session hygiene: DeepSpeed's CPU all-reduce keeps a 67 MB buffer per rank in /dev/shm
-(``deepspeed_allreduce_buffer_*``) and a rank that is killed never removes its own. The fault
-tests kill ranks on purpose; this removes the buffers they leave, so a long session does not fill
-the machine's shared memory."""
+"""The test session: an offline environment, the markers (``multirank``, ``multihost``, ``slow``) that make a quick
+inner loop one command, and hygiene.
+
+    bash scripts/test.sh                                            # everything (what CI runs)
+    bash scripts/test.sh -m "not multirank and not multihost and not slow"   # the inner loop: one process each
+
+A test is ``multirank`` when it (or a fixture it uses) starts ranks: ``run_distributed``, or a launcher
+(``deepspeed``, ``torchrun``, ``accelerate``) or a multi-rank CLI run; ``multihost`` when it stands up simulated
+hosts (``tests/hosts.py``). Both are found from the source, so a new test is marked without anyone remembering to;
+``slow`` is set by hand on single tests that take long anyway.
+
+Hygiene: DeepSpeed's CPU all-reduce keeps a 67 MB buffer per rank in /dev/shm (``deepspeed_allreduce_buffer_*``)
+and a rank that is killed never removes its own. The fault tests kill ranks on purpose; this removes the buffers
+they leave, so a long session does not fill the machine's shared memory."""
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
 import time
 from pathlib import Path
 
+import pytest
+
+# nothing from a model or data hub, ever (spawned ranks and subprocesses inherit it)
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MARKERS = {
+    "multirank": "starts several ranks (run_distributed, a launcher, or a multi-rank run)",
+    "multihost": "stands up simulated hosts (network namespaces, sshd)",
+    "slow": "takes long on 2 cores even alone",
+}
+_MULTIRANK = re.compile(r"run_distributed\(|\"deepspeed\"|\"torchrun\"|\"accelerate\"|_launch\(|launch_ranks\(")
+_MULTIHOST = re.compile(r"SimHosts\(")
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def _sources(item) -> str:
+    """The test function's source and that of every fixture it uses (module fixtures included)."""
+    parts = []
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(info, "names_closure", []):
+        for fixdef in (info.name2fixturedefs.get(name) or []):
+            funcs.append(fixdef.func)
+    for f in funcs:
+        try:
+            parts.append(inspect.getsource(f))
+        except (OSError, TypeError):
+            pass
+    return "\n".join(parts)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        src = _sources(item)
+        hosts = _MULTIHOST.search(src) or "cluster" in getattr(item, "fixturenames", ())
+        if hosts:
+            item.add_marker(pytest.mark.multihost)
+        if hosts or _MULTIRANK.search(src):
+            item.add_marker(pytest.mark.multirank)
+
 SHM = Path("/dev/shm")
 PATTERN = "deepspeed_allreduce_buffer_*"
-MARKERS = "mtnlg-lost-contact-*"  # the CLI's one-report-per-host markers (0 bytes) from fault tests
+LOST_CONTACT = "mtnlg-lost-contact-*"  # the CLI's one-report-per-host markers (0 bytes) from fault tests
 _started = time.time()
 
 
@@ -29,7 +88,7 @@ def _mapped() -> set[str]:
 def pytest_sessionfinish(session, exitstatus):
     if not SHM.is_dir():
         return
-    for f in SHM.glob(MARKERS):
+    for f in SHM.glob(LOST_CONTACT):
         try:
             if f.stat().st_mtime >= _started - 1:
                 f.unlink()

@@ -39,7 +39,7 @@ def w(tmp_path_factory):
     """A workspace: a run config, a trained ZeRO-0 checkpoint, data, a tokenizer, HF dirs, existing outputs."""
     from mtnlg.data.preprocess import preprocess
     from mtnlg.data.tokenizer import train_tokenizer
-    from tests.test_convert_hf import hf_model, save_hf
+    from tests.helpers import hf_model, save_hf
 
     d = tmp_path_factory.mktemp("bad")
     (d / "run.yaml").write_text(TINY)

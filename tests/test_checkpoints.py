@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helper import nodes_supported, run_distributed, skip_unless_required
-from tests.test_training import run_config
+from tests.helpers import run_config
 
 STEPS = 3
 

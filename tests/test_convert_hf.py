@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mtnlg.cli import main as convert_main
+from tests.helpers import FAMILIES, SEQ, VOCAB, hf_model, load_hf, sample, save_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 
 LOGIT_TOL = 1e-5  # fp32 logits of O(1): max abs difference (measured: <= 1.7e-6)
-VOCAB, SEQ = 96, 32
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,63 +28,11 @@ def _offline():
         yield
 
 
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
-
-
-def hf_model(family: str, **overrides):
-    """A tiny random HF model: GPT-2 (tied), or Llama / Qwen2 (q, k, v biases) / Mistral with GQA (4 heads / 2 kv
-    heads) and an untied head."""
-    import transformers
-
-    torch.manual_seed(FAMILIES.index(family))
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=SEQ,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                                      initializer_range=0.1, bos_token_id=None, eos_token_id=None, **overrides)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        config_class, model_class, extra = {
-            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": False}),
-            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
-        }[family]
-        kwargs = {"tie_word_embeddings": False, **extra, **overrides}
-        cfg = config_class(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=SEQ,
-                           rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                           initializer_range=0.1, bos_token_id=None, eos_token_id=None, **kwargs)
-        model = model_class(cfg)
-        with torch.no_grad():  # random norm weights and biases, so a swapped norm or a lost bias cannot hide
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.uniform_(0.5, 1.5)
-                elif name.endswith("bias"):
-                    p.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
-def save_hf(model, path: Path, tokenizer=None) -> Path:
-    model.save_pretrained(str(path))
-    if tokenizer is not None:
-        tokenizer.hf.save_pretrained(str(path))
-    return path
-
-
 def cli(*argv: str, capsys=None) -> tuple[int, str]:
     """Run a converter command in-process; (exit code, stderr)."""
     rc = convert_main([str(a) for a in argv])
     err = capsys.readouterr().err if capsys is not None else ""
     return rc, err
-
-
-def load_hf(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
-
-
-def sample(n: int = 3, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

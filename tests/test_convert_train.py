@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from mtnlg.cli import main as convert_main
 from tests.dist_helper import ds_config, run_distributed
-from tests.test_convert_hf import hf_model, load_hf, save_hf
-from tests.test_training import run_config
+from tests.helpers import hf_model, load_hf, run_config, save_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 LR, MICRO, GLOBAL, BRANCHING, DATA_SEED = 1e-2, 2, 8, 4, 3

@@ -274,7 +274,7 @@ def test_import_hf_teacher_gives_the_hf_logits(tmp_path):
     from mtnlg.errors import JobError
     from mtnlg.parallel import ParallelState
     from mtnlg.training.distill import load_teacher, open_teacher, teacher_config
-    from tests.test_convert_hf import SEQ, VOCAB, hf_model, sample, save_hf
+    from tests.helpers import SEQ, VOCAB, hf_model, sample, save_hf
 
     hf = hf_model("llama").eval()
     save_hf(hf, tmp_path / "hf")

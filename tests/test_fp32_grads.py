@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_helper import run_distributed
-from tests.test_training import run_config
+from tests.helpers import run_config
 
 
 def test_lookup_adds_row_gradients_into_the_fp32_buffer():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helper import run_distributed
-from tests.test_training import run_config
+from tests.helpers import run_config
 
 BIN = Path(sys.executable).parent
 N = 3  # resharded at iteration N, resumed to 2N

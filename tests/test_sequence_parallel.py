@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
-from tests.test_training import DROPOUT, run_config
+from tests.helpers import DROPOUT, run_config
 
 STEPS = 10
 RTOL = 1e-5
@@ -81,7 +81,7 @@ def test_sequence_parallel_checkpoint_exports_and_reshards_like_one_without(runs
     and DeepSpeed's universal conversion (``mtnlg checkpoint reshard``) takes its replicated parameters once."""
     from mtnlg.checkpoint import full_state_dict, reshard
     from mtnlg.convert import export_hf
-    from tests.test_convert_hf import load_hf
+    from tests.helpers import load_hf
 
     on, off = runs[(preset, 2, 2, 2, 1, True)]["save"], runs[(preset, 2, 2, 2, 1, False)]["save"]
     ids = torch.randint(0, 96, (3, 32), generator=torch.Generator().manual_seed(0))

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.dist_helper import ds_config, run_distributed
-from tests.test_convert_hf import load_hf
+from tests.helpers import load_hf
 
 SEQ = 64
 EXAMPLES = 8

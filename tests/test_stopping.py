@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from tests.dist_helper import free_port, run_distributed
-from tests.test_training import run_config
+from tests.helpers import run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_helper import ds_config, run_distributed
+from tests.dist_helper import run_distributed
+from tests.helpers import DROPOUT, MODEL, STEPS, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 5
 # fp32 everywhere. Layouts sum the same products in other orders (tp splits the reductions, dp averages
 # partial gradients, pipelines accumulate micro batches per stage), so values differ by float32 rounding,
 # which AdamW's first steps (update ~ g / sqrt(g^2)) amplify a little: 1e-5 relative is the bound.
@@ -26,32 +26,6 @@ RTOL = 1e-5
 # the one SGD step: parameter change = -SGD_LR x gradient, large enough to dwarf the float32 rounding of
 # "weights after minus weights before" (norm weights start at 1.0, where one ulp is 1.2e-7)
 SGD_LR = 100.0
-
-MODEL = {
-    "gpt2": {"architecture": "gpt2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
-             "vocab_size": 96, "seq_length": 32},
-    "llama": {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
-              "num_kv_heads": 2, "vocab_size": 96, "seq_length": 32},
-}
-DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
-
-
-def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
-               iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
-               optimizer: str = "adamw", **train):
-    from mtnlg.config import from_dict
-
-    return from_dict({
-        "model": {**MODEL.get(architecture, {**MODEL["llama"], "architecture": architecture}), **(model or {})},
-        "parallel": {"tensor": tp, "pipeline": pp},
-        "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
-                  "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
-                  "peak_tflops": 1.0, **train},
-        "data": {"synthetic": {"branching": 4, "seed": 3}},
-        "checkpoint": {"save": save, "load": load, "interval": 0},
-        "deepspeed_config": ds_config(zero, optimizer),
-    })
-
 
 def sgd_step_config(save: str, **kwargs):
     """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -SGD_LR x gradient."""

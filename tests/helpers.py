@@ -1,0 +1,89 @@
+"""What several test files share: small run configs and tiny Hugging Face models (tests never import each other)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.dist_helper import ds_config
+
+STEPS = 5  # steps of the parity runs (tests/test_training.py)
+VOCAB, SEQ = 96, 32  # the tiny HF models' vocabulary and positions
+
+MODEL = {
+    "gpt2": {"architecture": "gpt2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+             "vocab_size": 96, "seq_length": 32},
+    "llama": {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+              "num_kv_heads": 2, "vocab_size": 96, "seq_length": 32},
+}
+DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+
+
+def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
+               iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
+               optimizer: str = "adamw", **train):
+    from mtnlg.config import from_dict
+
+    return from_dict({
+        "model": {**MODEL.get(architecture, {**MODEL["llama"], "architecture": architecture}), **(model or {})},
+        "parallel": {"tensor": tp, "pipeline": pp},
+        "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
+                  "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
+                  "peak_tflops": 1.0, **train},
+        "data": {"synthetic": {"branching": 4, "seed": 3}},
+        "checkpoint": {"save": save, "load": load, "interval": 0},
+        "deepspeed_config": ds_config(zero, optimizer),
+    })
+
+
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+
+
+def hf_model(family: str, **overrides):
+    """A tiny random HF model: GPT-2 (tied), or Llama / Qwen2 (q, k, v biases) / Mistral with GQA (4 heads / 2 kv
+    heads) and an untied head."""
+    import transformers
+
+    torch.manual_seed(FAMILIES.index(family))
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=SEQ,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                                      initializer_range=0.1, bos_token_id=None, eos_token_id=None, **overrides)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        config_class, model_class, extra = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": False}),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+        }[family]
+        kwargs = {"tie_word_embeddings": False, **extra, **overrides}
+        cfg = config_class(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                           rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                           initializer_range=0.1, bos_token_id=None, eos_token_id=None, **kwargs)
+        model = model_class(cfg)
+        with torch.no_grad():  # random norm weights and biases, so a swapped norm or a lost bias cannot hide
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                elif name.endswith("bias"):
+                    p.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def save_hf(model, path: Path, tokenizer=None) -> Path:
+    model.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.hf.save_pretrained(str(path))
+    return path
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+
+
+def sample(n: int = 3, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
