@@ -1,5 +1,5 @@
-"""The README's memory tables: ``mtnlg bench``'s memory section (``mtnlg.bench.memory``) on the two models the
-README quotes, on this machine (CPU, one thread per rank, bf16):
+"""The memory tables of docs/parallelism-and-memory.md: ``mtnlg bench``'s memory section (``mtnlg.bench.memory``)
+on the two models the manual quotes, on this machine (CPU, one thread per rank, bf16):
 
     python benchmarks/memory_tables.py --output benchmarks/results/memory      # ~20 min on 2 cores
 

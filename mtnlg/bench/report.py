@@ -1,5 +1,5 @@
 """The outputs of ``mtnlg bench``: ``bench.json`` (every figure and every step time), ``bench.md``
-(the tables the README shows) and ``bench.png`` (the same as bars, drawn with matplotlib when installed)."""
+(the tables docs/performance.md shows) and ``bench.png`` (the same as bars, drawn with matplotlib when installed)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ device reports it.
 
 The efficiencies of the GPU profiles are the planner's assumptions, not measurements: ``gemm_efficiency`` (the
 fraction of the dense 16-bit peak that a transformer's GEMMs reach) is the one figure fitted to published runs
-(README: "mtnlg plan"); ``link_efficiency`` (0.8: the bus bandwidth NCCL's rings reach on NVLink/InfiniBand at
+(docs/planner.md); ``link_efficiency`` (0.8: the bus bandwidth NCCL's rings reach on NVLink/InfiniBand at
 tens of MB) and ``memory_efficiency`` are round numbers. The ``cpu`` profile is measured on one machine of the kind
 mtnlg's tests run on (2 cores, one rank per core); run `mtnlg bench --calibrate` on yours and pass the JSON it
 writes with ``--calibration``.
@@ -36,7 +36,7 @@ class Hardware:
     memory_gbps: float  # bandwidth of memory-bound (elementwise) kernels, GB/s, nominal
     intra_node_gbps: float  # device-to-device inside a node (NVLink; shared memory on a CPU), per direction
     inter_node_gbps: float  # each device's share of its node's network, per direction
-    gemm_efficiency: float = 0.64  # fraction of the peak a transformer's GEMMs reach (fitted: README)
+    gemm_efficiency: float = 0.64  # fraction of the peak a transformer's GEMMs reach (fitted: docs/planner.md)
     link_efficiency: float = 0.8  # fraction of the link bandwidths collectives reach (bus bandwidth)
     memory_efficiency: float = 0.8  # fraction of ``memory_gbps`` elementwise kernels reach
     gather_scatter_slowdown: float = 1.0  # all-gather / reduce-scatter time per byte over all-reduce's (gloo: > 1)
