@@ -9,6 +9,7 @@ first-step gradient, read back from the checkpoint at full size whatever the lay
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -40,11 +41,37 @@ def _train_many(rank: int, world: int, runs: list[dict]) -> list[dict]:
     out = []
     for kwargs in runs:
         kwargs = dict(kwargs)
+        broken = kwargs.pop("broken_loss_scale", None)
         cfg = sgd_step_config(**kwargs) if kwargs.pop("sgd", False) else run_config(**kwargs)
-        summary = train(cfg)
+        with planted_dp_bug(broken):
+            summary = train(cfg)
         out.append({"losses": summary.losses, "grad_norms": summary.grad_norms, "skipped": summary.skipped,
                     "record": summary.last_record, "zero3": summary.zero3_partitioned})
     return out
+
+
+@contextlib.contextmanager
+def planted_dp_bug(scale: float | None):
+    """A bug planted in training on purpose: data-parallel rank 1's loss, and so its gradient, ``scale`` times what
+    it should be (as a rank counting its micro batches wrongly would make it). None: no bug."""
+    if scale is None:
+        yield
+        return
+    import torch.distributed as dist
+
+    import mtnlg.model.gpt as gpt
+
+    plain = gpt.GPTLoss.__call__
+
+    def call(self, logits, labels):
+        loss = plain(self, logits, labels)
+        return loss * scale if dist.get_rank() == 1 else loss
+
+    gpt.GPTLoss.__call__ = call
+    try:
+        yield
+    finally:
+        gpt.GPTLoss.__call__ = plain
 
 
 def _results(runs: list[dict], world: int) -> list[dict]:
@@ -87,6 +114,11 @@ def parity(tmp_path_factory):
             save = root / f"sgd-{p}-tp{tp}pp{pp}dp{dp}-zero{zero}"
             runs.append({"architecture": p, "tp": tp, "pp": pp, "zero": zero, "sgd": True, "save": str(save)})
             keys.append(("sgd", p, tp, pp, dp, zero))
+        if world == 2:  # the parity checks must catch a bug planted in training (test_parity_sees_a_planted_bug)
+            save = root / "sgd-gpt2-broken-dp2"
+            runs.append({"architecture": "gpt2", "tp": 1, "pp": 1, "zero": 1, "sgd": True, "save": str(save),
+                         "broken_loss_scale": 1.01})
+            keys.append(("sgd_broken", "gpt2", 1, 1, 2, 1))
         if world == 2:  # recompute replays dropout exactly: same losses and norms with dropout on
             for p in MODEL:
                 for tp, pp in CKPT_LAYOUTS:
@@ -153,10 +185,15 @@ def test_zero_stages_match(parity, world, preset, tp, pp, zero):
         assert split == total > 10  # every parameter, not just the big ones
 
 
-def test_sgd_gradients_see_a_wrong_scale(parity):
-    """The first-step gradient comparison is sharp: a gradient 1% off fails it by orders of magnitude."""
+def test_parity_sees_a_planted_bug(parity):
+    """The parity check is sharp on real training: dp rank 1's gradient 1% too large (a bug planted in the run,
+    ``planted_dp_bug``; the mean over 2 ranks is then 0.5% off) fails the first-step gradient comparison by orders
+    of magnitude, while the same run without the bug passes it."""
     ref = sgd_update(parity[("sgd", "gpt2", 1, 1, 1, 1)]["save"], "gpt2")
-    assert update_rel_diff({k: 1.01 * v for k, v in ref.items()}, ref) > 100 * RTOL
+    good = sgd_update(parity[("sgd", "gpt2", 1, 1, 2, 1)]["save"], "gpt2")
+    broken = sgd_update(parity[("sgd_broken", "gpt2", 1, 1, 2, 1)]["save"], "gpt2")
+    assert update_rel_diff(good, ref) < RTOL
+    assert update_rel_diff(broken, ref) > 100 * RTOL
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
