@@ -288,6 +288,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)} - {"family_knobs"}
     kwargs = {}
+    if cls is ModelConfig and "family_knobs" in raw:  # dataclasses.asdict of a config: its knobs, nested
+        raw = {k: v for k, v in raw.items() if k != "family_knobs"} | dict(raw["family_knobs"] or {})
     knobs = _family_knobs(raw) if cls is ModelConfig else None
     if knobs is not None:  # the keys of the architecture's family (mtnlg.families): a section of their own
         own = {f.name for f in dataclasses.fields(knobs)}

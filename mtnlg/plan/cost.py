@@ -17,7 +17,8 @@ parallelism) costs, on the pipeline stage that paces the others:
   reduce-scatters that replace them (and the all-gathers that re-gather the kept sequence shards in backward);
 - pipeline: the stages' times once (fill and drain) plus (m - 1) times the slowest one, i.e. the bubble
   (pp - 1) / m for equal stages, and per micro batch the activation sent forward and its gradient sent back;
-- data parallelism, after the last micro batch (not overlapped): ZeRO-0 all-reduces the gradients, ZeRO-1
+- data parallelism, after the last micro batch (not overlapped; across nodes over as many links as the group has
+  ranks on a node: ``dp_rails``): ZeRO-0 all-reduces the gradients, ZeRO-1
   reduces them (an all-reduce of fp32 gradients with bf16, a reduce-scatter otherwise) and all-gathers the
   updated weights, ZeRO-2 reduce-scatters at every micro batch, ZeRO-3 also all-gathers the weights before every
   forward and backward;
@@ -99,6 +100,18 @@ def spans_nodes(tp: int, pp: int, dp: int, gpus_per_node: int, axis: str) -> boo
     if axis == "dp":
         return dp > 1 and any(i * block // node != ((i + 1) * block - 1) // node for i in range(pp))
     return any(i * block // node != ((i + 2) * block - 1) // node for i in range(pp - 1))
+
+
+def dp_rails(tp: int, dp: int, gpus_per_node: int) -> int:
+    """How many of a node's network links a data-parallel group's inter-node traffic runs over: the group's ranks on
+    one node. A node has one link (NIC) per device (``inter_node_gbps`` is a device's share: DGX A100, 8 HDR
+    InfiniBand NICs); NCCL builds one ring per link and splits a collective over them, so a group with k ranks on a
+    node crosses between nodes over k links at once, while the node's other links carry the other groups (the
+    other tp ranks' dp groups, all reducing at the same time). A dp group holds every tp-th rank of its stage's
+    block: min(dp, gpus_per_node / tp) ranks on a node. Without this, a small dp group at large tp looked as fast
+    as a large one at small tp, and the planner could not reproduce Narayanan et al. 2021's Figures 14 and 15
+    (throughput falls as pipeline or tensor parallelism replaces data parallelism, at every batch size)."""
+    return max(1, min(dp, gpus_per_node // tp))
 
 
 def step_time(cfg: RunConfig, hw: Hardware, gpus_per_node: int, zero_stage: int,
@@ -183,7 +196,7 @@ def step_time(cfg: RunConfig, hw: Hardware, gpus_per_node: int, zero_stage: int,
     params = max(st.params for st in stages)
     dp_comm = 0.0
     if dp > 1:
-        dp_bw = hw.link_bytes_per_s(spans_nodes(tp, pp, dp, gpus_per_node, "dp"))
+        dp_bw = hw.link_bytes_per_s(spans_nodes(tp, pp, dp, gpus_per_node, "dp")) * dp_rails(tp, dp, gpus_per_node)
 
         def coll(kind: str, nbytes: float) -> float:
             return ring_time(kind, nbytes, dp, dp_bw, lat, hw.gather_scatter_slowdown)
