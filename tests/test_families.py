@@ -43,6 +43,7 @@ def test_a_declared_family_reaches_the_config(toy_family):
     flat = to_dict(cfg)["model"]
     assert flat["binary_head"] is False and "family_knobs" not in flat  # written back as the YAML states them
     assert resolve(from_dict({"model": flat}), 1).model == m  # and read back the same
+    assert resolve(from_dict({"model": dataclasses.asdict(m)}), 1).model == m  # so is a dataclass dump
     with pytest.raises(ConfigError, match="model.heads_scale = -1.0 must be positive"):  # its check runs
         resolve(from_dict({"model": {"architecture": "toy", "vocab_size": 50, "heads_scale": -1}}), 1)
     with pytest.raises(ConfigError, match="unknown key 'model.binary_head'"):  # another family has no such key
