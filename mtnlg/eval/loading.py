@@ -54,9 +54,14 @@ def _open_native(checkpoint: str, iteration: int | None, device: torch.device, b
     from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.eval.generate import Generator
     from mtnlg.eval.native import NativeScorer, build_model
+    from mtnlg.model.registry import family
     from mtnlg.parallel import ParallelState
 
     ckpt = open_checkpoint(checkpoint, iteration)
+    fam = family(ckpt.model_cfg)
+    if not fam.causal_lm:
+        raise UserError(f"{checkpoint} holds a {ckpt.model_cfg.architecture} model ({fam.name} family), which does not "
+                        "generate text left to right; these tasks score causal language models")
     if ckpt.tokenizer_dir is None:
         raise UserError(f"{checkpoint} has no tokenizer/ directory (a run on synthetic data?); text tasks need one")
     tok = load_tokenizer(str(ckpt.tokenizer_dir))
