@@ -46,6 +46,9 @@ GB = 2**30
 
 def open_teacher(d: DistillConfig) -> NativeCheckpoint:
     """The teacher's checkpoint; a missing or unreadable one is a one-line error on every rank."""
+    if Path(d.teacher).is_file():
+        raise JobError(f"distill.teacher = {d.teacher} is a file; name the teacher's checkpoint directory (its "
+                       "checkpoint.save, or the output of `mtnlg import-hf`)")
     if (Path(d.teacher) / "config.json").is_file() and not (Path(d.teacher) / "latest").is_file():
         raise JobError(f"distill.teacher {d.teacher} is a Hugging Face model directory; convert it once with "
                        f"`mtnlg import-hf --model {d.teacher} --output DIR` and set distill.teacher=DIR")

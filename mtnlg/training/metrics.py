@@ -65,6 +65,27 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def drop_records_after(path: Path, iteration: int) -> int:
+    """Remove the records of iterations after ``iteration`` from a metrics.jsonl (a run stopped past its last
+    checkpoint logged them; the resumed run logs them again). Rewritten atomically; returns how many went."""
+    if not path.is_file():
+        return 0
+    from mtnlg.files import write_atomic
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("iteration", 0) > iteration:
+                continue
+        except (ValueError, AttributeError):
+            pass  # keep what is not ours to judge
+        kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 class Metrics:
     def __init__(self, *, enabled: bool, save_dir: str | None, total_iters: int, tokens_per_step: int,
                  flops_per_token: float, peak_tflops_total: float | None, device: torch.device,
@@ -74,6 +95,8 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak_tflops_total
         self.device = device
         self.path = Path(save_dir) / "metrics.jsonl" if (enabled and save_dir) else None
+        if self.path is not None:
+            drop_records_after(self.path, start_iteration)
         self.tb = None
         if enabled and tensorboard_dir:
             try:
