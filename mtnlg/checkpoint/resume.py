@@ -157,8 +157,11 @@ def load(engine, plan: LoadPlan | None) -> tuple[int, int]:
     if plan.kind == "weights":  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
         load_weights(engine, Path(plan.directory) / plan.tag)
         return 0, 0
-    _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    from mtnlg.parallel.distributed import deepspeed_output
+
+    with deepspeed_output(engine.cfg.logging.deepspeed == "info"):  # DeepSpeed's prints while it loads
+        _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
     if state is None:
         raise UserError(f"could not load checkpoint {plan.directory}/{plan.tag}; it is not a checkpoint of this "
                         "model/layout")
