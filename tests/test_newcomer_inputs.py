@@ -147,6 +147,21 @@ def test_a_teacher_that_is_a_file(w, capsys):
               f"distill.teacher = {w}/afile is a file; name the teacher's checkpoint directory")
 
 
+def test_distillation_logs_the_teacher_and_its_terms(w, capsys):
+    """A line that the teacher loaded, and each step's KL and LM terms (log line and metrics.jsonl), which make up
+    the logged loss."""
+    code, out, err = _run(capsys, ["train", "--config", str(w / "run.yaml"), "--set", f"checkpoint.save={w}/kd",
+                                   "--set", f"distill={{teacher: {w}/ckpt, alpha: 0.5, temperature: 2.0}}"])
+    assert code == 0, err[-2000:]
+    assert f"distill: teacher {w}/ckpt loaded; loss = 0.5 * 2^2 * KL(teacher || student) + 0.5 * LM" in out, out
+    records = [json.loads(line) for line in (w / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["distill_kl"] > 0 and r["distill_lm"] > 0
+        assert r["loss"] == pytest.approx(0.5 * 4 * r["distill_kl"] + 0.5 * r["distill_lm"], rel=1e-5)
+        assert f"kl {r['distill_kl']:.4f} lm {r['distill_lm']:.4f}" in out
+
+
 def test_model_info_resolves_the_vocabulary_from_the_data_like_train(w, capsys):
     (w / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i} " + "word " * i}) + "\n"
                                           for i in range(20)))
@@ -238,8 +253,9 @@ def test_help_imports_no_heavy_package():
             "for argv in (['--help'], ['generate', '--help'], ['evaluate', '--limit', 'x']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'deepspeed', 'transformers', 'numpy') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # else the old code skipped torch too
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "PYTHONPATH": str(ROOT)})
+                          env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
