@@ -305,3 +305,16 @@ def test_resume_logs_saves_schedule_change_and_keeps_metrics_unique(tmp_path, ca
         out + err
     iterations = [json.loads(line)["iteration"] for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4, 5]
+
+
+def test_the_default_corpus_is_reported_once_per_run(monkeypatch, tmp_path):
+    """A run asks for the default corpus twice (its tokenizer, its dataset); its `corpus:` lines come once."""
+    import mtnlg.data.corpus as corpus
+    from mtnlg.config import DataConfig
+    from mtnlg.data.gpt_dataset import default_data
+
+    calls = []
+    monkeypatch.setattr(corpus, "ensure_default_data", lambda cache: calls.append(cache) or ("prefix", "tok"))
+    data = DataConfig(cache_dir=str(tmp_path))
+    assert default_data(data) == default_data(data) == ("prefix", "tok")
+    assert len(calls) == 1
