@@ -34,7 +34,12 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     from mtnlg.training.ds_config import load_ds_json, optimizer_kind, zero_stage
     from mtnlg.training.memory import format_memory, predict_memory
 
-    cfg = resolve(load_config(args.config, args.overrides), args.world_size)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size is None:  # as `train` does: the vocabulary of the data's tokenizer
+        from mtnlg.training.sources import data_tokenizer, with_vocab
+
+        cfg = with_vocab(cfg, data_tokenizer(cfg))
+    cfg = resolve(cfg, args.world_size)
     print(describe(cfg))
     ds = load_ds_json(cfg.deepspeed_config)
     stage = zero_stage(ds)
@@ -78,6 +83,7 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from mtnlg import __version__
+    from mtnlg.argtypes import positive_int
 
     parser = OneLineParser(
         prog="mtnlg", description="Train GPT models with 3D parallelism (Megatron TP x DeepSpeed PP x ZeRO DP), "
@@ -112,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (ZeRO stage >= 1)")
     r.add_argument("--output", required=True, metavar="DIR2", help="a new directory for the universal checkpoint")
     r.add_argument("--iteration", type=int, default=None, help="which checkpoint (default: the newest complete)")
-    r.add_argument("--workers", type=int, default=1, help="conversion processes (default 1)")
+    r.add_argument("--workers", type=positive_int, default=1, help="conversion processes (default 1)")
     r.set_defaults(func=_cmd_reshard)
 
     p = sub.add_parser("model-info", help="resolve a run config and print the model's size and layout")
     _add_config_args(p, required=False)
-    p.add_argument("--world-size", type=int, default=1, help="ranks to resolve the layout for (default 1)")
+    p.add_argument("--world-size", type=positive_int, default=1, help="ranks to resolve the layout for (default 1)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="where it will train: picks the attention kernel the activations assume (default cuda)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the resolved config")
@@ -146,10 +152,10 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # before anything imports torch: --help and usage errors stay fast
     _select_accelerator()
     _quiet_known_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

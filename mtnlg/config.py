@@ -221,7 +221,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} not found; pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text; a run config is a YAML file") from None
+        if not text.strip():
+            raise ConfigError(f"config file {p} is empty; write a run config (see examples/tiny_3d.yaml)")
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -237,7 +243,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             "RANK", "0") == "0":
         print(f"mtnlg: model.preset is deprecated and goes in the next release; write model.architecture: "
               f"{raw['model']['preset']} (the same names)", file=sys.stderr)
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    if path is not None and cfg.deepspeed_config:
+        cfg = dataclasses.replace(cfg, deepspeed_config=beside(cfg.deepspeed_config, Path(path)))
+    return cfg
+
+
+def beside(name: str, config_path: Path) -> str:
+    """A relative path of a run config (``deepspeed_config``) as written: relative to the working directory when
+    it exists there, else relative to the config file's directory when it exists there (so example configs run from
+    any directory)."""
+    p = Path(name)
+    if p.is_absolute() or p.exists():
+        return name
+    near = config_path.parent / p
+    return str(near) if near.exists() else name
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -74,3 +74,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def dir_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (or become) a directory this process writes into, or None when it can: it is a
+    file, a file stands where a parent directory should be, or the nearest existing parent is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is an existing file"
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None

@@ -71,6 +71,38 @@ def plan_load(cfg: RunConfig, zero_stage: int, ps: ParallelState | None = None,
     return plan
 
 
+def check_save_target(cfg: RunConfig) -> None:
+    """Never write over another run: a checkpoint.save directory that already holds a run (checkpoints or a
+    metrics.jsonl) is accepted only when this run resumes it (checkpoint.load names the same directory).
+    Rank 0 decides from its disk and tells the others (a collective when torch.distributed runs)."""
+    save, load = cfg.checkpoint.save, cfg.checkpoint.load
+    if not save or (load and Path(load).resolve() == Path(save).resolve()):
+        return
+    box: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        box = [_run_in(Path(save))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise JobError(f"checkpoint.save = {save} already holds a run ({box[0]}); resume it with "
+                       f"--set checkpoint.load={save}, or name a new directory for this run")
+
+
+def _run_in(directory: Path) -> str | None:
+    """What of a training run ``directory`` holds, or None."""
+    if not directory.is_dir():
+        return None
+    tag = latest_tag(directory)
+    if tag is not None:
+        return f"checkpoint {tag}"
+    steps = sorted(p.name for p in directory.glob("global_step*"))
+    if steps or (directory / "latest").exists():
+        return f"checkpoint files {steps[-1] if steps else 'latest'}"
+    if (directory / "metrics.jsonl").is_file():
+        return "a metrics.jsonl"
+    return None
+
+
 def _plan_on_this_host(cfg: RunConfig, stage: int, weights_only: bool = False) -> LoadPlan | None:
     load = cfg.checkpoint.load
     if Path(load).exists() and not Path(load).is_dir():
@@ -101,7 +133,9 @@ def _plan_on_this_host(cfg: RunConfig, stage: int, weights_only: bool = False) -
         return LoadPlan(load, tag, "universal")
     if weights_only:
         return LoadPlan(load, tag, "weights")
-    saved = NativeCheckpoint(Path(load), tag_dir, int(TAG_RE.match(tag).group(1))).layout
+    native = NativeCheckpoint(Path(load), tag_dir, int(TAG_RE.match(tag).group(1)))
+    check_same_model(native.model_cfg, cfg.model, f"checkpoint.load = {load}")
+    saved = native.layout
     p = cfg.parallel
     moved = (saved.tp, saved.pp) != (p.tensor, p.pipeline) or saved.zero_stage != stage or (
         saved.dp != p.data and stage > 0)
@@ -123,8 +157,11 @@ def load(engine, plan: LoadPlan | None) -> tuple[int, int]:
     if plan.kind == "weights":  # from `mtnlg import-hf`: fine-tune from iteration 0, fresh optimizer
         load_weights(engine, Path(plan.directory) / plan.tag)
         return 0, 0
-    _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    from mtnlg.parallel.distributed import deepspeed_output
+
+    with deepspeed_output(engine.cfg.logging.deepspeed == "info"):  # DeepSpeed's prints while it loads
+        _, state = engine.engine.load_checkpoint(plan.directory, tag=plan.tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
     if state is None:
         raise UserError(f"could not load checkpoint {plan.directory}/{plan.tag}; it is not a checkpoint of this "
                         "model/layout")

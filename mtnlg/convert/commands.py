@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+from mtnlg.errors import UserError
+from mtnlg.files import dir_problem
+
+
+def _check_output(path: str) -> None:
+    problem = dir_problem(path)
+    if problem:
+        raise UserError(f"--output {path}: {problem}; name a directory you can write")
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``export-hf`` and ``import-hf`` on the mtnlg CLI."""
@@ -36,6 +45,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from mtnlg.convert.hf_export import export_hf
 
+    _check_output(args.output)
     r = export_hf(args.checkpoint, args.output, iteration=args.iteration, dtype=args.dtype,
                   max_shard_size=args.max_shard_size, verify=args.verify, source=args.weights,
                   overwrite=args.overwrite)
@@ -51,6 +61,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
     from mtnlg.convert.hf_import import import_hf
 
+    _check_output(args.output)
     out = import_hf(args.model, args.output, args.overrides, overwrite=args.overwrite)
     cfg = load_config(out / CONFIG_NAME)
     print(f"import-hf: wrote {out} ({cfg.model.architecture}, {cfg.model.num_layers} layers, "

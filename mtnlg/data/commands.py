@@ -10,6 +10,7 @@ import argparse
 import os
 
 from mtnlg.errors import UserError
+from mtnlg.files import dir_problem
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +67,20 @@ def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-file", metavar="vocab.bpe", help="GPT-2 BPE merges (with --vocab-file)")
 
 
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be written (a file, under a file, read-only)."""
+    problem = dir_problem(path)
+    if problem:
+        raise UserError(f"{flag} {path}: {problem}; name a directory you can write")
+
+
+def check_output_prefix(prefix: str, flag: str = "--output-prefix") -> None:
+    """Refuse an output PREFIX whose directory cannot be written."""
+    problem = dir_problem(os.path.dirname(os.path.abspath(prefix)))
+    if problem:
+        raise UserError(f"{flag} {prefix}: {problem}; name a prefix in a directory you can write")
+
+
 def _tokenizer_from_args(args: argparse.Namespace):
     from mtnlg.data.tokenizer import load_tokenizer
 
@@ -80,6 +95,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mtnlg.data.readers import iter_documents
     from mtnlg.data.tokenizer import train_tokenizer
 
+    check_output_dir(args.output, "--output")
     tok = train_tokenizer(iter_documents(args.input, args.json_key), args.vocab_size, args.output, args.min_frequency)
     print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id})")
     return 0
@@ -88,9 +104,13 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from mtnlg.data.preprocess import preprocess
 
+    check_output_prefix(args.output_prefix)
     tokenizer = _tokenizer_from_args(args)
     if args.sft:
         from mtnlg.data.sft import preprocess_sft
+
+        if args.skip_bad_lines:
+            raise UserError("--skip-bad-lines applies to plain documents, not --sft data: fix the named line instead")
 
         preprocess_sft(args.input, tokenizer, args.output_prefix, args.max_length, args.overflow)
         return 0
@@ -104,6 +124,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mtnlg.data.indexed import IndexedDataset
     from mtnlg.data.preprocess import merge
 
+    check_output_prefix(args.output_prefix)
     merge(args.input, args.output_prefix)
     out = IndexedDataset(args.output_prefix)
     print(f"merge-data: wrote {out.prefix}.bin/.idx: {out.num_documents:,} documents, {out.num_tokens:,} tokens")
@@ -113,6 +134,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from mtnlg.data.corpus import ensure_default_data
 
+    check_output_dir(args.output, "--output")
     prefix, tokenizer_dir = ensure_default_data(args.output, vocab_size=args.vocab_size, workers=args.workers)
     print(f"corpus: data.prefix = {prefix}")
     print(f"corpus: data.tokenizer = {tokenizer_dir}")
@@ -125,6 +147,7 @@ def cmd_demo_sft(args: argparse.Namespace) -> int:
 
     from mtnlg.data.demo_sft import write_demo_sft
 
+    check_output_dir(args.output, "--output")
     for name, s in write_demo_sft(args.output, limit_modules=args.limit_modules).items():
         print(f"demo-sft: {Path(args.output) / (name + '.jsonl')}: " + ", ".join(f"{v:,} {k}" for k, v in s.items()))
     return 0

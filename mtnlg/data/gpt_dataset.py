@@ -104,7 +104,13 @@ def default_data(data_cfg: DataConfig) -> tuple[str, str]:
     cache = default_cache_dir()
     if data_cfg.cache_dir is not None:
         cache = Path(data_cfg.cache_dir) / cache.relative_to(cache.parent.parent)
-    return ensure_default_data(cache)
+    key = str(cache.resolve())
+    if key not in _DEFAULT_DATA:  # asked for twice per run (tokenizer, dataset): report the corpus once
+        _DEFAULT_DATA[key] = ensure_default_data(cache)
+    return _DEFAULT_DATA[key]
+
+
+_DEFAULT_DATA: dict[str, tuple[str, str]] = {}  # cache dir -> (prefix, tokenizer_dir), built or checked this process
 
 
 def split_ranges(num_documents: int, fractions: Sequence[float]) -> list[tuple[int, int]]:

@@ -57,6 +57,15 @@ class Parsed:
     error: str | None = None  # the first bad line's message when not skipping
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of a text file as UTF-8, or a one-line UserError naming ``where`` (file:line) and the bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
 def input_format(path: str | Path) -> str:
     """"jsonl", "txt", "parquet" or "datasets" (a saved dataset directory or an ``.arrow`` file)."""
     if Path(path).is_dir():
@@ -286,6 +295,6 @@ def iter_documents(paths: Iterable[str | Path], json_key: str = "text") -> Itera
     for path in check_inputs(paths, json_key):
         for chunk in iter_chunks(path, json_key):
             parsed = parse_chunk(chunk, json_key, skip_bad_lines=False)
-            if parsed.error:
-                raise UserError(parsed.error)
+            if parsed.error:  # without the preprocess-only hint: this reader has no --skip-bad-lines
+                raise UserError(parsed.error.replace(" or pass --skip-bad-lines", ""))
             yield from parsed.texts

@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from mtnlg.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype, data_paths
+from mtnlg.data.readers import decode_line
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import UserError
 
 MASK_SUFFIX = ".mask"
 OVERFLOW = ("truncate", "drop")
+ROLES = ("system", "user", "assistant")  # the chat roles an example may use (both templates know them)
 
 
 def mask_prefix(prefix: str | Path) -> str:
@@ -120,6 +122,9 @@ def parse_example(line: str, where: str) -> dict:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
         if not ok:
             raise UserError(f"{where}: messages must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        unknown = sorted({m["role"] for m in msgs} - set(ROLES))
+        if unknown:
+            raise UserError(f"{where}: unknown chat role {unknown[0]!r}; use one of {', '.join(ROLES)}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: the chat has no assistant message, so nothing to learn from")
         return ex
@@ -132,11 +137,13 @@ def parse_example(line: str, where: str) -> dict:
 
 def iter_examples(paths: list[Path]) -> Iterator[tuple[dict, str]]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                where = f"{path}:{n}"
+                line = decode_line(raw, where)
                 if line.strip():
-                    where = f"{path}:{n}"
                     yield parse_example(line, where), where
+
 
 
 def render(tokenizer: Tokenizer, ex: dict) -> tuple[list[int], list[int]]:
@@ -183,8 +190,13 @@ def preprocess_sft(inputs: list[str | Path], tokenizer: Tokenizer, output_prefix
                 stats.tokens += len(ids)
                 stats.loss_tokens += sum(mask[1:])
             if stats.examples == 0:
-                raise UserError(f"no examples left in {', '.join(map(str, paths))} ({stats.dropped} dropped as "
-                                "over-long); raise --max-length or use --overflow truncate")
+                files = ", ".join(map(str, paths))
+                if not stats.dropped:
+                    raise UserError(f"{files} holds no examples; give JSON lines with prompt/response or messages")
+                why = f"over --max-length {max_length}" if overflow == "drop" else \
+                    f"no response token within --max-length {max_length}"
+                raise UserError(f"no examples left in {files}: all {stats.dropped} dropped ({why}); "
+                                "raise --max-length")
     except OSError as e:
         raise UserError(f"{e.filename or output_prefix}: {e.strerror or e}") from None
     log(f"preprocess --sft: {stats.summary(prefix)}")

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+from mtnlg.argtypes import non_negative_float, non_negative_int, positive_int, probability
 from mtnlg.errors import UserError
 from mtnlg.files import write_atomic
 
@@ -22,20 +23,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice", "generate-match"])
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="the examples (see mtnlg/eval/tasks.py)")
     p.add_argument("--output", metavar="results.json", help="also write the results here")
-    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: half the context)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generate-match: longest answer (default 32)")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="perplexity window stride in tokens (default: half the context)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="generate-match: longest answer (default 32)")
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("generate", help="generate text with a KV cache (greedy or sampled)")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="sampling temperature; 0 = greedy, the most likely token each step (default 0)")
+    p.add_argument("--top-k", type=non_negative_int, default=0,
+                   help="sample only among the K most likely tokens; 0 = all (default 0)")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches P, in (0, 1]; "
+                   "1 = all (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: not seeded)")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("lm-eval", help="run lm-evaluation-harness with the `mtnlg` model registered",

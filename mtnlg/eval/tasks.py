@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mtnlg.data.readers import decode_line
 from mtnlg.errors import UserError
 
 TASKS = ("perplexity", "cloze", "choice")
@@ -43,8 +44,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise UserError(f"data file {p} not found")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{p}:{n}")
             if not line.strip():
                 continue
             try:

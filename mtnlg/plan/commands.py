@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from mtnlg.argtypes import positive_int
 from mtnlg.errors import UserError
 
 RECOMPUTES = ("none", "selective", "full")
@@ -68,7 +69,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, required=True, help="nodes of the cluster")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (or CPU ranks) per node")
     p.add_argument("--gpu", required=True, metavar="NAME", help="A100-40GB, A100-80GB, H100-80GB, H200 or cpu")
-    p.add_argument("--global-batch-size", type=int, default=None,
+    p.add_argument("--global-batch-size", type=positive_int, default=None,
                    help="sequences per step (default: the config's train.global_batch_size)")
     p.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     p.add_argument("--json", action="store_true", help="print the ranked layouts as a JSON list instead")
@@ -119,7 +120,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("hw_")}
     hw = hardware(args.gpu, overrides, args.calibration)
     base = _base_config(load_config(args.config, args.overrides))
-    gbs = args.global_batch_size or base.train.global_batch_size
+    gbs = args.global_batch_size if args.global_batch_size is not None else base.train.global_batch_size
     if not gbs or gbs < 1:
         raise UserError("give --global-batch-size (the config sets no train.global_batch_size)")
     sp = {"on": (True,), "off": (False,), "both": None}[args.sequence_parallel]
@@ -139,13 +140,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([s.row() for s in best[: args.top]], indent=1))
     else:
         print(report(result, hw, cluster.world, args.top))
-    if args.layout and not best:
-        raise UserError(f"--layout {args.layout}: no such layout fits (reasons above)" if not args.json else
-                        f"--layout {args.layout}: no such layout fits: "
-                        + "; ".join(f"{', '.join(f)}: {r}" for r, f in result.rejected.items()))
+    if not best:
+        what = f"--layout {args.layout}: no such layout fits" if args.layout else \
+            f"no layout fits this model on {cluster.world} GPUs"
+        fix = "" if args.layout else "; add nodes, or GPUs with more memory"
+        raise UserError(f"{what} (reasons above){fix}" if not args.json else
+                        f"{what}: " + "; ".join(f"{', '.join(f)}: {r}" for r, f in result.rejected.items()) + fix)
     if args.write:
-        if not best:
-            raise UserError("--write: no layout fits; nothing written")
         paths = write_run(base, best[0], gbs, args.write)
         print(f"wrote {paths[0]} and {paths[1]} ({best[0].layout.label()})", file=sys.stderr if args.json else None)
     return 0

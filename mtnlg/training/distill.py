@@ -46,6 +46,9 @@ GB = 2**30
 
 def open_teacher(d: DistillConfig) -> NativeCheckpoint:
     """The teacher's checkpoint; a missing or unreadable one is a one-line error on every rank."""
+    if Path(d.teacher).is_file():
+        raise JobError(f"distill.teacher = {d.teacher} is a file; name the teacher's checkpoint directory (its "
+                       "checkpoint.save, or the output of `mtnlg import-hf`)")
     if (Path(d.teacher) / "config.json").is_file() and not (Path(d.teacher) / "latest").is_file():
         raise JobError(f"distill.teacher {d.teacher} is a Hugging Face model directory; convert it once with "
                        f"`mtnlg import-hf --model {d.teacher} --output DIR` and set distill.teacher=DIR")
@@ -102,6 +105,7 @@ class DistillLoss:
         self._teacher = [teacher]  # a list: nothing may register it as a submodule of the student
         self.tp_group, self.vocab_size, self.ignore_index = tp_group, vocab_size, ignore_index
         self.temperature, self.alpha = temperature, alpha
+        self.terms: list[torch.Tensor] = []  # (KL, LM) of each training micro batch since ``take_terms``
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -121,7 +125,18 @@ class DistillLoss:
             teacher_logits = self.teacher.hidden_and_logits(ids)  # (B, T, V_padded / tp), this rank's slice
         kl = vocab_parallel_kl_divergence(logits, teacher_logits, self.tp_group, self.vocab_size, self.temperature)
         kl = (kl * counted).sum() / count
+        self.terms.append(torch.stack([kl.detach().float(), lm.detach().float()]))
         return self.alpha * self.temperature**2 * kl + (1.0 - self.alpha) * lm
+
+    def take_terms(self) -> torch.Tensor:
+        """(sum of KL, sum of LM, micro batches) since the last call, on this rank; then forgets them."""
+        device = self.terms[0].device if self.terms else torch.device("cpu")
+        out = torch.zeros(3, device=device)
+        if self.terms:
+            out[:2] = torch.stack(self.terms).sum(0)
+            out[2] = len(self.terms)
+        self.terms = []
+        return out
 
 
 def with_inputs(batches: list) -> list:

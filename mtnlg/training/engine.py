@@ -46,6 +46,7 @@ class StepResult:
     skipped: bool  # fp16 overflow: no update was applied
     lr: float
     loss_scale: float | None
+    distill: tuple[float, float] | None = None  # (KL, LM) terms of a distillation loss, means over the global batch
 
 
 def fused_adam_supported(device: torch.device) -> bool:
@@ -163,7 +164,19 @@ class Engine:
             skipped=self.skipped_steps > skipped_before,
             lr=lr,
             loss_scale=self.loss_scale(),
+            distill=self._distill_terms() if self.cfg.distill is not None else None,
         )
+
+    def _distill_terms(self) -> tuple[float, float] | None:
+        """The step's KL and LM terms, averaged over the micro batches of every rank computing the loss (the last
+        stage's; tp ranks hold equal copies): one all-reduce of three numbers per step, when distilling."""
+        if self.distill is not None:
+            terms = self.distill.take_terms().to(self.device)
+        else:
+            terms = torch.zeros(3, device=self.device)
+        dist.all_reduce(terms)
+        kl, lm, n = terms.tolist()
+        return (kl / n, lm / n) if n else None
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:

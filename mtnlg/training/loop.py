@@ -28,8 +28,10 @@ import torch
 import torch.distributed as dist
 
 from mtnlg import checkpoint
+from mtnlg.checkpoint.resume import check_save_target
 from mtnlg.config import RunConfig, resolve
 from mtnlg.errors import JobError, TrainingAborted
+from mtnlg.files import dir_problem
 from mtnlg.model.flops import describe, flops_per_token
 from mtnlg.model.registry import family
 from mtnlg.parallel import ParallelState
@@ -126,9 +128,19 @@ def fine_tune_from(cfg: RunConfig) -> bool:
 
 
 def _check_save_dir(cfg: RunConfig) -> None:
-    save = cfg.checkpoint.save
-    if save and Path(save).exists() and not Path(save).is_dir():
+    """Before anything is built: checkpoint.save must be a directory this run can write."""
+    save, t = cfg.checkpoint.save, cfg.train
+    if not save:
+        for key, value in (("exit_interval", t.exit_interval), ("exit_duration_mins", t.exit_duration_mins)):
+            if value:
+                raise JobError(f"train.{key} = {value} stops the run early to be resumed, but checkpoint.save is "
+                               "not set, so nothing would be saved; set checkpoint.save=DIR")
+        return
+    if Path(save).exists() and not Path(save).is_dir():
         raise JobError(f"checkpoint.save = {save} is an existing file; name a directory for the checkpoints")
+    problem = dir_problem(save)
+    if problem:
+        raise JobError(f"checkpoint.save = {save}: {problem}; name a directory you can write")
 
 
 def deterministic_algorithms(device: torch.device) -> None:
@@ -148,6 +160,7 @@ def train(cfg: RunConfig) -> RunSummary:
     tokenizer = data_tokenizer(cfg)
     cfg = resolve(with_vocab(cfg, tokenizer), world)
     _check_save_dir(cfg)
+    check_save_target(cfg)
     if cfg.train.deterministic:
         deterministic_algorithms(device)
     ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
@@ -181,8 +194,15 @@ def train(cfg: RunConfig) -> RunSummary:
         split, total = summary.zero3_partitioned
         metrics.message(f"ZeRO-3: {split} of {total} parameter tensors partitioned over {ps.dp_size} data-parallel "
                         "ranks (the rest are under stage3_param_persistence_threshold and stay whole on every rank)")
+    if cfg.distill is not None:  # every rank has read the teacher's checkpoint; the last stage holds it
+        d = cfg.distill
+        metrics.message(f"distill: teacher {d.teacher} loaded; loss = {d.alpha:g} * {d.temperature:g}^2 * KL(teacher "
+                        f"|| student) + {1 - d.alpha:g} * LM")
     if start_iter:
         metrics.message(f"resumed from iteration {start_iter} ({consumed} samples consumed)")
+        note = _schedule_change(plan, cfg)
+        if note:
+            metrics.message(note)
 
     watch = LossWatch(t.max_consecutive_nonfinite, t.spike_factor, t.precision)
     valid_batches = None
@@ -219,7 +239,7 @@ def train(cfg: RunConfig) -> RunSummary:
                 iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
                 loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
                 log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1
-                or stop is not None, val_loss=val_loss, extra=downstream,
+                or stop is not None, val_loss=val_loss, extra=downstream, distill=result.distill,
             )
             summary.last_record = record or summary.last_record
             summary.iterations = iteration
@@ -232,7 +252,7 @@ def train(cfg: RunConfig) -> RunSummary:
                 break
             if cfg.checkpoint.save and cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0 \
                     and iteration != t.iters:
-                _save(engine, cfg, iteration, consumed, rank, tokenizer)
+                metrics.message(f"saved checkpoint {_save(engine, cfg, iteration, consumed, rank, tokenizer)}")
     finally:
         batches.close()
         stopper.close()
@@ -248,6 +268,24 @@ def train(cfg: RunConfig) -> RunSummary:
         metrics.message("checkpoint.save is not set: nothing was saved")
     metrics.close()
     return summary
+
+
+def _schedule_change(plan, cfg: RunConfig) -> str | None:
+    """A line when the resumed run's learning-rate schedule differs from the one the checkpoint was trained under
+    (another train.iters moves the decay's end: the lr differs from the uninterrupted run's from here on)."""
+    from mtnlg.checkpoint.tags import CONFIG_NAME
+    from mtnlg.config import load_config
+
+    path = Path(plan.directory) / plan.tag / CONFIG_NAME if plan is not None and plan.kind != "weights" else None
+    if path is None or not path.is_file():
+        return None
+    old, new = load_config(path).train, cfg.train
+    before = old.lr_decay_iters or old.iters
+    if before == new.lr_decay_iters:
+        return None
+    return (f"note: the learning-rate schedule now decays over {new.lr_decay_iters} iterations, not the "
+            f"checkpoint's {before} (train.iters is {new.iters}, was {old.iters}); set train.lr_decay_iters={before} "
+            "to continue the original schedule")
 
 
 def _save(engine: Engine, cfg: RunConfig, iteration: int, consumed: int, rank: int, tokenizer) -> Path:

@@ -65,6 +65,27 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def drop_records_after(path: Path, iteration: int) -> int:
+    """Remove the records of iterations after ``iteration`` from a metrics.jsonl (a run stopped past its last
+    checkpoint logged them; the resumed run logs them again). Rewritten atomically; returns how many went."""
+    if not path.is_file():
+        return 0
+    from mtnlg.files import write_atomic
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("iteration", 0) > iteration:
+                continue
+        except (ValueError, AttributeError):
+            pass  # keep what is not ours to judge
+        kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 class Metrics:
     def __init__(self, *, enabled: bool, save_dir: str | None, total_iters: int, tokens_per_step: int,
                  flops_per_token: float, peak_tflops_total: float | None, device: torch.device,
@@ -74,6 +95,8 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak_tflops_total
         self.device = device
         self.path = Path(save_dir) / "metrics.jsonl" if (enabled and save_dir) else None
+        if self.path is not None:
+            drop_records_after(self.path, start_iteration)
         self.tb = None
         if enabled and tensorboard_dir:
             try:
@@ -91,7 +114,8 @@ class Metrics:
 
     def step(self, iteration: int, loss: float, seconds: float, *, lr: float, grad_norm: float | None,
              loss_scale: float | None, skipped: int, consumed_samples: int, log: bool,
-             val_loss: float | None = None, extra: dict[str, float] | None = None) -> dict[str, Any] | None:
+             val_loss: float | None = None, extra: dict[str, float] | None = None,
+             distill: tuple[float, float] | None = None) -> dict[str, Any] | None:
         """Record one finished step; write a record when ``log`` (or on a validation step)."""
         self._window.append((loss, seconds))
         if not (log or val_loss is not None or extra):
@@ -121,6 +145,8 @@ class Metrics:
         if val_loss is not None:
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if distill is not None:  # this step's terms (the loss above averages the window)
+            record["distill_kl"], record["distill_lm"] = distill
         if extra:
             record.update({f"eval/{k}": v for k, v in extra.items()})
         self._window = []
@@ -141,6 +167,8 @@ class Metrics:
         if r["mfu"] is not None:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         parts += [f"mem {r['peak_mem_mb']:.0f}MB", f"ETA {_fmt_time(r['eta_s'])}"]
+        if "distill_kl" in r:
+            parts.append(f"kl {r['distill_kl']:.4f} lm {r['distill_lm']:.4f}")
         if "val_loss" in r:
             parts.append(f"val_loss {r['val_loss']:.4f} ppl {r['val_ppl']:.2f}")
         parts += [f"{k} {v:.4g}" for k, v in r.items() if k.startswith("eval/")]

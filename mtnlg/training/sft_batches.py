@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mtnlg.config import RunConfig, parse_split
-from mtnlg.errors import UserError
+from mtnlg.errors import JobError, UserError
 
 MicroBatch = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,6 +47,7 @@ def sft_sources(cfg: RunConfig):
     n_valid = int(round(fractions[1] * n))
     if n_train == 0:
         raise UserError(f"data.split = {d.split!r} leaves none of the {n} examples of {d.sft.prefix} for training")
+    _check_responses_fit(d.sft.prefix, n_train, m.seq_length)
     pad = data_tokenizer(cfg).eod_id
     train = SFTDataset(d.sft.prefix, m.seq_length, t.seed, d.sft.packing, t.iters * t.global_batch_size,
                        range(0, n_train), pad)
@@ -55,3 +56,22 @@ def sft_sources(cfg: RunConfig):
         valid = SFTDataset(d.sft.prefix, m.seq_length, t.seed + 1, d.sft.packing, t.eval_iters * t.global_batch_size,
                            range(n_train, n_train + n_valid), pad)
     return train, valid
+
+
+def _check_responses_fit(prefix: str, n_train: int, seq_length: int) -> None:
+    """Training examples whose response starts past ``seq_length`` are cut before their first loss token and
+    train on nothing: refuse when that is all of them, say how many when it is some."""
+    import torch.distributed as dist
+
+    from mtnlg.data.sft import load_sft
+
+    _, mask = load_sft(prefix)
+    empty = sum(1 for i in range(n_train) if not mask.get(i, 1, min(int(mask.sizes[i]) - 1, seq_length)).any())
+    if empty == n_train:
+        raise JobError(f"none of the {n_train} training examples of {prefix} has a response token within "
+                       f"model.seq_length = {seq_length}, so training would learn nothing; raise model.seq_length "
+                       "or shorten the prompts")
+    if empty and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"data.sft: {empty} of {n_train} training examples of {prefix} have no response token within "
+              f"model.seq_length = {seq_length} and train on nothing; raise model.seq_length or shorten their "
+              "prompts", flush=True)
