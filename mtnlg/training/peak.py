@@ -28,17 +28,28 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_gemm(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5,
-                 device: torch.device | str = "cpu") -> dict[str, float]:
+                 device: torch.device | str = "cpu", budget_s: float | None = None) -> dict[str, float]:
     """TFLOP/s of single square GEMMs (n x n @ n x n): best and median over repeats, at each size.
 
     Keys: ``best_<n>``, ``median_<n>`` per size, ``best`` (the best of all) and ``median``
     (the median at the size with the best median). Each GEMM writes into a preallocated output,
     so the time is the kernel's, not the allocator's.
+
+    ``budget_s``: stop before a size whose GEMMs (predicted from the last size's rate) would take the measurement
+    past this many seconds; the first size is always measured. A CPU without bf16 matrix units runs bf16 GEMMs
+    60x slower than fp32 (a 2048^3 one: ~30 s on a quiet core, minutes on a loaded one), and the training loop
+    measures on rank 0 while the other ranks wait in their first collective: unbounded, that wait outlasted the
+    collective timeout (the "hang" of an 8-rank run on a loaded machine).
     """
     device = torch.device(device)
     result: dict[str, float] = {}
     best_all, best_median = 0.0, 0.0
+    start, rate = time.perf_counter(), None
     for n in sizes:
+        if budget_s is not None and rate is not None:
+            predicted = (repeats + 1) * 2 * n**3 / (rate * 1e12)
+            if time.perf_counter() - start + predicted > budget_s:
+                break
         gen = torch.Generator(device="cpu").manual_seed(n)
         a = torch.randn(n, n, generator=gen).to(device, dtype)
         b = torch.randn(n, n, generator=gen).to(device, dtype)
@@ -51,6 +62,7 @@ def measure_gemm(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repe
             torch.mm(a, b, out=out)
             _sync(device)
             rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e12)
+        rate = statistics.median(rates)
         result[f"best_{n}"] = max(rates)
         result[f"median_{n}"] = statistics.median(rates)
         best_all = max(best_all, max(rates))
@@ -62,12 +74,13 @@ def measure_gemm(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repe
 
 def gemm_peaks(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
                sizes: tuple[int, ...] = (512, 1024, 2048, 4096), repeats: int = 10,
-               device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """``measure_gemm`` for each dtype ('fp32', 'bf16', ...), plus the threads it ran with."""
+               device: torch.device | str = "cpu", budget_s: float | None = 30.0) -> dict[str, dict[str, float]]:
+    """``measure_gemm`` for each dtype ('fp32', 'bf16', ...), plus the threads it ran with; each dtype's
+    measurement bounded by ``budget_s`` (larger sizes skipped where they would take longer)."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     out: dict[str, dict[str, float]] = {}
     for dtype in dtypes:
-        out[names.get(dtype, str(dtype))] = {**measure_gemm(dtype, sizes, repeats, device),
+        out[names.get(dtype, str(dtype))] = {**measure_gemm(dtype, sizes, repeats, device, budget_s),
                                              "threads": float(torch.get_num_threads())}
     return out
 
@@ -85,8 +98,8 @@ def nominal_peak_tflops(device: torch.device) -> float | None:
 
 def peak_tflops_per_rank(device: torch.device, dtype: torch.dtype) -> float | None:
     """Peak TFLOP/s one rank can reach: measured on CPU, nominal on an accelerator."""
-    if device.type == "cpu":
-        return measure_gemm(dtype, sizes=(1024, 2048), repeats=4)["best"]
+    if device.type == "cpu":  # at most a few seconds, whatever the CPU's speed in this dtype (see measure_gemm)
+        return measure_gemm(dtype, sizes=(256, 512, 1024, 2048), repeats=4, budget_s=3.0)["best"]
     return nominal_peak_tflops(device)
 
 
