@@ -228,13 +228,9 @@ def test_the_gemm_peak_measurement_is_bounded_in_time():
     would take the measurement past its budget is skipped (a 8192^3 GEMM after a 256^3 one, 1 s budget), so a CPU
     that runs a dtype slowly (bf16 without matrix units: minutes per large GEMM under load) cannot stall a run
     past its collective timeout."""
-    import time
-
     import torch
 
     from mtnlg.training.peak import measure_gemm
 
-    t0 = time.perf_counter()
     got = measure_gemm(torch.float32, sizes=(256, 8192), repeats=2, budget_s=1.0)
     assert "best_256" in got and "best_8192" not in got and got["best"] == got["best_256"] > 0
-    assert time.perf_counter() - t0 < 60  # (an 8192^3 fp32 GEMM alone takes ~10 s on a quiet core of this kind)
