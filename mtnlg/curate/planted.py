@@ -13,6 +13,7 @@ from typing import Any
 
 from mtnlg.curate.rules import jaccard
 
+_PROSE_WORD = re.compile(r"[A-Za-z][a-z]*[.,;:]?")
 STOP = ["the", "of", "and", "to", "that", "with", "have", "be", "is", "in", "for", "on", "as", "it", "was"]
 BOILERPLATE = "Share this article with your friends and family on social media today."
 
@@ -48,7 +49,9 @@ def stdlib_background(n: int, min_words: int = 120) -> list[str]:
             if len(flat.split()) < 8 or not flat[0].isupper() or "{" in flat or ">>>" in flat:
                 continue
             for s in re.split(r"(?<=[.!?])\s+", flat):
-                if len(s.split()) >= 5 and s.endswith(".") and s not in seen:
+                ws = s.split()
+                prose = sum(1 for w in ws if _PROSE_WORD.fullmatch(w)) >= 0.95 * len(ws)  # not code
+                if len(ws) >= 5 and s.endswith(".") and prose and s not in seen:
                     seen.add(s)
                     sentences.append(s)
     docs, cur, count = [], [], 0
