@@ -210,6 +210,23 @@ def test_decontamination_13_not_12_words(tmp_path):
     assert res.rows[1][4] is None  # 12 shared words
 
 
+def test_tokenizer_counts_tokens_and_writes_bin_idx(tmp_path):
+    from mtnlg.data.indexed import IndexedDataset
+    from mtnlg.data.tokenizer import train_tokenizer
+
+    docs = synthetic_background(12, seed=3)
+    tok = train_tokenizer(docs, 300, tmp_path / "tok")
+    inp = write_jsonl(tmp_path / "in.jsonl", [*docs, docs[0], _body(20)])
+    report = curate([inp], tmp_path / "out", CurateConfig(steps=["quality", "exact"], shard_docs=5),
+                    tokenizer_dir=str(tmp_path / "tok"), log=None)
+    kept, _ = outputs(tmp_path / "out")
+    assert report["kept"]["docs"] == len(kept) == 12
+    assert report["kept"]["tokens"] == sum(len(tok.encode(kept[i])) for i in kept)
+    assert report["input"]["tokens"] > report["kept"]["tokens"]
+    ds = IndexedDataset(tmp_path / "out" / "tokens" / "curated")
+    assert len(ds.doc_idx) - 1 == 12 and int(ds.sizes.sum()) == report["kept"]["tokens"] + 12  # + an EOD each
+
+
 # --------------------------------------------------------------------------- resume, local processes
 
 

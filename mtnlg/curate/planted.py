@@ -34,8 +34,9 @@ def synthetic_background(n: int, seed: int = 0, sentences: int = 12) -> list[str
 
 
 def stdlib_background(n: int, min_words: int = 120) -> list[str]:
-    """Prose from the docstrings of this Python's standard library: ``n`` documents of consecutive docstring
-    sentences (at least ``min_words`` words each), one sentence per line."""
+    """Prose from the docstrings of this Python's standard library: ``n`` documents of sentences drawn in a shuffled
+    order (at least ``min_words`` words each), one sentence per line. Past the first pass over the sentences a
+    document repeats sentences of others, each a few percent of it at most, far below any duplicate threshold."""
     from mtnlg.data.corpus import module_document, stdlib_files
 
     files = stdlib_files()
@@ -54,15 +55,19 @@ def stdlib_background(n: int, min_words: int = 120) -> list[str]:
                 if len(ws) >= 5 and s.endswith(".") and prose and s not in seen:
                     seen.add(s)
                     sentences.append(s)
-    docs, cur, count = [], [], 0
-    for s in sentences:
-        cur.append(s)
-        count += len(s.split())
+    rng = random.Random(0)
+    rng.shuffle(sentences)
+    docs, cur, count, k = [], [], 0, 0
+    while len(docs) < n:  # consecutive sentences of the shuffled list; once used up, a fresh shuffle
+        if k == len(sentences):
+            rng.shuffle(sentences)
+            k = 0
+        cur.append(sentences[k])
+        count += len(sentences[k].split())
+        k += 1
         if count >= min_words:
             docs.append("\n".join(cur))
             cur, count = [], 0
-            if len(docs) == n:
-                break
     return docs
 
 
