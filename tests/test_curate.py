@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,22 @@ def test_tokenizer_counts_tokens_and_writes_bin_idx(tmp_path):
     assert len(ds.doc_idx) - 1 == 12 and int(ds.sizes.sum()) == report["kept"]["tokens"] + 12  # + an EOD each
 
 
+def test_parquet_input_with_a_named_column_equals_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = synthetic_background(6, seed=4)
+    docs = [*docs, docs[2], _body(20)]
+    pq.write_table(pa.table({"body": docs}), tmp_path / "in.parquet")
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    for name in ("in.parquet", "in.jsonl"):
+        cfg = CurateConfig(steps=["quality", "exact"], text_key="body" if name.endswith("parquet") else "text")
+        curate([tmp_path / name], tmp_path / f"out-{name}", cfg, log=None)
+    assert outputs(tmp_path / "out-in.parquet") == outputs(tmp_path / "out-in.jsonl")
+    assert outputs(tmp_path / "out-in.jsonl")[1] == {6: ("exact", "exact_duplicate"),
+                                                      7: ("quality", "gopher_quality:gopher_short_doc")}
+
+
 # --------------------------------------------------------------------------- resume, local processes
 
 
@@ -275,19 +292,22 @@ def ray_cluster(tmp_path_factory):
     hosts = SimHosts(2, work / "sim")
     hosts.up()
     env = {**ENV, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(work)}
+    temp = f"/tmp/mtnlg-ray-{os.getpid()}"  # short: Ray's unix socket paths must fit in 107 bytes
     try:
         head = f"{hosts.addr('host1')}:6379"
         for host, extra in (("host1", ["--head", "--port", "6379", "--include-dashboard=false"]),
                             ("host2", ["--address", head])):
             start = hosts.popen(host, [str(BIN / "ray"), "start", *extra, "--node-ip-address", hosts.addr(host),
                                        "--num-cpus", "1", "--object-store-memory", str(80 << 20),
-                                       "--disable-usage-stats", "--temp-dir", f"/tmp/mtnlg-ray-{host}"],
+                                       "--disable-usage-stats", "--temp-dir", f"{temp}-{host}"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             log, _ = start.communicate(timeout=180)
             assert start.returncode == 0, log[-2000:]
         yield hosts, head, env
     finally:
         hosts.down()  # kills every process of each host, Ray's included
+        for host in hosts.names:
+            shutil.rmtree(f"{temp}-{host}", ignore_errors=True)
 
 
 def test_two_ray_hosts_equal_one_machine(planted, ray_cluster, tmp_path):
