@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mtnlg.bench.commands import add_commands as add_bench_commands
     from mtnlg.convert.commands import add_commands as add_convert_commands
+    from mtnlg.curate.commands import add_commands as add_curate_commands
     from mtnlg.data.commands import add_commands as add_data_commands
     from mtnlg.eval.commands import add_commands as add_eval_commands
     from mtnlg.plan.commands import add_commands as add_plan_commands
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(sub)
     add_plan_commands(sub)
     add_serve_commands(sub)
+    add_curate_commands(sub)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")

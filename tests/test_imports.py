@@ -25,6 +25,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "eval": {"training", "bench", "cli"},
     "plan": {"bench", "convert", "eval", "checkpoint", "data", "cli"},
     "serve": {"training", "bench", "cli", "plan", "convert"},
+    "curate": {"model", "training", "checkpoint", "convert", "eval", "bench", "cli", "plan", "parallel"},
 }
 # What each package may import, where that list is shorter (anything else is a violation). ``deepspeed_compat``
 # holds every workaround of DeepSpeed (it imports no other mtnlg package but ``files``).
