@@ -37,6 +37,33 @@ _MULTIRANK = re.compile(r"run_distributed\(|\"deepspeed\"|\"torchrun\"|\"acceler
 _MULTIHOST = re.compile(r"SimHosts\(")
 
 
+# what a launcher (or an in-process `mtnlg train`, which sets them for one rank) leaves in the environment
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+               "CROSS_SIZE", "LOCAL_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that runs `mtnlg train` (or anything that initialises torch.distributed) in the pytest process leaves
+    a process group listening on MASTER_PORT and the launcher variables in os.environ, which every later subprocess
+    inherits (its rendezvous then fails: the port is taken). Destroy what the test made and put the variables
+    back; a group a wider fixture made before the test stays."""
+    import sys
+
+    before = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    dist = sys.modules.get("torch.distributed")
+    had_group = dist is not None and dist.is_available() and dist.is_initialized()
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if not had_group and dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def pytest_configure(config):
     for name, what in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
