@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from tests.dist_helper import ds_config
 
+ROOT = Path(__file__).resolve().parent.parent
+# a tiny run on synthetic data (the bad-input tests train it, then try what a newcomer tries)
+TINY = """
+model: {architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
+train: {iters: 2, micro_batch_size: 2, global_batch_size: 2, log_interval: 1, peak_tflops: 1.0}
+data: {synthetic: {vocab_size: 64, branching: 2}}
+deepspeed_config: %s
+""" % (ROOT / "ds_configs" / "zero0.json")
 STEPS = 5  # steps of the parity runs (tests/test_training.py)
 VOCAB, SEQ = 96, 32  # the tiny HF models' vocabulary and positions
 
@@ -87,3 +96,13 @@ def load_hf(path: Path):
 
 def sample(n: int = 3, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def digest(path: Path) -> str:
+    """A hash of a file or of a whole directory tree (names and bytes): what "nothing was touched" compares."""
+    h = hashlib.sha256()
+    items = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in items:
+        h.update(str(p.relative_to(path.parent)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()

@@ -3,7 +3,6 @@ exit, and leaves what is already on disk as it was."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,25 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY, digest
+
 ROOT = Path(__file__).resolve().parent.parent
 MTNLG = str(Path(sys.executable).parent / "mtnlg")
 
-TINY = """
-model: {architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
-train: {iters: 2, micro_batch_size: 2, global_batch_size: 2, log_interval: 1, peak_tflops: 1.0}
-data: {synthetic: {vocab_size: 64, branching: 2}}
-deepspeed_config: %s
-""" % (ROOT / "ds_configs" / "zero0.json")
 
 
-def _digest(path: Path) -> str:
-    """A hash of a file or of a whole directory tree (names and bytes)."""
-    h = hashlib.sha256()
-    items = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in items:
-        h.update(str(p.relative_to(path.parent)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +148,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,argv,message,keep", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_damages_nothing(w, name, argv, message, keep):
-    before = {k: _digest(w / k) for k in keep}
+    before = {k: digest(w / k) for k in keep}
     args = [a.replace("{w}", str(w)) for a in argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([MTNLG, *args], env=env, capture_output=True, text=True, timeout=300, cwd=w)
@@ -170,8 +157,8 @@ def test_bad_input_gives_one_line_and_damages_nothing(w, name, argv, message, ke
     assert len(lines) == 1, proc.stderr[-3000:]
     assert message in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
-    for k, digest in before.items():
-        assert _digest(w / k) == digest, f"{k} changed"
+    for k, was in before.items():
+        assert digest(w / k) == was, f"{k} changed"
 
 
 def test_the_table_is_long_enough():

@@ -5,7 +5,6 @@ Commands run in this process (``mtnlg.cli.main``), so most cases cost millisecon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,23 +14,12 @@ from pathlib import Path
 import pytest
 
 from mtnlg.cli import main
+from tests.helpers import TINY, digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = """
-model: {architecture: gpt2, num_layers: 2, hidden_size: 32, num_attention_heads: 4, seq_length: 16}
-train: {iters: 2, micro_batch_size: 2, global_batch_size: 2, log_interval: 1, peak_tflops: 1.0}
-data: {synthetic: {vocab_size: 64, branching: 2}}
-deepspeed_config: %s
-""" % (ROOT / "ds_configs" / "zero0.json")
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(p.relative_to(path.parent)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -44,15 +32,15 @@ def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 
 def _one_line(capsys, argv: list[str], message: str, keep: list[Path] = ()) -> str:
-    before = {k: _digest(k) for k in keep}
+    before = {k: digest(k) for k in keep}
     code, out, err = _run(capsys, argv)
     lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line]
     assert code not in (0, None), out[-2000:]
     assert len(lines) == 1, err[-3000:]
     assert message in lines[0], lines[0]
     assert "Traceback" not in err
-    for k, digest in before.items():
-        assert _digest(k) == digest, f"{k} changed"
+    for k, was in before.items():
+        assert digest(k) == was, f"{k} changed"
     return lines[0]
 
 
