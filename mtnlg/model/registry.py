@@ -48,6 +48,13 @@ class Family:
     memory: Any
     # whether it generates text left to right (perplexity, generation, the server)
     causal_lm: bool = True
+    # a family's own training data: (resolved RunConfig) -> (train, valid) sources, ``source[i]`` being global
+    # sample i in whatever form ``collate`` takes (BERT's sentence pairs, T5's span corruption); None: the GPT
+    # token windows of mtnlg.training.sources (synthetic, indexed datasets, the default corpus)
+    sources: Callable[..., tuple[Any, Any]] | None = None
+    # (list of samples of ``sources``) -> (inputs, labels), tensors or tuples of tensors; None: stack the samples
+    # into one int64 tensor and call ``micro_batch``
+    collate: Callable[[list], tuple[Any, Any]] | None = None
 
 
 def family(cfg_or_architecture: ModelConfig | str) -> Family:

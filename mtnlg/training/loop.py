@@ -68,13 +68,23 @@ def micro_batches(source, start: int, cfg: RunConfig, ps: ParallelState, device:
 
         return sft_micro_batches(source, start, mbs, ps.dp_rank, dp, device, count or cfg.train.grad_accum_steps)
     out = []
-    to_batch = family(cfg.model).micro_batch  # samples -> (inputs, labels): the family's (a GPT shifts by one)
+    fam = family(cfg.model)
     for m in range(count or cfg.train.grad_accum_steps):
         first = start + m * mbs * dp + ps.dp_rank * mbs
-        samples = torch.from_numpy(np.stack([source[i] for i in range(first, first + mbs)]).astype(np.int64))
-        inputs, labels = to_batch(samples)
-        out.append((inputs.to(device), labels.to(device)))
+        samples = [source[i] for i in range(first, first + mbs)]
+        if fam.collate is not None:  # a family's own samples (e.g. BERT's sentence pairs)
+            inputs, labels = fam.collate(samples)
+        else:  # token windows: the family's micro_batch (a GPT shifts by one)
+            inputs, labels = fam.micro_batch(torch.from_numpy(np.stack(samples).astype(np.int64)))
+        out.append((_to_device(inputs, device), _to_device(labels, device)))
     return out
+
+
+def _to_device(x, device: torch.device):
+    """A tensor, or a tuple of tensors (and Nones), on ``device``."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_to_device(v, device) for v in x)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 class Prefetcher:

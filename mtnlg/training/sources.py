@@ -50,6 +50,11 @@ def with_vocab(cfg: RunConfig, tokenizer) -> RunConfig:
 def build_sources(cfg: RunConfig):
     """(train, valid) sources of a resolved config; valid is None when the run has no validation data."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    from mtnlg.model.registry import family
+
+    own = family(m).sources
+    if own is not None and d.synthetic is None and d.sft is None:  # a family's own data (BERT, T5)
+        return own(cfg)
     if d.synthetic is not None:
         s = d.synthetic
         vocab = s.vocab_size or m.vocab_size  # with_vocab() checked it fits the model
