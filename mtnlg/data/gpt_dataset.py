@@ -91,7 +91,7 @@ def build_tokenizer(data_cfg: DataConfig) -> Tokenizer | None:
     """The tokenizer named by the data config (HF dir or GPT-2 files), the default corpus's
     tokenizer when no data is configured, else None (pre-tokenized data without one)."""
     if data_cfg.tokenizer is not None or data_cfg.vocab_file is not None:
-        return load_tokenizer(data_cfg.tokenizer, data_cfg.vocab_file, data_cfg.merge_file)
+        return load_tokenizer(data_cfg.tokenizer, data_cfg.vocab_file, data_cfg.merge_file, data_cfg.lower_case)
     if data_cfg.prefix is None and data_cfg.blend is None and data_cfg.synthetic is None:
         return load_tokenizer(default_data(data_cfg)[1])
     return None
