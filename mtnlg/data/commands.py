@@ -101,8 +101,8 @@ def _tokenizer_from_args(args: argparse.Namespace):
     from mtnlg.data.tokenizer import load_tokenizer
 
     if args.tokenizer is None and args.vocab_file is None and args.merge_file is None:
-        raise UserError("no tokenizer given; pass --tokenizer DIR, --vocab-file encoder.json --merge-file vocab.bpe "
-                        "or --vocab-file vocab.txt (BERT)")
+        raise UserError("no tokenizer given; pass --tokenizer DIR or --vocab-file encoder.json --merge-file vocab.bpe "
+                        "(GPT-2 BPE) or --vocab-file vocab.txt (BERT WordPiece)")
     if args.tokenizer is not None and (args.vocab_file or args.merge_file):
         raise UserError("pass either --tokenizer or --vocab-file/--merge-file, not both")
     if args.lower_case is not None and (args.vocab_file is None or args.merge_file is not None):
