@@ -174,3 +174,36 @@ def test_bad_task_input_one_line_each(tmp_path, tok):
             call()
         assert "\n" not in str(err.value)
     assert set(TASKS) == {"mnli", "qqp", "race", "squad", "classify", "multiple-choice"}
+
+
+# --------------------------------------------------------------------------- the offline demo set
+
+
+def test_demo_tasks_writes_every_format_readably(tmp_path, tok, capsys):
+    from mtnlg.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo-tasks", "--output", str(out), "--limit-modules", "80", "--max-examples", "60"]) == 0
+    printed = capsys.readouterr().out
+    files = {"mnli": ["mnli/train.tsv", "mnli/dev_matched.tsv"], "qqp": ["qqp/train.tsv", "qqp/dev.tsv"],
+             "race": ["race/train", "race/dev"], "squad": ["squad/train-v1.1.json", "squad/dev-v2.0.json"],
+             "classify": ["classify/train.jsonl", "classify/dev.jsonl"],
+             "multiple-choice": ["multiple-choice/train.jsonl", "multiple-choice/dev.jsonl"]}
+    for name, (train_file, dev_file) in files.items():
+        assert f"demo-tasks: {out / name}:" in printed
+        task = get_task(name)
+        train, dev = task.read(out / train_file), task.read(out / dev_file)  # the readers' checks pass
+        assert len(train) >= 10 and len(dev) >= 2, name
+        feats = task.features(dev, tok, 64, labels=task.label_names(train), **({"doc_stride": 32}
+                                                                               if name == "squad" else {}))
+        assert feats["tokens"].shape[-1] == 64
+        if task.kind != "span":
+            assert len(set(feats["label"].tolist())) >= 2, name  # more than one class / answer position
+    assert any((out / "race" / "train").glob("*/0.txt"))
+    v2 = get_task("squad").read(out / "squad" / "train-v2.0.json")
+    assert any(e.is_impossible for e in v2) and any(not e.is_impossible for e in v2)
+    # written again: same bytes (fixed seed), each task directory swapped in whole
+    first = (out / "mnli" / "train.tsv").read_bytes()
+    assert main(["demo-tasks", "--output", str(out), "--limit-modules", "80", "--max-examples", "60"]) == 0
+    assert (out / "mnli" / "train.tsv").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
