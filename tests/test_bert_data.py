@@ -226,3 +226,19 @@ def test_build_bert_sources_from_a_run_config(data, tmp_path):
     cfg.data.prefix = str(gpt)
     with pytest.raises(UserError, match="not split into sentences; re-run `mtnlg preprocess --split-sentences`"):
         build_bert_sources(cfg)
+
+
+def test_cased_training_and_the_default_bert_corpus(data, tmp_path):
+    from mtnlg.data.corpus import ensure_default_bert_data
+    from mtnlg.data.wordpiece import train_wordpiece
+
+    _, _, docs = data
+    cased = train_wordpiece(docs, 160, tmp_path / "cased", lower_case=False)
+    assert not cased.lower_case and cased.encode("Kalo") != cased.encode("kalo")
+    assert not load_tokenizer(vocab_file=tmp_path / "cased" / "vocab.txt").lower_case  # capitals in the vocab
+    prefix, tok_dir = ensure_default_bert_data(tmp_path / "default", vocab_size=400, limit=12, log=lambda m: None)
+    ds, tok = IndexedDataset(prefix), load_tokenizer(tok_dir)
+    assert isinstance(tok, WordPieceTokenizer) and tok.lower_case
+    assert len(ds) > 2 * ds.num_documents > 0 and int(max(ds[i].max() for i in range(len(ds)))) < tok.vocab_size
+    assert ensure_default_bert_data(tmp_path / "default", vocab_size=400, limit=12, log=lambda m: None) == (
+        prefix, tok_dir)  # cached

@@ -4,8 +4,9 @@
     s = train[i]   # dict of np.int64: tokens, types, labels, loss_mask, padding_mask [seq_length]; is_random []
 
 The data is ``mtnlg preprocess --split-sentences`` output (one sequence per sentence, documents
-through the document index); ``data.split`` cuts its documents into train/valid/test ranges as
-for GPT. Megatron's BertDataset scheme, written afresh:
+through the document index), or with no data configured the default stdlib corpus split so (with
+its own lower-cased WordPiece, ``mtnlg corpus --bert``); ``data.split`` cuts its documents into
+train/valid/test ranges as for GPT. Megatron's BertDataset scheme, written afresh:
 
 - sample map (cached as .npy next to the data, written temp-then-rename): each epoch walks the
   range's documents, gathering consecutive sentences of one document until they reach a target
@@ -64,14 +65,35 @@ def bert_knobs(model_cfg: Any) -> dict[str, Any]:
     return out
 
 
+def default_bert_data(data_cfg: Any) -> tuple[str, str]:
+    """(prefix, tokenizer_dir) of the default stdlib corpus split into sentences, WordPiece (built on first use)."""
+    from mtnlg.data.corpus import default_cache_dir, ensure_default_bert_data
+
+    cache = default_cache_dir()
+    if data_cfg.cache_dir is not None:
+        cache = Path(data_cfg.cache_dir) / cache.relative_to(cache.parent.parent)
+    key = str(cache.resolve())
+    if key not in _DEFAULT:
+        _DEFAULT[key] = ensure_default_bert_data(cache)
+    return _DEFAULT[key]
+
+
+_DEFAULT: dict[str, tuple[str, str]] = {}
+
+
 def bert_tokenizer(data_cfg: Any):
-    """The run's WordPiece tokenizer (data.tokenizer directory or data.vocab_file vocab.txt)."""
+    """The run's WordPiece tokenizer: data.tokenizer (a directory), data.vocab_file (a BERT vocab.txt) or, with
+    no data configured, the default corpus's."""
+    from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.data.wordpiece import WordPieceTokenizer
 
     if data_cfg.tokenizer is None and data_cfg.vocab_file is None:
-        raise UserError("BERT data needs a WordPiece tokenizer: set data.tokenizer (from `mtnlg tokenizer train "
-                        "--type wordpiece`) or data.vocab_file (a BERT vocab.txt)")
-    tok = build_tokenizer(data_cfg)
+        if data_cfg.prefix is not None or data_cfg.blend is not None:
+            raise UserError("BERT data needs a WordPiece tokenizer: set data.tokenizer (from `mtnlg tokenizer train "
+                            "--type wordpiece`) or data.vocab_file (a BERT vocab.txt)")
+        tok = load_tokenizer(default_bert_data(data_cfg)[1])
+    else:
+        tok = build_tokenizer(data_cfg)
     if not isinstance(tok, WordPieceTokenizer):
         raise UserError(f"BERT data needs a WordPiece tokenizer, but {tok.name} is not one; train one with "
                         "`mtnlg tokenizer train --type wordpiece` or pass a BERT vocab.txt as data.vocab_file")
@@ -81,9 +103,6 @@ def bert_tokenizer(data_cfg: Any):
 def build_bert_sources(cfg: Any) -> tuple[Any, Any]:
     """(train, valid) BERT sample sources of a resolved RunConfig; valid is None without validation."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    if d.prefix is None and d.blend is None:
-        raise UserError("BERT pretraining needs sentence-split data: set data.prefix to the output of "
-                        "`mtnlg preprocess --split-sentences` (with a WordPiece tokenizer)")
     tok = bert_tokenizer(d)
     knobs = bert_knobs(m)
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
@@ -92,7 +111,7 @@ def build_bert_sources(cfg: Any) -> tuple[Any, Any]:
     if d.blend is not None:
         prefixes, weights = [b.prefix for b in d.blend], [b.weight for b in d.blend]
     else:
-        prefixes, weights = [d.prefix], [1.0]
+        prefixes, weights = [d.prefix or default_bert_data(d)[0]], [1.0]
     sources = [IndexedDataset(p) for p in prefixes]
     for s in sources:
         check_vocab(s, tok)

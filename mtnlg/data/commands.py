@@ -63,6 +63,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("corpus", help="build the default corpus (Python stdlib docstrings) + tokenizer + data")
     p.add_argument("--output", required=True, metavar="DIR", help="directory for corpus, tokenizer and PREFIX.bin/.idx")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
+    p.add_argument("--bert", action="store_true", help="for BERT: a lower-cased WordPiece and the corpus split into "
+                   "sentences (preprocess --split-sentences)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
     p.set_defaults(func=cmd_corpus)
 
@@ -167,10 +169,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from mtnlg.data.corpus import ensure_default_data
+    from mtnlg.data.corpus import ensure_default_bert_data, ensure_default_data
 
     check_output_dir(args.output, "--output")
-    prefix, tokenizer_dir = ensure_default_data(args.output, vocab_size=args.vocab_size, workers=args.workers)
+    build = ensure_default_bert_data if args.bert else ensure_default_data
+    prefix, tokenizer_dir = build(args.output, vocab_size=args.vocab_size, workers=args.workers)
     print(f"corpus: data.prefix = {prefix}")
     print(f"corpus: data.tokenizer = {tokenizer_dir}")
     return 0
