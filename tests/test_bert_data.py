@@ -220,6 +220,10 @@ def test_build_bert_sources_from_a_run_config(data, tmp_path):
     assert train.documents[1] == valid.documents[0]
     assert set(train[0]) == {"tokens", "types", "labels", "loss_mask", "padding_mask", "is_random"}
     assert all(v.dtype == np.int64 for v in train[0].values()) and train[0]["is_random"].shape == ()
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(train))  # as DataLoader workers get it: paths, not data
+    assert len(pickle.dumps(train)) < 20_000 and _same(clone[7], train[7])
     gpt = tmp_path / "gpt"
     assert main(["preprocess", "--input", str(prefix.parent / "corpus.jsonl"), "--tokenizer", str(wp),
                  "--output-prefix", str(gpt), "--workers", "1"]) == 0
