@@ -205,7 +205,7 @@ def test_no_binary_head(data, tmp_path):
 
 
 def test_build_bert_sources_from_a_run_config(data, tmp_path):
-    from mtnlg.config import from_dict
+    from mtnlg.config import BlendItem, from_dict
 
     wp, prefix, _ = data
     cfg = from_dict({
@@ -224,6 +224,11 @@ def test_build_bert_sources_from_a_run_config(data, tmp_path):
 
     clone = pickle.loads(pickle.dumps(train))  # as DataLoader workers get it: paths, not data
     assert len(pickle.dumps(train)) < 20_000 and _same(clone[7], train[7])
+    cfg.data.prefix, cfg.data.blend = None, [BlendItem(str(prefix), 3.0), BlendItem(str(prefix), 1.0)]
+    blended, _ = build_bert_sources(cfg)
+    assert len(blended) == 80 and np.bincount(blended.dataset_index).tolist() == [60, 20]
+    assert set(blended[5]) == set(train[0])
+    cfg.data.blend = None
     gpt = tmp_path / "gpt"
     assert main(["preprocess", "--input", str(prefix.parent / "corpus.jsonl"), "--tokenizer", str(wp),
                  "--output-prefix", str(gpt), "--workers", "1"]) == 0
@@ -246,3 +251,23 @@ def test_cased_training_and_the_default_bert_corpus(data, tmp_path):
     assert len(ds) > 2 * ds.num_documents > 0 and int(max(ds[i].max() for i in range(len(ds)))) < tok.vocab_size
     assert ensure_default_bert_data(tmp_path / "default", vocab_size=400, limit=12, log=lambda m: None) == (
         prefix, tok_dir)  # cached
+
+
+def test_bert_cli_flags_refused_where_they_do_not_apply(data, tmp_path, capsys):
+    wp, prefix, _ = data
+    corpus = str(prefix.parent / "corpus.jsonl")
+    cases = [
+        (["preprocess", "--input", corpus, "--tokenizer", str(wp), "--lower-case", "--output-prefix",
+          str(tmp_path / "x")], "--lower-case/--cased apply to a BERT --vocab-file vocab.txt only"),
+        (["preprocess", "--sft", "--split-sentences", "--input", corpus, "--tokenizer", str(wp), "--output-prefix",
+          str(tmp_path / "x")], "--split-sentences applies to plain documents, not --sft data"),
+        (["tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--cased", "--output", str(tmp_path / "t")],
+         "--lower-case/--cased apply to --type wordpiece only"),
+        (["tokenizer", "train", "--type", "wordpiece", "--input", corpus, "--vocab-size", "3", "--output",
+          str(tmp_path / "t")], "--vocab-size 3 is too small for WordPiece"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())  # nothing written
