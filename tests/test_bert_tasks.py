@@ -207,3 +207,24 @@ def test_demo_tasks_writes_every_format_readably(tmp_path, tok, capsys):
     assert main(["demo-tasks", "--output", str(out), "--limit-modules", "80", "--max-examples", "60"]) == 0
     assert (out / "mnli" / "train.tsv").read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
+def test_task_data_as_sample_sources(tmp_path, tok):
+    from mtnlg.tasks.data import load_task_data
+
+    train = _write(tmp_path / "train.jsonl", "\n".join(json.dumps({"text_a": t, "label": lab}) for t, lab in [
+        ("a cat", "animal"), ("a dog", "animal"), ("a mat", "thing")]))
+    dev = _write(tmp_path / "dev.jsonl", json.dumps({"text_a": "the fox", "label": "animal"}))
+    data = load_task_data("classify", train, [dev], tok, 16)
+    assert data.labels == ("animal", "thing") and len(data.train) == 3
+    assert set(data.train[2]) == {"tokens", "types", "padding_mask", "label"} and data.train[2]["label"] == 1
+    assert data.valid[0].source[0]["label"] == 0 and data.valid[0].examples[0].text_a == "the fox"
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"text_a": "x", "label": "plant"}))
+    with pytest.raises(UserError, match="bad.jsonl: label 'plant' is not among the training labels"):
+        load_task_data("classify", train, [bad], tok, 16)
+    start = CONTEXT.index("three children")
+    squad = _squad(tmp_path, [{"id": "q", "question": "Who saw the fox?",
+                               "answers": [{"text": "three children", "answer_start": start}]}])
+    s = load_task_data("squad", squad, [squad], tok, 24, doc_stride=8)
+    assert len(s.train) == len(s.valid[0].features["tokens"]) > 1
+    assert set(s.train[0]) == {"tokens", "types", "padding_mask", "start_position", "end_position"}
