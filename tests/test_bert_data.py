@@ -68,6 +68,13 @@ def test_preprocess_split_sentences_one_item_per_sentence(data):
         assert b - a == len(sentences)
         assert [list(ds[i]) for i in range(a, b)] == [tok.encode(s) for s in sentences]  # no EOD
     assert len(ds) == sum(len(split_sentences(t)) for t in docs)
+    from mtnlg.data.preprocess import preprocess
+
+    two = prefix.parent / "sent2"  # two workers on 2 KB chunks (~20 of them): the same bytes
+    preprocess([prefix.parent / "corpus.jsonl"], "text", tok, two, workers=2, log=None, chunk_bytes=2000,
+               split_sentences=True)
+    for suffix in (".bin", ".idx"):
+        assert (two.parent / f"sent2{suffix}").read_bytes() == (prefix.parent / f"sent{suffix}").read_bytes()
 
 
 def test_wordpiece_tokenizer_directory_and_vocab_txt(data, tmp_path):
