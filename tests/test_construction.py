@@ -54,7 +54,7 @@ def test_a_1b_model_is_built_in_shards(tp, pp, zero):
     from mtnlg.model.flops import param_count
 
     total = param_count(resolve(from_dict({"model": LLAMA_1B}), 1).model)
-    rows = run_distributed(_build, 8, args=(tp, pp, zero), timeout=900)
+    rows = run_distributed(_build, 8, args=(tp, pp, zero))
     full_mb = 4 * total / MB
     for rank, r in enumerate(rows):
         print(f"tp={tp} pp={pp} zero={zero} rank {rank}: built with a peak of {r['peak_mb']:.0f} MB, predicted "
