@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from mtnlg.config import BlendItem
 from mtnlg.errors import UserError
 
 DOCS = [f"def f{i}(x):\n    Return x plus {i} and the {w} of the list." for i in range(60)
@@ -65,19 +67,27 @@ def test_sentinels_in_hf_t5_order_through_save_and_load(tok_dirs, tmp_path):
     from mtnlg.data.tokenizer import load_tokenizer
 
     plain, t5 = load_tokenizer(tok_dirs[0]), load_tokenizer(tok_dirs[1])
+    # trained as a T5 tokenizer: HF T5's layout, <pad> = 0 (decoder start), EOS = 1, <extra_id_k> = V - 1 - k (the
+    # recipe's create_sentinel_ids relies on the last)
     V = t5.vocab_size
-    assert V == plain.vocab_size + 101 and plain.sentinel_ids == [] and plain.pad_id is None
-    # HF's T5: <extra_id_k> = len(tokenizer) - 1 - k (run_t5_mlm_flax's create_sentinel_ids relies on it)
+    assert V == 300 + 100 and (t5.pad_id, t5.eod_id) == (0, 1) and plain.sentinel_ids == [] and plain.pad_id is None
     assert t5.sentinel_ids == [V - 1 - k for k in range(100)]
-    assert t5.pad_id == plain.vocab_size and t5.eod_id == plain.eod_id
-    text = "Return x plus 3 <extra_id_0> and <pad>"
-    assert t5.encode(text) == plain.encode(text)  # ordinary text: the same ids, sentinels never forged
+    assert not set(t5.encode("x <extra_id_0> <pad> <|endoftext|>")) & {0, 1, *t5.sentinel_ids}  # never forged
     hf = AutoTokenizer.from_pretrained(str(tok_dirs[1]), local_files_only=True)
-    assert len(hf) == V and hf.pad_token == "<pad>" and hf.pad_token_id == t5.pad_id
+    assert len(hf) == V and (hf.pad_token, hf.pad_token_id, hf.eos_token_id) == ("<pad>", 0, 1)
     assert hf.convert_tokens_to_ids([f"<extra_id_{k}>" for k in range(100)]) == t5.sentinel_ids
     assert hf.decode([t5.sentinel_ids[3]]) == "<extra_id_3>"
-    # an existing tokenizer read with vocab_extra_ids gets the same ids; one that has them keeps them
-    assert load_tokenizer(tok_dirs[0], vocab_extra_ids=100).sentinel_ids == t5.sentinel_ids
+    # an existing tokenizer read with vocab_extra_ids: <pad> and the sentinels appended, ordinary ids unchanged
+    ext = load_tokenizer(tok_dirs[0], vocab_extra_ids=100)
+    W = ext.vocab_size
+    assert W == plain.vocab_size + 101 and ext.pad_id == plain.vocab_size and ext.eod_id == plain.eod_id
+    assert ext.sentinel_ids == [W - 1 - k for k in range(100)]
+    text = "Return x plus 3 <extra_id_0> and <pad>"
+    assert ext.encode(text) == plain.encode(text)
+    ext.save(tmp_path / "ext")
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "ext"), local_files_only=True)
+    assert again.convert_tokens_to_ids(["<pad>", "<extra_id_0>", "<extra_id_99>"]) == [W - 101, W - 1, W - 100]
+    # one that has them keeps them; a different count is refused
     assert load_tokenizer(tok_dirs[1], vocab_extra_ids=100).vocab_size == V
     with pytest.raises(UserError, match="already has 100 sentinels"):
         load_tokenizer(tok_dirs[1], vocab_extra_ids=50)
@@ -91,7 +101,7 @@ def test_tokenizer_train_command_adds_sentinels(tmp_path):
     assert main(["tokenizer", "train", "--input", str(tmp_path / "docs.txt"), "--vocab-size", "280",
                  "--output", str(tmp_path / "tok"), "--vocab-extra-ids", "8"]) == 0
     tok = load_tokenizer(tmp_path / "tok")
-    assert tok.sentinel_ids == [tok.vocab_size - 1 - k for k in range(8)] and tok.pad_id == tok.vocab_size - 9
+    assert tok.sentinel_ids == [tok.vocab_size - 1 - k for k in range(8)] and (tok.pad_id, tok.eod_id) == (0, 1)
     assert main(["tokenizer", "train", "--input", str(tmp_path / "docs.txt"), "--vocab-size", "280",
                  "--output", str(tmp_path / "bad"), "--vocab-extra-ids", "-1"]) != 0
 
@@ -168,7 +178,7 @@ def test_t5_span_corruption_statistics_and_reconstruction(data_prefix, tok_dirs)
     from mtnlg.data.gpt_dataset import build_datasets
     from mtnlg.data.t5_dataset import build_t5_sources, t5_lengths, t5_tokenizer
 
-    cfg = run_cfg(data_prefix, tok_dirs[1], seq_length=128, iters=150)  # 1200 samples
+    cfg = run_cfg(data_prefix, tok_dirs[0], seq_length=128, iters=150)  # 1200 samples
     lengths, tok = t5_lengths(cfg), t5_tokenizer(cfg)
     assert (lengths.raw, lengths.dec) == hf_recipe_lengths(128, 0.15, 3.0)
     train, valid = build_t5_sources(cfg)
@@ -217,7 +227,7 @@ def test_ngram_masking_statistics(data_prefix, tok_dirs):
     from mtnlg.data.span_corruption import NGRAM_MAX
     from mtnlg.data.t5_dataset import build_t5_sources, t5_lengths, t5_tokenizer
 
-    cfg = run_cfg(data_prefix, tok_dirs[1], seq_length=128, iters=100, masking_style="ngram")
+    cfg = run_cfg(data_prefix, tok_dirs[0], seq_length=128, iters=100, masking_style="ngram")
     lengths, tok = t5_lengths(cfg), t5_tokenizer(cfg)
     assert (lengths.raw, lengths.dec) == (127, 2 * 19 + 1)  # worst case: a span per noise token
     train, _ = build_t5_sources(cfg)
@@ -229,7 +239,7 @@ def test_ngram_masking_statistics(data_prefix, tok_dirs):
     assert np.mean(frac == 19 / 127) > 0.97  # the noise budget is met (almost always exactly)
     assert spans.max() == NGRAM_MAX and 3.4 < spans.mean() < 4.5  # geometric(0.2) capped at 10: mean <= 4.46
     # with a given shorter decoder, the spans of a sample are capped to fit it
-    short = run_cfg(data_prefix, tok_dirs[1], seq_length=128, iters=100, masking_style="ngram", decoder_seq_length=24)
+    short = run_cfg(data_prefix, tok_dirs[0], seq_length=128, iters=100, masking_style="ngram", decoder_seq_length=24)
     s_train, _ = build_t5_sources(short)
     assert all(s_train[i]["dec_padding_mask"].sum() <= 24 for i in range(200))
 
@@ -237,14 +247,31 @@ def test_ngram_masking_statistics(data_prefix, tok_dirs):
 def test_deterministic_per_seed(data_prefix, tok_dirs):
     from mtnlg.data.t5_dataset import build_t5_sources
 
-    a, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[1], seed=5))
-    b, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[1], seed=5))
-    c, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[1], seed=6))
+    a, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[0], seed=5))
+    b, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[0], seed=5))
+    c, _ = build_t5_sources(run_cfg(data_prefix, tok_dirs[0], seed=6))
     order = [17, 3, 250, 3, 0]
     for i in order:  # any access order, any instance: the same sample
         assert all((a[i][k] == b[i][k]).all() for k in a[i])
     differ = sum(not (a[i]["enc_tokens"] == c[i]["enc_tokens"]).all() for i in range(20))
     assert differ >= 18
+    again = pickle.loads(pickle.dumps(a))  # as DataLoader workers get it
+    assert all((again[9][k] == a[9][k]).all() for k in a[9])
+
+
+def test_blend(data_prefix, tok_dirs):
+    from mtnlg.data.gpt_dataset import build_datasets
+    from mtnlg.data.t5_dataset import build_t5_sources, t5_lengths, t5_tokenizer
+
+    cfg = run_cfg(data_prefix, tok_dirs[0])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefix=None, blend=[
+        BlendItem(data_prefix, 1.0), BlendItem(data_prefix, 3.0)]))
+    train, valid = build_t5_sources(cfg)
+    lengths, tok = t5_lengths(cfg), t5_tokenizer(cfg)
+    text = build_datasets(cfg.data, lengths.raw, cfg.train.seed, (len(train), len(valid), 0))
+    for i in (0, 5, 77):
+        check_sample(train[i], text[0][i], lengths, tok, exact=True)
+    check_sample(valid[1], text[1][1], lengths, tok, exact=True)
 
 
 # --------------------------------------------------------------------------- fine-tuning pairs
@@ -299,11 +326,12 @@ def test_bad_inputs_are_one_line(data_prefix, tok_dirs):
 
     cases = [
         (run_cfg(data_prefix, tok_dirs[0], vocab_extra_ids=0), "has no sentinels"),
-        (run_cfg(data_prefix, tok_dirs[1], seq_length=512, decoder_seq_length=100), "too short for noise_density"),
-        (run_cfg(data_prefix, tok_dirs[1], seq_length=512, masking_style="ngram", decoder_seq_length=60),
+        (run_cfg(data_prefix, tok_dirs[1], vocab_extra_ids=20), "already has 100 sentinels"),
+        (run_cfg(data_prefix, tok_dirs[0], seq_length=512, decoder_seq_length=100), "too short for noise_density"),
+        (run_cfg(data_prefix, tok_dirs[0], seq_length=512, masking_style="ngram", decoder_seq_length=60),
          "too short for noise_density"),
-        (run_cfg(data_prefix, tok_dirs[1], seq_length=2048), "sentinels; raise vocab_extra_ids"),
-        (run_cfg(data_prefix, tok_dirs[1], masking_style="bert"), "masking_style"),
+        (run_cfg(data_prefix, tok_dirs[0], seq_length=2048), "sentinels; raise vocab_extra_ids"),
+        (run_cfg(data_prefix, tok_dirs[0], masking_style="bert"), "masking_style"),
     ]
     for cfg, message in cases:
         with pytest.raises(UserError, match=message) as e:

@@ -26,8 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json-key", default="text", help="document key of JSON lines / column of a parquet file or HF "
                    "dataset (default text)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
-    t.add_argument("--vocab-extra-ids", type=int, default=0, metavar="N", help="add <pad> and T5's sentinels "
-                   "<extra_id_0>...<extra_id_N-1> after the vocabulary (T5 uses 100; default 0)")
+    t.add_argument("--vocab-extra-ids", type=int, default=0, metavar="N", help="a T5 tokenizer: <pad> = 0, "
+                   "<|endoftext|> = 1 and the sentinels <extra_id_0>...<extra_id_N-1> as the last ids (T5 uses 100; "
+                   "default 0)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = subparsers.add_parser("preprocess", help="tokenize documents into PREFIX.bin/PREFIX.idx (Megatron format)")

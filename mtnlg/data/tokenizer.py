@@ -316,14 +316,17 @@ def train_tokenizer(
 
     Deterministic for the same documents. With ``output_dir`` the result is saved there.
     The vocabulary may come out smaller than ``vocab_size`` when the text has too few pairs.
-    ``vocab_extra_ids`` adds ``<pad>`` and T5's sentinels after it (``with_extra_ids``).
+    With ``vocab_extra_ids`` it is a T5 tokenizer laid out as Hugging Face's: ``<pad>`` = 0 (the decoder start
+    token), EOD = 1 (T5's ``</s>``), the BPE, then the sentinels (``with_extra_ids``; not counted in ``vocab_size``).
     """
     from tokenizers import Tokenizer as _Backend
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
-        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= 257 (256 bytes + EOD)")
+    specials = [PAD, EOD] if vocab_extra_ids else [EOD]
+    if vocab_size < 256 + len(specials):
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= {256 + len(specials)} "
+                        f"(256 bytes + {' + '.join(specials)})")
     backend = _Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -331,12 +334,13 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOD],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_nonempty(documents), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD,
+                                 pad_token=PAD if vocab_extra_ids else None)
     tok = Tokenizer(hf, name=str(output_dir or "trained"))
     if vocab_extra_ids:
         tok = with_extra_ids(tok, vocab_extra_ids)
