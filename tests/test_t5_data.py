@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mtnlg.config import BlendItem
+from mtnlg.config import BlendItem, SyntheticConfig
 from mtnlg.errors import UserError
 
 DOCS = [f"def f{i}(x):\n    Return x plus {i} and the {w} of the list." for i in range(60)
@@ -332,6 +332,12 @@ def test_bad_inputs_are_one_line(data_prefix, tok_dirs):
          "too short for noise_density"),
         (run_cfg(data_prefix, tok_dirs[0], seq_length=2048), "sentinels; raise vocab_extra_ids"),
         (run_cfg(data_prefix, tok_dirs[0], masking_style="bert"), "masking_style"),
+        (run_cfg(data_prefix, tok_dirs[0], seq_length=1500, vocab_extra_ids=1000),
+         "chunks of 1666 tokens for model.seq_length 1500"),
+        (dataclasses.replace(cfg := run_cfg(data_prefix, tok_dirs[0]), data=dataclasses.replace(
+            cfg.data, tokenizer=None)), "set data.tokenizer"),
+        (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefix=None, synthetic=SyntheticConfig())),
+         "data.synthetic"),
     ]
     for cfg, message in cases:
         with pytest.raises(UserError, match=message) as e:

@@ -144,7 +144,11 @@ def build_t5_sources(cfg: RunConfig) -> tuple[Any, Any]:
     style, density, mean = knob(cfg, "masking_style"), knob(cfg, "noise_density"), knob(cfg, "mean_noise_span_length")
     check_sentinels(lengths, style, density, mean, len(tok.sentinel_ids))
     n_valid = t.eval_iters * t.global_batch_size if t.eval_interval else 0
-    train, valid, _ = build_datasets(d, lengths.raw, t.seed, (t.iters * t.global_batch_size, n_valid, 0))
+    try:
+        train, valid, _ = build_datasets(d, lengths.raw, t.seed, (t.iters * t.global_batch_size, n_valid, 0))
+    except UserError as e:  # GPT's words: say what seq_length means here
+        raise UserError(f"{e} (T5's span corruption reads chunks of {lengths.raw} tokens for model.seq_length "
+                        f"{lengths.enc})") from None
     if train is None:
         raise UserError(f"data.split = {d.split!r} leaves no documents for training")
 
