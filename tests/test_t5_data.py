@@ -87,6 +87,13 @@ def test_sentinels_in_hf_t5_order_through_save_and_load(tok_dirs, tmp_path):
     ext.save(tmp_path / "ext")
     again = AutoTokenizer.from_pretrained(str(tmp_path / "ext"), local_files_only=True)
     assert again.convert_tokens_to_ids(["<pad>", "<extra_id_0>", "<extra_id_99>"]) == [W - 101, W - 1, W - 100]
+    # Hugging Face's own T5 tokenizer (its built-in layout) has the same layout, and reads as it is
+    from transformers import T5Tokenizer
+
+    T5Tokenizer(extra_ids=100).save_pretrained(str(tmp_path / "hf_t5"))
+    hf_t5 = load_tokenizer(tmp_path / "hf_t5", vocab_extra_ids=100)
+    n = hf_t5.vocab_size
+    assert (hf_t5.pad_id, hf_t5.eod_id) == (0, 1) and hf_t5.sentinel_ids == [n - 1 - k for k in range(100)]
     # one that has them keeps them; a different count is refused
     assert load_tokenizer(tok_dirs[1], vocab_extra_ids=100).vocab_size == V
     with pytest.raises(UserError, match="already has 100 sentinels"):
