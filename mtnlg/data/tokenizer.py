@@ -326,7 +326,7 @@ def train_tokenizer(
     specials = [PAD, EOD] if vocab_extra_ids else [EOD]
     if vocab_size < 256 + len(specials):
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= {256 + len(specials)} "
-                        f"(256 bytes + {' + '.join(specials)})")
+                        f"(256 bytes + {'<pad> + EOD' if vocab_extra_ids else 'EOD'})")
     backend = _Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
