@@ -26,6 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json-key", default="text", help="document key of JSON lines / column of a parquet file or HF "
                    "dataset (default text)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+    t.add_argument("--vocab-extra-ids", type=int, default=0, metavar="N", help="a T5 tokenizer: <pad> = 0, "
+                   "<|endoftext|> = 1 and the sentinels <extra_id_0>...<extra_id_N-1> as the last ids (T5 uses 100; "
+                   "default 0)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = subparsers.add_parser("preprocess", help="tokenize documents into PREFIX.bin/PREFIX.idx (Megatron format)")
@@ -96,8 +99,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mtnlg.data.tokenizer import train_tokenizer
 
     check_output_dir(args.output, "--output")
-    tok = train_tokenizer(iter_documents(args.input, args.json_key), args.vocab_size, args.output, args.min_frequency)
-    print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id})")
+    if args.vocab_extra_ids < 0:
+        raise UserError(f"--vocab-extra-ids {args.vocab_extra_ids} must be >= 0 (T5 uses 100)")
+    tok = train_tokenizer(iter_documents(args.input, args.json_key), args.vocab_size, args.output, args.min_frequency,
+                          args.vocab_extra_ids)
+    extra = ""
+    if args.vocab_extra_ids:
+        s = tok.sentinel_ids
+        extra = f", <pad> = {tok.pad_id}, <extra_id_0> = {s[0]} ... <extra_id_{len(s) - 1}> = {s[-1]}"
+    print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id}{extra})")
     return 0
 
 
