@@ -160,9 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # before anything imports torch: --help and usage errors stay fast
     _select_accelerator()
     _quiet_known_warnings()
+    had_group = _process_group() is not None  # a caller's (Python API, tests): not ours to destroy
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if not had_group:
+            _release_process_group()
+        return code
     except UserError as e:
+        if not had_group and not isinstance(e, LostContact):  # with peers gone, teardown could wait on them
+            _release_process_group()
         if _quiet_rank(e):
             # rank 0 reports it; give it the moment to do so before this exit makes the launcher stop the job
             import time
@@ -174,6 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _release_process_group() -> None:
+    """Destroy this process's torch.distributed group (if a command made one) before the interpreter exits: left to
+    interpreter shutdown, its communication threads are destroyed while still joinable, which can abort the process
+    with "terminate called without an active exception" (exit 134) instead of the command's own exit code."""
+    dist = _process_group()
+    try:
+        if dist is not None:
+            dist.destroy_process_group()
+    except Exception:  # exiting anyway: the command's own outcome is what the user needs
+        pass
+
+
+def _process_group():
+    """torch.distributed when this process has an initialised default group (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
 
 
 def _quiet_rank(e: UserError) -> bool:

@@ -1,7 +1,7 @@
 """The test session: an offline environment, the markers (``multirank``, ``multihost``, ``slow``) that make a quick
 inner loop one command, and hygiene.
 
-    bash scripts/test.sh                                            # everything (what CI runs)
+    bash scripts/test.sh                                            # everything (what CI runs), 2 workers
     bash scripts/test.sh -m "not multirank and not multihost and not slow"   # the inner loop: one process each
 
 A test is ``multirank`` when it (or a fixture it uses) starts ranks: ``run_distributed``, or a launcher
@@ -35,6 +35,7 @@ MARKERS = {
 }
 _MULTIRANK = re.compile(r"run_distributed\(|\"deepspeed\"|\"torchrun\"|\"accelerate\"|_launch\(|launch_ranks\(")
 _MULTIHOST = re.compile(r"SimHosts\(")
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
 
 
 # what a launcher (or an in-process `mtnlg train`, which sets them for one rank) leaves in the environment
@@ -67,6 +68,8 @@ def _no_process_group_left_behind():
 def pytest_configure(config):
     for name, what in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
+    # set on every test below (pytest-xdist registers it too, when installed)
+    config.addinivalue_line("markers", "xdist_group(name): tests that must share one parallel worker")
 
 
 def _sources(item) -> str:
@@ -77,22 +80,41 @@ def _sources(item) -> str:
     for name in getattr(info, "names_closure", []):
         for fixdef in (info.name2fixturedefs.get(name) or []):
             funcs.append(fixdef.func)
-    for f in funcs:
+    seen: set = set()
+    while funcs:  # and the test modules' own functions they call (e.g. a fixture's helper that starts the ranks)
+        f = funcs.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
         try:
-            parts.append(inspect.getsource(f))
+            src = inspect.getsource(f)
         except (OSError, TypeError):
-            pass
+            continue
+        parts.append(src)
+        names = getattr(f, "__globals__", {})
+        for called in _CALL.findall(src):
+            g = names.get(called)
+            if inspect.isfunction(g) and (g.__module__ or "").startswith("tests."):
+                funcs.append(g)
     return "\n".join(parts)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    netns_files = set()
     for item in items:
         src = _sources(item)
         hosts = _MULTIHOST.search(src) or "cluster" in getattr(item, "fixturenames", ())
         if hosts:
             item.add_marker(pytest.mark.multihost)
+            netns_files.add(item.path)
         if hosts or _MULTIRANK.search(src):
             item.add_marker(pytest.mark.multirank)
+    # Parallel workers (pytest-xdist, ``--dist loadgroup``): a file's tests stay on one worker (its module fixtures
+    # are built once), and every file that stands up simulated hosts shares one worker (their bridges use one
+    # private subnet).
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("netns" if item.path in netns_files else item.path.name))
 
 SHM = Path("/dev/shm")
 PATTERN = "deepspeed_allreduce_buffer_*"
@@ -113,8 +135,8 @@ def _mapped() -> set[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not SHM.is_dir():
-        return
+    if not SHM.is_dir() or hasattr(session.config, "workerinput"):
+        return  # a parallel worker: the controlling process cleans up once all of them are done
     for f in SHM.glob(LOST_CONTACT):
         try:
             if f.stat().st_mtime >= _started - 1:

@@ -149,7 +149,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue, nodes: int =
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 600, nodes: int = 1,
+def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 1200, nodes: int = 1,
                     node_dirs: dict[str, str] | None = None) -> list[Any]:
     if world_size % nodes:
         raise ValueError(f"{world_size} ranks do not split into {nodes} nodes")

@@ -2,8 +2,10 @@
 by block, whatever the layout), and under ZeRO-3 each parameter is partitioned over dp as its layer is made.
 An 8-rank build of a ~1.2B-parameter Llama (4.7 GB of fp32 weights) at tp=2 x ZeRO-3 over dp=4, and at
 tp=2 x pp=2 x dp=2 with ZeRO-1 (each rank holding at most 1/4, resp. 1/2, of the whole): every rank's
-resident-set growth while building stays within 1.5x of the memory model's ``construction_bytes`` (its share
-of the weights plus what exists only while building)."""
+resident-set growth while building is 0.5x to 1.3x of the memory model's ``construction_bytes`` (its share of the
+weights plus what exists only while building): measured 0.66-0.99x under ZeRO-3 (ranks that reuse memory the
+allocator already held grow less) and 1.09-1.17x under ZeRO-1. The lower bound catches a model that predicts
+what a rank never builds (e.g. the whole model instead of its shards)."""
 
 from __future__ import annotations
 
@@ -52,13 +54,13 @@ def test_a_1b_model_is_built_in_shards(tp, pp, zero):
     from mtnlg.model.flops import param_count
 
     total = param_count(resolve(from_dict({"model": LLAMA_1B}), 1).model)
-    rows = run_distributed(_build, 8, args=(tp, pp, zero), timeout=900)
+    rows = run_distributed(_build, 8, args=(tp, pp, zero))
     full_mb = 4 * total / MB
     for rank, r in enumerate(rows):
         print(f"tp={tp} pp={pp} zero={zero} rank {rank}: built with a peak of {r['peak_mb']:.0f} MB, predicted "
               f"{r['predicted_mb']:.0f} MB ({r['peak_mb'] / r['predicted_mb']:.2f}x); the fp32 model is "
               f"{full_mb:.0f} MB")
-        assert r["peak_mb"] <= 1.5 * r["predicted_mb"], (rank, r)
+        assert 0.5 * r["predicted_mb"] <= r["peak_mb"] <= 1.3 * r["predicted_mb"], (rank, r)
         # ZeRO-3: the whole model is over 4x what a rank needs; pp=2 (a tied embedding on both stages): over 2x
         assert r["predicted_mb"] < full_mb / (4 if zero == 3 else 2)
     if zero == 3:  # really partitioned: each rank holds about 1/dp of its tp shard

@@ -16,7 +16,7 @@ def test_lookup_adds_row_gradients_into_the_fp32_buffer():
 
     emb = VocabParallelEmbedding(40, 48, 16, tp_group=None, init=Init(1, 0.02), name="e").to(torch.bfloat16)
     ids = torch.tensor([[3, 7, 3, 0], [39, 7, 7, 12]])  # repeated ids: their rows' gradients add up
-    grad_out = torch.randn(2, 4, 16).to(torch.bfloat16)
+    grad_out = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
     reference = emb.weight.detach().float().requires_grad_()
     F.embedding(ids, reference).backward(grad_out.float())
@@ -33,7 +33,8 @@ def test_lookup_adds_row_gradients_into_the_fp32_buffer():
         emb(ids)
     emb.fp32_grad = None
     emb(ids).backward(grad_out)  # the dense path when nothing is routed
-    torch.testing.assert_close(emb.weight.grad.float(), reference.grad, rtol=1e-2, atol=1e-3)  # bf16 rounding
+    # bf16 rounding: a row's gradient sums its ids' bf16 gradients in bf16 (id 7 three times): a few ulp of 2^-8
+    torch.testing.assert_close(emb.weight.grad.float(), reference.grad, rtol=2e-2, atol=4e-3)
 
 
 def _routed_vs_dense(rank: int, world: int, preset: str, tp: int, pp: int) -> dict:

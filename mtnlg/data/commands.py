@@ -30,6 +30,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json-key", default="text", help="document key of JSON lines / column of a parquet file or HF "
                    "dataset (default text)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+    t.add_argument("--vocab-extra-ids", type=int, default=0, metavar="N", help="a T5 tokenizer: <pad> = 0, "
+                   "<|endoftext|> = 1 and the sentinels <extra_id_0>...<extra_id_N-1> as the last ids (T5 uses 100; "
+                   "default 0)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = subparsers.add_parser("preprocess", help="tokenize documents into PREFIX.bin/PREFIX.idx (Megatron format)")
@@ -110,7 +113,7 @@ def _tokenizer_from_args(args: argparse.Namespace):
     if args.lower_case is not None and (args.vocab_file is None or args.merge_file is not None):
         raise UserError("--lower-case/--cased apply to a BERT --vocab-file vocab.txt only (a tokenizer directory "
                         "keeps its own setting)")
-    return load_tokenizer(args.tokenizer, args.vocab_file, args.merge_file, args.lower_case)
+    return load_tokenizer(args.tokenizer, args.vocab_file, args.merge_file, lower_case=args.lower_case)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -122,6 +125,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     if args.type == "wordpiece":
         from mtnlg.data.wordpiece import train_wordpiece
 
+        if args.vocab_extra_ids:
+            raise UserError("--vocab-extra-ids (T5 sentinels) applies to --type bpe only")
         lower = True if args.lower_case is None else args.lower_case
         tok = train_wordpiece(docs, args.vocab_size, args.output, lower, args.min_frequency)
         print(f"tokenizer: wrote {args.output} (WordPiece, vocab {tok.vocab_size}, "
@@ -130,8 +135,14 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         return 0
     if args.lower_case is not None:
         raise UserError("--lower-case/--cased apply to --type wordpiece only")
-    tok = train_tokenizer(docs, args.vocab_size, args.output, args.min_frequency)
-    print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id})")
+    if args.vocab_extra_ids < 0:
+        raise UserError(f"--vocab-extra-ids {args.vocab_extra_ids} must be >= 0 (T5 uses 100)")
+    tok = train_tokenizer(docs, args.vocab_size, args.output, args.min_frequency, args.vocab_extra_ids)
+    extra = ""
+    if args.vocab_extra_ids:
+        s = tok.sentinel_ids
+        extra = f", <pad> = {tok.pad_id}, <extra_id_0> = {s[0]} ... <extra_id_{len(s) - 1}> = {s[-1]}"
+    print(f"tokenizer: wrote {args.output} (vocab {tok.vocab_size}, <|endoftext|> = {tok.eod_id}{extra})")
     return 0
 
 

@@ -6,13 +6,15 @@
     ids = tok.encode("Hello world") + [tok.eod_id]
 
 ``encode`` treats the spelling of every special token (``<|endoftext|>`` ...) as ordinary
-text: raw data can never forge a document boundary. ``save(dir)`` writes a directory that
-``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline (where HF's own encoding
-of course keeps its usual special-token matching).
+text: raw data can never forge a document boundary. T5's sentinels (``<extra_id_0>`` ...) and a ``<pad>``
+are added by ``with_extra_ids`` (Megatron's ``--vocab-extra-ids``), in Hugging Face's T5 order.
+``save(dir)`` writes a directory that ``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline
+(where HF's own encoding of course keeps its usual special-token matching).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -23,6 +25,7 @@ from mtnlg.errors import UserError
 from mtnlg.files import atomic_dir
 
 EOD = "<|endoftext|>"
+PAD = "<pad>"  # added with the sentinels when a tokenizer has no pad token (T5's decoder start token)
 # GPT-2's pre-tokenizer regex (as used by tiktoken's "gpt2" encoding and HF's ByteLevel).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -38,6 +41,7 @@ class Tokenizer:
     def __init__(self, hf: Any = None, name: str = "", tiktoken_encoding: Any = None, *,
                  hf_factory: Any = None, eod_id: int | None = None, vocab_size: int | None = None) -> None:
         self.name = name
+        self._sentinels: list[int] | None = None
         self._tiktoken = tiktoken_encoding
         self._hf, self._hf_factory, self._backend_cache = None, None, None
         if hf is None:  # lazy: needs the engine and the numbers the HF tokenizer would give
@@ -89,6 +93,21 @@ class Tokenizer:
             return [enc(t) for t in texts]
         return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
 
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of T5's sentinels ``<extra_id_0>``, ``<extra_id_1>``, ... in that order; [] when it has none."""
+        if self._sentinels is None:
+            vocab, ids = self.hf.get_vocab(), []
+            while sentinel_token(len(ids)) in vocab:
+                ids.append(int(vocab[sentinel_token(len(ids))]))
+            self._sentinels = ids
+        return self._sentinels
+
+    @property
+    def pad_id(self) -> int | None:
+        """The pad token's id (T5's decoder start token), None when it has none."""
+        return self.hf.pad_token_id
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
@@ -131,22 +150,28 @@ def load_tokenizer(
     tokenizer_dir: str | Path | None = None,
     vocab_file: str | Path | None = None,
     merge_file: str | Path | None = None,
+    vocab_extra_ids: int = 0,
     lower_case: bool | None = None,
 ) -> Tokenizer:
     """An HF tokenizer directory, GPT-2 BPE files (``encoder.json`` + ``vocab.bpe``) or a BERT ``vocab.txt``
-    alone (``lower_case``: None infers it from the vocabulary, see mtnlg.data.wordpiece)."""
+    alone (``lower_case``: None infers it from the vocabulary, see mtnlg.data.wordpiece); with
+    ``vocab_extra_ids`` T5's sentinels are added unless it has them (``with_extra_ids``)."""
     if merge_file is not None and vocab_file is None:
         raise UserError("merge_file needs vocab_file (GPT-2 BPE: encoder.json + vocab.bpe); give both")
     if (tokenizer_dir is None) == (vocab_file is None):
         raise UserError("give a tokenizer directory, vocab_file + merge_file (GPT-2 BPE) or vocab_file alone "
                         "(a BERT vocab.txt): exactly one of them")
     if tokenizer_dir is not None:
-        return _load_hf_dir(Path(tokenizer_dir))
-    if merge_file is None:
+        tok = _load_hf_dir(Path(tokenizer_dir))
+    elif merge_file is None:
         from mtnlg.data.wordpiece import load_wordpiece_vocab
 
+        if vocab_extra_ids:
+            raise UserError("T5 sentinels (vocab_extra_ids) do not apply to a BERT vocab.txt")
         return load_wordpiece_vocab(vocab_file, lower_case)  # type: ignore[arg-type]
-    return load_gpt2_bpe(Path(vocab_file), Path(merge_file))  # type: ignore[arg-type]
+    else:
+        tok = load_gpt2_bpe(Path(vocab_file), Path(merge_file))  # type: ignore[arg-type]
+    return with_extra_ids(tok, vocab_extra_ids) if vocab_extra_ids else tok
 
 
 def _load_hf_dir(directory: Path) -> Tokenizer:
@@ -251,23 +276,71 @@ def _bytes_of_unicode() -> dict[str, int]:
     return chars
 
 
+# --------------------------------------------------------------------------- T5's sentinels
+
+
+def sentinel_token(k: int) -> str:
+    return f"<extra_id_{k}>"
+
+
+def with_extra_ids(tokenizer: Tokenizer, n: int) -> Tokenizer:
+    """The tokenizer with ``n`` sentinels (Megatron's ``--vocab-extra-ids``): ``<pad>`` first when it has no pad
+    token, then ``<extra_id_{n-1}>`` ... ``<extra_id_0>``, so that ``<extra_id_k>`` is ``vocab_size - 1 - k`` as in
+    Hugging Face's T5 tokenizers. Ids of ordinary text do not change. A tokenizer that has ``n`` is returned as is."""
+    have = len(tokenizer.sentinel_ids)
+    if n < 0:
+        raise UserError(f"vocab_extra_ids = {n} must be >= 0")
+    if have == n:
+        return tokenizer
+    if have:
+        raise UserError(f"tokenizer {tokenizer.name} already has {have} sentinels (<extra_id_0> ...) but "
+                        f"vocab_extra_ids = {n}; set vocab_extra_ids to {have}")
+    from tokenizers import AddedToken
+
+    hf = copy.deepcopy(tokenizer.hf)
+    if hf.pad_token is None:
+        hf.add_special_tokens({"pad_token": PAD})
+    names = [sentinel_token(k) for k in range(n)]
+    hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in reversed(names)], special_tokens=True)
+    _set_extra_special_tokens(hf, names)
+    out = Tokenizer(hf, name=tokenizer.name, tiktoken_encoding=tokenizer._tiktoken)
+    if out.sentinel_ids != list(range(len(hf) - 1, len(hf) - 1 - n, -1)):
+        raise UserError(f"tokenizer {tokenizer.name} already spells some of <extra_id_0> ... <extra_id_{n - 1}> as "
+                        "ordinary tokens, so the sentinels cannot take the last ids; train it again with "
+                        "--vocab-extra-ids")
+    return out
+
+
+def _set_extra_special_tokens(hf: Any, names: list[str]) -> None:
+    """List the sentinels as the tokenizer's extra special tokens, in name order (as T5's tokenizers do)."""
+    if hasattr(hf, "extra_special_tokens"):  # transformers 5
+        hf.extra_special_tokens = names
+    else:
+        hf.additional_special_tokens = names
+
+
 # --------------------------------------------------------------------------- training
 
 
 def train_tokenizer(
-    documents: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, min_frequency: int = 2
+    documents: Iterable[str], vocab_size: int, output_dir: str | Path | None = None, min_frequency: int = 2,
+    vocab_extra_ids: int = 0,
 ) -> Tokenizer:
     """Train a byte-level BPE (all 256 bytes in the alphabet, so nothing is ever unknown) with EOD.
 
     Deterministic for the same documents. With ``output_dir`` the result is saved there.
     The vocabulary may come out smaller than ``vocab_size`` when the text has too few pairs.
+    With ``vocab_extra_ids`` it is a T5 tokenizer laid out as Hugging Face's: ``<pad>`` = 0 (the decoder start
+    token), EOD = 1 (T5's ``</s>``), the BPE, then the sentinels (``with_extra_ids``; not counted in ``vocab_size``).
     """
     from tokenizers import Tokenizer as _Backend
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
-        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= 257 (256 bytes + EOD)")
+    specials = [PAD, EOD] if vocab_extra_ids else [EOD]
+    if vocab_size < 256 + len(specials):
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs >= {256 + len(specials)} "
+                        f"(256 bytes + {'<pad> + EOD' if vocab_extra_ids else 'EOD'})")
     backend = _Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -275,13 +348,16 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOD],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_nonempty(documents), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOD, eos_token=EOD, unk_token=EOD,
+                                 pad_token=PAD if vocab_extra_ids else None)
     tok = Tokenizer(hf, name=str(output_dir or "trained"))
+    if vocab_extra_ids:
+        tok = with_extra_ids(tok, vocab_extra_ids)
     if output_dir is not None:
         tok.save(output_dir)
     return tok

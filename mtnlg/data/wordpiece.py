@@ -31,6 +31,7 @@ class WordPieceTokenizer(Tokenizer):
     def __init__(self, hf: Any, name: str = "") -> None:
         self.name = name
         self._tiktoken, self._hf_factory, self._backend_cache = None, None, None
+        self._sentinels: list[int] | None = None  # T5's, never BERT's (attributes of the base Tokenizer)
         self._set_hf(hf)
         vocab = hf.get_vocab()
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
@@ -39,7 +40,7 @@ class WordPieceTokenizer(Tokenizer):
                 f"WordPiece vocabulary {name} lacks {', '.join(missing)}; a BERT vocab.txt needs "
                 f"{', '.join(SPECIAL_TOKENS)} (train one with `mtnlg tokenizer train --type wordpiece`)"
             )
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (int(vocab[t]) for t in SPECIAL_TOKENS)
+        self._pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (int(vocab[t]) for t in SPECIAL_TOKENS)
         self.eod_id = self.sep_id
         self.vocab_size = len(hf)
         self.lower_case = bool(getattr(hf, "do_lower_case", False))
@@ -47,6 +48,10 @@ class WordPieceTokenizer(Tokenizer):
         for t, i in vocab.items():
             tokens[i] = t
         self.id_to_token = tokens
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
 
     @property
     def special_ids(self) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ def data_tokenizer(cfg: RunConfig):
                         "(the default corpus has its own tokenizer); add data.prefix")
     from mtnlg.data.gpt_dataset import build_tokenizer
 
-    return build_tokenizer(cfg.data)
+    return build_tokenizer(cfg.data, getattr(cfg.model.family_knobs, "vocab_extra_ids", 0))  # T5's sentinels
 
 
 def with_vocab(cfg: RunConfig, tokenizer) -> RunConfig:
