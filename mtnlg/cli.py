@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mtnlg.eval.commands import add_commands as add_eval_commands
     from mtnlg.plan.commands import add_commands as add_plan_commands
     from mtnlg.serve.commands import add_commands as add_serve_commands
+    from mtnlg.tasks.commands import add_commands as add_task_commands
 
     add_data_commands(sub)
     add_convert_commands(sub)
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_commands(sub)
     add_serve_commands(sub)
     add_curate_commands(sub)
+    add_task_commands(sub)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")

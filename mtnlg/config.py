@@ -156,8 +156,9 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None
     sft: SFTConfig | None = None  # fine-tuning data instead of prefix/blend/synthetic
     tokenizer: str | None = None  # an HF tokenizer directory
-    vocab_file: str | None = None  # GPT-2 style encoder.json (with merge_file)
+    vocab_file: str | None = None  # GPT-2 style encoder.json (with merge_file), or alone a BERT WordPiece vocab.txt
     merge_file: str | None = None  # GPT-2 style vocab.bpe
+    lower_case: bool | None = None  # a BERT vocab.txt: lower-case the text (None: if the vocab has no capitals)
     split: str = "98,1,1"  # train,valid,test proportions, by documents
     cache_dir: str | None = None  # sample-index cache; default: next to the data
 
@@ -598,8 +599,8 @@ def _check_data(d: DataConfig) -> None:
         for i, item in enumerate(d.blend):
             if item.weight <= 0:
                 raise ConfigError(f"data.blend[{i}].weight = {item.weight} must be positive")
-    if (d.vocab_file is None) != (d.merge_file is None):
-        raise ConfigError("data.vocab_file and data.merge_file go together (GPT-2 BPE); give both or neither")
+    if d.merge_file is not None and d.vocab_file is None:
+        raise ConfigError("data.merge_file needs data.vocab_file (GPT-2 BPE: encoder.json + vocab.bpe); give both")
     if d.tokenizer is not None and d.vocab_file is not None:
         raise ConfigError("data: give either tokenizer (an HF directory) or vocab_file + merge_file, not both")
     if d.synthetic is not None:

@@ -85,7 +85,7 @@ BAD = [
     ("train: {iters: 10, warmup_iters: 20}", 1, "train.warmup_iters = 20 must be between 0 and lr_decay_iters = 10"),
     ("data: {prefix: a, synthetic: {}}", 1, "give one of prefix, blend, synthetic or sft, not prefix and synthetic"),
     ("data: {split: 'a,b'}", 1, "data.split = 'a,b' must be up to three non-negative numbers"),
-    ("data: {vocab_file: enc.json}", 1, "data.vocab_file and data.merge_file go together"),
+    ("data: {merge_file: vocab.bpe}", 1, "data.merge_file needs data.vocab_file"),
     ("model: {hidden_dropout: 1.5}", 1, "model.hidden_dropout = 1.5 must be in [0, 1)"),
     ("model: {num_layers: 0}", 1, "model.num_layers = 0 must be a positive integer"),
     ("checkpoint: {keep_last: 0}", 1, "checkpoint.keep_last = 0 must be >= 1"),

@@ -138,7 +138,8 @@ def test_pickled_tokenizer_encodes_the_same(trained):
     "kwargs, message",
     [
         ({"tokenizer_dir": "/nonexistent/tok"}, "tokenizer directory /nonexistent/tok not found"),
-        ({"vocab_file": "encoder.json"}, "go together"),
+        ({"merge_file": "vocab.bpe"}, "merge_file needs vocab_file"),
+        ({"vocab_file": "/no/vocab.txt"}, "WordPiece vocabulary /no/vocab.txt not found"),
         ({}, "exactly one"),
         ({"vocab_file": "/no/encoder.json", "merge_file": "/no/vocab.bpe"}, "/no/encoder.json not found"),
     ],

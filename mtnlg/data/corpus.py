@@ -153,19 +153,9 @@ def ensure_default_data(
 
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    corpus, meta_path = directory / "stdlib_docs.jsonl", directory / "stdlib_docs.json"
     try:
         with _locked(directory):
-            meta = _read_meta(meta_path)
-            current = meta is not None and all(
-                meta.get(k) == v for k, v in [("version", CORPUS_VERSION), ("python", sys.version), ("limit", limit)]
-            )
-            if not (current and corpus.is_file() and corpus.stat().st_size == meta["bytes"]):
-                say(f"corpus: writing the Python stdlib docstring corpus to {corpus}")
-                meta = write_stdlib_corpus(corpus, limit=limit)
-                write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
-            assert meta is not None
-            say(f"corpus: {corpus}: {meta['documents']:,} documents, {meta['bytes'] / 1e6:.2f} MB")
+            corpus, meta = _ensure_corpus(directory, limit, say)
             tag = f"{vocab_size}-{meta['sha256'][:10]}"
             tok_dir = directory / f"tokenizer-{tag}"
             if not (tok_dir / "tokenizer.json").is_file():
@@ -174,6 +164,58 @@ def ensure_default_data(
             prefix = directory / f"stdlib-{tag}"
             if not indexed.exists(prefix):
                 preprocess([corpus], "text", load_tokenizer(tok_dir), prefix, workers=workers, log=say)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the default corpus cache in {directory} ({e.strerror or e}); "
+            "set data.cache_dir or $MTNLG_CACHE to a writable directory"
+        ) from None
+    return str(prefix), str(tok_dir)
+
+
+def _ensure_corpus(directory: Path, limit: int | None, say: Callable[[str], None]) -> tuple[Path, dict]:
+    """(corpus path, its metadata): the stdlib corpus in ``directory``, written unless current (hold the lock)."""
+    corpus, meta_path = directory / "stdlib_docs.jsonl", directory / "stdlib_docs.json"
+    meta = _read_meta(meta_path)
+    current = meta is not None and all(
+        meta.get(k) == v for k, v in [("version", CORPUS_VERSION), ("python", sys.version), ("limit", limit)]
+    )
+    if not (current and corpus.is_file() and corpus.stat().st_size == meta["bytes"]):
+        say(f"corpus: writing the Python stdlib docstring corpus to {corpus}")
+        meta = write_stdlib_corpus(corpus, limit=limit)
+        write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
+    assert meta is not None
+    say(f"corpus: {corpus}: {meta['documents']:,} documents, {meta['bytes'] / 1e6:.2f} MB")
+    return corpus, meta
+
+
+def ensure_default_bert_data(
+    cache_dir: str | Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
+    limit: int | None = None,
+) -> tuple[str, str]:
+    """As ``ensure_default_data``, for BERT: a lower-cased WordPiece tokenizer and the corpus split into
+    sentences (``preprocess --split-sentences``); returns ``(prefix, tokenizer_dir)``."""
+    from mtnlg.data.preprocess import preprocess
+    from mtnlg.data.readers import iter_documents
+    from mtnlg.data.tokenizer import load_tokenizer
+    from mtnlg.data.wordpiece import train_wordpiece
+
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        with _locked(directory):
+            corpus, meta = _ensure_corpus(directory, limit, say)
+            tag = f"{vocab_size}-{meta['sha256'][:10]}"
+            tok_dir = directory / f"wordpiece-{tag}"
+            if not (tok_dir / "vocab.txt").is_file():
+                say(f"corpus: training a lower-cased WordPiece tokenizer (vocab {vocab_size}) into {tok_dir}")
+                train_wordpiece(iter_documents([corpus]), vocab_size, tok_dir)
+            prefix = directory / f"stdlib-sentences-{tag}"
+            if not indexed.exists(prefix):
+                preprocess([corpus], "text", load_tokenizer(tok_dir), prefix, workers=workers, log=say,
+                           split_sentences=True)
     except OSError as e:
         raise UserError(
             f"cannot write the default corpus cache in {directory} ({e.strerror or e}); "

@@ -92,7 +92,8 @@ def build_tokenizer(data_cfg: DataConfig, vocab_extra_ids: int = 0) -> Tokenizer
     tokenizer when no data is configured, else None (pre-tokenized data without one).
     ``vocab_extra_ids``: T5's sentinels, added unless the tokenizer has them."""
     if data_cfg.tokenizer is not None or data_cfg.vocab_file is not None:
-        return load_tokenizer(data_cfg.tokenizer, data_cfg.vocab_file, data_cfg.merge_file, vocab_extra_ids)
+        return load_tokenizer(data_cfg.tokenizer, data_cfg.vocab_file, data_cfg.merge_file, vocab_extra_ids,
+                              lower_case=data_cfg.lower_case)
     if data_cfg.prefix is None and data_cfg.blend is None and data_cfg.synthetic is None:
         return load_tokenizer(default_data(data_cfg)[1], vocab_extra_ids=vocab_extra_ids)
     return None

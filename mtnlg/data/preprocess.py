@@ -8,6 +8,11 @@ them in input order, so any number of workers gives byte-identical files. At mos
 ``2 * workers`` chunks are in flight: memory does not grow with the corpus. Every document
 ends with the tokenizer's end-of-document id (counted in its size); empty documents are
 skipped and counted.
+
+With ``split_sentences`` (BERT's data, Megatron's ``_sentence`` datasets) each sentence is one
+sequence and the document index marks where each document's sentences start; no EOD is
+appended (the document index is the boundary). Sentences come from ``mtnlg.data.sentences``
+(rule-based, offline); a sentence with no tokens is dropped, a document with none is skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class PreprocessStats:
     documents: int = 0
     tokens: int = 0
     empty: int = 0
+    sentences: int = 0  # with split_sentences: sequences written (one per sentence)
     bad_lines: int = 0
     input_bytes: int = 0
     seconds: float = 0.0
@@ -51,8 +57,10 @@ class PreprocessStats:
         return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
 
     def summary(self, prefix: str) -> str:
+        what = f"{self.sentences:,} sentences, {self.tokens:,} tokens" if self.sentences else \
+            f"{self.tokens:,} tokens (incl. EOD)"
         return (
-            f"wrote {prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens (incl. EOD), "
+            f"wrote {prefix}.bin/.idx: {self.documents:,} documents, {what}, "
             f"{self.empty:,} empty documents skipped, {self.bad_lines:,} bad lines skipped; "
             f"{self.input_bytes / 1e6:.1f} MB in {self.seconds:.1f} s = {self.mb_per_s:.2f} MB/s "
             f"with {self.workers} worker{'s' if self.workers > 1 else ''}"
@@ -72,6 +80,7 @@ def preprocess(
     skip_bad_lines: bool = False,
     log: Callable[[str], None] | None = _stderr,
     chunk_bytes: int = CHUNK_BYTES,
+    split_sentences: bool = False,
 ) -> PreprocessStats:
     """Write ``output_prefix.bin/.idx`` from .jsonl/.txt/.parquet/.arrow inputs or saved HF datasets; see the
     module doc."""
@@ -86,18 +95,19 @@ def preprocess(
     progress = _Progress(sum(readers.input_bytes(p) for p in paths), log)
     t0 = time.perf_counter()
     chunks = itertools.chain.from_iterable(readers.iter_chunks(p, json_key, chunk_bytes) for p in paths)
-    state = (tokenizer, json_key, skip_bad_lines, np.dtype(dtype).str)
+    state = (tokenizer, json_key, skip_bad_lines, np.dtype(dtype).str, split_sentences)
     try:
         with (
             _single_threaded_tokenizers(),
             IndexedDatasetWriter(output_prefix, dtype) as writer,
             closing(_encoded(chunks, state, workers)) as results,
         ):
-            for tokens, sizes, parsed, nbytes in results:
+            for tokens, sizes, doc_ends, parsed, nbytes in results:
                 if parsed.error is not None:
                     raise UserError(parsed.error)
-                writer.add_documents(tokens, sizes)
-                stats.documents += len(sizes)
+                writer.add_sequences(tokens, sizes, doc_ends)
+                stats.documents += len(doc_ends)
+                stats.sentences += len(sizes) if split_sentences else 0
                 stats.tokens += len(tokens)
                 stats.empty += parsed.empty
                 stats.bad_lines += parsed.bad
@@ -131,18 +141,43 @@ def _init(state: tuple[Any, ...]) -> None:
     _STATE = state
 
 
-def _encode(chunk: readers.Chunk) -> tuple[np.ndarray, np.ndarray, readers.Parsed, int]:
+def _encode(chunk: readers.Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, readers.Parsed, int]:
+    """(tokens, sizes of the sequences, document end positions in sequences, parsed, input bytes)."""
     assert _STATE is not None
-    tokenizer, json_key, skip_bad_lines, dtype = _STATE
+    tokenizer, json_key, skip_bad_lines, dtype, split_sentences = _STATE
     parsed = readers.parse_chunk(chunk, json_key, skip_bad_lines)
-    ids = tokenizer.encode_batch(parsed.texts) if parsed.texts else []
-    eod = tokenizer.eod_id
-    for doc in ids:
-        doc.append(eod)
+    if split_sentences:
+        ids, doc_ends = _encode_sentences(tokenizer, parsed)
+    else:
+        ids = tokenizer.encode_batch(parsed.texts) if parsed.texts else []
+        eod = tokenizer.eod_id
+        for doc in ids:
+            doc.append(eod)
+        doc_ends = np.arange(1, len(ids) + 1, dtype=np.int64)
     sizes = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.dtype(dtype), count=int(sizes.sum()))
     parsed.texts = []  # not sent back
-    return tokens, sizes, parsed, chunk.nbytes
+    return tokens, sizes, doc_ends, parsed, chunk.nbytes
+
+
+def _encode_sentences(tokenizer: Tokenizer, parsed: readers.Parsed) -> tuple[list[list[int]], np.ndarray]:
+    """One token list per non-empty sentence, and where each document with any ends (a count of sentences)."""
+    from mtnlg.data.sentences import split_sentences
+
+    per_doc = [split_sentences(text) for text in parsed.texts]
+    flat = tokenizer.encode_batch([s for doc in per_doc for s in doc]) if any(per_doc) else []
+    ids: list[list[int]] = []
+    doc_ends: list[int] = []
+    at = 0
+    for doc in per_doc:
+        kept = [x for x in flat[at : at + len(doc)] if x]
+        at += len(doc)
+        if not kept:
+            parsed.empty += 1
+            continue
+        ids += kept
+        doc_ends.append(len(ids))
+    return ids, np.asarray(doc_ends, dtype=np.int64)
 
 
 def _encoded(chunks: Iterator[readers.Chunk], state: tuple[Any, ...], workers: int) -> Iterator[Any]:

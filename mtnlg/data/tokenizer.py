@@ -1,7 +1,8 @@
-"""Tokenizers: train a byte-level BPE, load an HF directory or GPT-2's own BPE files.
+"""Tokenizers: train a byte-level BPE, load an HF directory, GPT-2's own BPE files or a BERT vocab.txt.
 
     tok = load_tokenizer(tokenizer_dir="runs/tok")                       # any HF fast tokenizer
     tok = load_tokenizer(vocab_file="encoder.json", merge_file="vocab.bpe")  # GPT-2's exact ids
+    tok = load_tokenizer(vocab_file="vocab.txt")                         # BERT WordPiece (mtnlg.data.wordpiece)
     ids = tok.encode("Hello world") + [tok.eod_id]
 
 ``encode`` treats the spelling of every special token (``<|endoftext|>`` ...) as ordinary
@@ -150,15 +151,24 @@ def load_tokenizer(
     vocab_file: str | Path | None = None,
     merge_file: str | Path | None = None,
     vocab_extra_ids: int = 0,
+    lower_case: bool | None = None,
 ) -> Tokenizer:
-    """An HF tokenizer directory, or GPT-2 BPE files (``encoder.json`` + ``vocab.bpe``); with ``vocab_extra_ids``
-    T5's sentinels are added unless it has them (``with_extra_ids``)."""
-    if (vocab_file is None) != (merge_file is None):
-        raise UserError("vocab_file and merge_file go together (GPT-2 BPE); give both or neither")
+    """An HF tokenizer directory, GPT-2 BPE files (``encoder.json`` + ``vocab.bpe``) or a BERT ``vocab.txt``
+    alone (``lower_case``: None infers it from the vocabulary, see mtnlg.data.wordpiece); with
+    ``vocab_extra_ids`` T5's sentinels are added unless it has them (``with_extra_ids``)."""
+    if merge_file is not None and vocab_file is None:
+        raise UserError("merge_file needs vocab_file (GPT-2 BPE: encoder.json + vocab.bpe); give both")
     if (tokenizer_dir is None) == (vocab_file is None):
-        raise UserError("give a tokenizer directory or vocab_file + merge_file (exactly one of them)")
+        raise UserError("give a tokenizer directory, vocab_file + merge_file (GPT-2 BPE) or vocab_file alone "
+                        "(a BERT vocab.txt): exactly one of them")
     if tokenizer_dir is not None:
         tok = _load_hf_dir(Path(tokenizer_dir))
+    elif merge_file is None:
+        from mtnlg.data.wordpiece import load_wordpiece_vocab
+
+        if vocab_extra_ids:
+            raise UserError("T5 sentinels (vocab_extra_ids) do not apply to a BERT vocab.txt")
+        return load_wordpiece_vocab(vocab_file, lower_case)  # type: ignore[arg-type]
     else:
         tok = load_gpt2_bpe(Path(vocab_file), Path(merge_file))  # type: ignore[arg-type]
     return with_extra_ids(tok, vocab_extra_ids) if vocab_extra_ids else tok
@@ -174,6 +184,10 @@ def _load_hf_dir(directory: Path) -> Tokenizer:
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer from {directory}: {first}") from None
+    if type(getattr(hf, "backend_tokenizer", None) and hf.backend_tokenizer.model).__name__ == "WordPiece":
+        from mtnlg.data.wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer(hf, name=str(directory))
     return Tokenizer(hf, name=str(directory))
 
 
