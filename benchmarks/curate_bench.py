@@ -74,9 +74,10 @@ def _ids(folder: Path) -> set[int]:
 
 
 def kept_difference(docs: list[str], mt: Path, dt: Path, threshold: float) -> dict:
-    """The documents that one pipeline keeps and the other does not, and why: each one's verdict in both, and for
-    a duplicate removal the most similar document the other pipeline kept (exact word 5-gram Jaccard, mtnlg's
-    normalisation), so that a removal is either a duplicate of something kept (>= threshold) or not."""
+    """The documents that one pipeline keeps and the other does not, and why. For a document ``i`` that pipeline A
+    keeps and B removed as a duplicate, ``j`` is the document most similar to it (exact word 5-gram Jaccard, mtnlg's
+    normalisation) among those B kept: when A removed ``j``, both joined the pair and keep different members (a swap,
+    counted); when A kept ``j`` too, only B joined them (listed, with their Jaccard)."""
     mt_kept = {d["id"] for f in (mt / "kept").glob("*.jsonl") for d in map(json.loads, f.read_text().splitlines())}
     mt_removed = {d["id"]: d for f in (mt / "removed").glob("*.jsonl")
                   for d in map(json.loads, f.read_text().splitlines())}
@@ -84,26 +85,24 @@ def kept_difference(docs: list[str], mt: Path, dt: Path, threshold: float) -> di
     quality = sorted(i for i in range(len(docs))
                      if (i in dt_passed) != (mt_removed.get(i, {}).get("step") != "quality"))
     sets = {i: shingles(words(docs[i]), 5) for i in mt_kept | dt_kept}
-    details, kinds = [], {}
+    swaps, swaps_below, details = 0, 0, []
     for i in sorted((mt_kept ^ dt_kept) - set(quality)):
-        other_kept = dt_kept if i in mt_kept else mt_kept  # the pipeline that removed i kept these
+        keeper, remover = ("mtnlg", "datatrove") if i in mt_kept else ("datatrove", "mtnlg")
+        keeper_kept, remover_kept = (mt_kept, dt_kept) if i in mt_kept else (dt_kept, mt_kept)
         mine = shingles(words(docs[i]), 5)
-        best, j = max(((len(mine & sets[k]) / len(mine | sets[k]), k) for k in other_kept if k != i),
+        best, j = max(((len(mine & sets[k]) / len(mine | sets[k]), k) for k in remover_kept if k != i),
                       default=(0.0, None))
-        row = {"doc": i, "kept_by": "mtnlg" if i in mt_kept else "datatrove",
-               "removed_by": "datatrove minhash" if i in mt_kept else f"mtnlg {mt_removed[i]['rule']} "
-               f"({mt_removed[i]['detail']})", "most_similar_kept_by_remover": j, "jaccard": round(best, 3)}
-        if best >= threshold:  # a duplicate of a document the remover kept: the same cluster, another keeper
-            row["why"] = "same cluster, the other pipeline keeps another member"
-        elif i in mt_kept:
-            row["why"] = "datatrove joined it without a near duplicate it keeps (an LSH candidate, unverified)"
-        else:
-            row["why"] = "mtnlg joined it without a near duplicate it keeps (estimate passed the candidate check)"
-        kinds[row["why"]] = kinds.get(row["why"], 0) + 1
-        details.append(row)
+        if j is not None and j not in keeper_kept:
+            swaps += 1
+            swaps_below += best < threshold
+            continue
+        details.append({"doc": i, "removed_by": remover if remover == "datatrove" else
+                        f"mtnlg ({mt_removed[i]['detail']})", "most_similar_kept_by_both": j,
+                        "jaccard": round(best, 3), "why": f"only {remover} joins them"})
     return {"mtnlg_kept": len(mt_kept), "datatrove_kept": len(dt_kept), "kept_by_both": len(mt_kept & dt_kept),
             "only_mtnlg": len(mt_kept - dt_kept), "only_datatrove": len(dt_kept - mt_kept),
-            "quality_verdicts_differ": quality, "by_cause": kinds, "documents": details}
+            "quality_verdicts_differ": quality, "swapped_members": swaps,
+            f"swapped_members_with_jaccard_below_{threshold}": swaps_below, "joined_by_one_pipeline": details}
 
 
 def main() -> int:
@@ -237,13 +236,16 @@ def format_md(r: dict) -> str:
     out.append(f"\nmtnlg / datatrove docs/s, by workers: {r.get('mtnlg_vs_datatrove_docs_per_s')}\n")
     k = r.get("kept_difference")
     if k:
-        out.append(f"kept by mtnlg {k['mtnlg_kept']}, by datatrove {k['datatrove_kept']}, by both {k['kept_by_both']}; "
-                   f"only mtnlg {k['only_mtnlg']}, only datatrove {k['only_datatrove']}; quality verdicts that differ: "
-                   f"{k['quality_verdicts_differ'] or 'none'}; by cause: {k['by_cause']}\n")
-        out += ["| doc | kept by | removed by | most similar doc the remover kept | Jaccard | why |",
-                "|---:|---|---|---:|---:|---|"]
-        out += [f"| {d['doc']} | {d['kept_by']} | {d['removed_by']} | {d['most_similar_kept_by_remover']} | "
-                f"{d['jaccard']} | {d['why']} |" for d in k["documents"]]
+        below = next(v for key, v in k.items() if key.startswith("swapped_members_with"))
+        out.append(f"kept (quality + near, 1 worker): mtnlg {k['mtnlg_kept']}, datatrove {k['datatrove_kept']}, both "
+                   f"{k['kept_by_both']}; only mtnlg {k['only_mtnlg']}, only datatrove {k['only_datatrove']}. Quality "
+                   f"verdicts that differ: {k['quality_verdicts_differ'] or 'none'}. {k['swapped_members']} of the "
+                   f"differing documents are swaps (both pipelines join the pair and keep different members; {below} "
+                   "of them pairs below the threshold by exact Jaccard); joined by one pipeline only:\n")
+        out += ["| doc | removed by | the most similar document, kept by both | Jaccard | why |",
+                "|---:|---|---:|---:|---|"]
+        out += [f"| {d['doc']} | {d['removed_by']} | {d['most_similar_kept_by_both']} | {d['jaccard']} | {d['why']} |"
+                for d in k["joined_by_one_pipeline"]]
     return "\n".join(out) + "\n"
 
 
