@@ -2,9 +2,10 @@
 near duplicates, planted low-quality documents and a planted 13-gram leak; precision and recall of duplicate
 removal against the ground truth, each quality rule's hits, the leak caught; then throughput with 1 and 2 workers
 side by side with datatrove's own pipeline doing the same steps (Gopher quality, Gopher repetition, C4, MinHash
-dedup) on the same corpus.
+dedup) on the same corpus, alternating rounds (the machine may be shared), and what each pipeline keeps compared
+document by document (``kept_difference``).
 
-    python benchmarks/curate_bench.py --docs 2000 --out benchmarks/results/curate
+    python benchmarks/curate_bench.py --docs 600 --rounds 3 --out benchmarks/results/curate
 
 Writes OUT/curate_bench.json and OUT/curate_bench.md and prints them.
 """
