@@ -2,9 +2,10 @@
 
 1. shard: the driver streams the inputs (``mtnlg.data.readers``: what ``preprocess`` reads) into
    ``DIR/work/docs-NNNNN.jsonl`` shards of ``shard_docs`` documents with global ids.
-2. map: per shard, a worker (this process, local processes, or Ray tasks on a cluster) runs the per-document steps
-   (``rules.Worker``) and returns plain data; the driver writes ``work/map-NNNNN.{npy,json}`` (the JSON last: it
-   marks the shard done). Ray workers get the documents through Ray's object store and need no shared disk.
+2. map: per shard, a worker (this process, local processes, or datatrove's ``RayPipelineExecutor`` tasks on a
+   Ray cluster, ``ray_map``) runs the per-document steps (``rules.Worker``); ``work/map-NNNNN.{npy,json}`` is
+   written (the JSON last: it marks the shard done) by the driver for local workers, by the task itself on Ray
+   (so a Ray run's output directory is on storage that every node sees).
 3. reduce (driver): exact duplicates (first id kept), then MinHash LSH clusters over the survivors (``lsh``).
    Documents are ordered by id everywhere, so the decisions do not depend on workers, executor or timing.
 4. write: ``kept/NNNNN.jsonl`` (``{"id", "text"}``, ready for ``mtnlg preprocess``) and
@@ -176,24 +177,35 @@ def read_docs(path: Path) -> list[tuple[int, str]]:
 # --------------------------------------------------------------------------- 2. map
 
 
+def write_map(run: Run, s: int, res: ShardResult) -> None:
+    """A shard's result: signatures, then the JSON (written last, it marks the shard done)."""
+    tmp = run.map_sig(s).with_name(f".{run.map_sig(s).stem}.tmp{os.getpid()}.npy")
+    np.save(tmp, res.signatures)
+    os.replace(tmp, run.map_sig(s))
+    _atomic_write(run.map_json(s), json.dumps({"rows": res.rows, "line_stats": res.line_stats, "host": res.host}))
+
+
 def _map(run: Run, n_shards: int, key: str, state: tuple, workers: int, ray_address: str | None,
          log: Log) -> dict[str, int]:
     todo = [s for s in range(n_shards) if not run.map_json(s).is_file()]
     if len(todo) < n_shards:
         log(f"curate: resuming: {n_shards - len(todo)} of {n_shards} shards already done")
-    hosts: Counter = Counter()
-    if todo:
-        results = _ray_map(run, todo, key, state, ray_address) if ray_address else \
-            _local_map(run, todo, key, state, workers)
+    if todo and ray_address:
+        from mtnlg.curate.ray_map import ray_map
+
+        t0 = time.perf_counter()
+        ray_map(run.root, todo, key, state, ray_address, log)
+        docs = sum(len(json.loads(run.map_json(s).read_text())["rows"]) for s in todo)
+        dt = time.perf_counter() - t0
+        log(f"curate: map {len(todo)}/{len(todo)} shards, {docs} docs, {docs / max(dt, 1e-9):.0f} docs/s")
+    elif todo:
         t0, docs = time.perf_counter(), 0
-        for k, (s, res) in enumerate(results, 1):
-            np.save(run.map_sig(s).with_suffix(".tmp.npy"), res.signatures)
-            os.replace(run.map_sig(s).with_suffix(".tmp.npy"), run.map_sig(s))
-            _atomic_write(run.map_json(s), json.dumps({"rows": res.rows, "line_stats": res.line_stats,
-                                                       "host": res.host}))
+        for k, (s, res) in enumerate(_local_map(run, todo, key, state, workers), 1):
+            write_map(run, s, res)
             docs += len(res.rows)
             dt = time.perf_counter() - t0
             log(f"curate: map {k}/{len(todo)} shards, {docs} docs, {docs / max(dt, 1e-9):.0f} docs/s")
+    hosts: Counter = Counter()
     for s in range(n_shards):
         hosts[json.loads(run.map_json(s).read_text())["host"]] += 1
     return dict(sorted(hosts.items()))
@@ -234,36 +246,6 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one there with "
                         "`ray start --head --port PORT` or fix --ray") from None
-
-
-def _ray_task(key: str, state: tuple, docs: list[tuple[int, str]]) -> ShardResult:
-    return run_shard(key, state, docs)
-
-
-def _ray_map(run: Run, todo: list[int], key: str, state: tuple, address: str
-             ) -> Iterator[tuple[int, ShardResult]]:
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-    try:
-        state_ref = ray.put(state)
-        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2)(_ray_task)
-        limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))  # bounded work in flight
-        pending: dict[Any, int] = {}
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < limit:
-                s = queue.pop(0)
-                pending[task.remote(key, state_ref, read_docs(run.docs(s)))] = s
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                s = pending.pop(ref)
-                try:
-                    yield s, ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    raise UserError(f"Ray task for shard {s} failed: {str(e).strip().splitlines()[-1]}") from None
-    finally:
-        ray.shutdown()
 
 
 # --------------------------------------------------------------------------- 3. reduce
