@@ -12,6 +12,6 @@ cd "$ROOT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WORKERS=${MTNLG_TEST_WORKERS:-2}
 if [ "$WORKERS" -gt 0 ]; then
-  exec python -m pytest -q -n "$WORKERS" --dist loadgroup "$@"
+  exec python -m pytest -q -n "$WORKERS" "$@"  # a file per worker: tests/conftest.py
 fi
 exec python -m pytest -q "$@"

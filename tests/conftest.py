@@ -68,8 +68,6 @@ def _no_process_group_left_behind():
 def pytest_configure(config):
     for name, what in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
-    # set on every test below (pytest-xdist registers it too, when installed)
-    config.addinivalue_line("markers", "xdist_group(name): tests that must share one parallel worker")
 
 
 def _sources(item) -> str:
@@ -99,22 +97,39 @@ def _sources(item) -> str:
     return "\n".join(parts)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    netns_files = set()
     for item in items:
         src = _sources(item)
         hosts = _MULTIHOST.search(src) or "cluster" in getattr(item, "fixturenames", ())
         if hosts:
             item.add_marker(pytest.mark.multihost)
-            netns_files.add(item.path)
         if hosts or _MULTIRANK.search(src):
             item.add_marker(pytest.mark.multirank)
-    # Parallel workers (pytest-xdist, ``--dist loadgroup``): a file's tests stay on one worker (its module fixtures
-    # are built once), and every file that stands up simulated hosts shares one worker (their bridges use one
-    # private subnet).
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("netns" if item.path in netns_files else item.path.name))
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # without pytest-xdist the suite runs in one process (MTNLG_TEST_WORKERS=0)
+    pass
+else:
+    class _FileScheduling(LoadScopeScheduling):
+        """Parallel workers (``pytest -n N``): a test file's tests run on one worker (its module fixtures are
+        built once) and every file that stands up simulated hosts runs on the same one (their bridges share one
+        private subnet), in place of pytest-xdist's ``--dist loadgroup``, whose marks pytest 9.2's node ids no
+        longer carry."""
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            tests = Path(__file__).resolve().parent
+            self._netns = {f"tests/{p.name}" for p in tests.glob("test_*.py") if "SimHosts(" in p.read_text()}
+
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "simulated hosts" if file in self._netns else file
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _FileScheduling(config, log)
+
 
 SHM = Path("/dev/shm")
 PATTERN = "deepspeed_allreduce_buffer_*"
