@@ -1,0 +1,326 @@
+"""One BERT definition for every layout: a list of DeepSpeed LayerSpecs.
+
+    [embedding] + [TransformerBlock(bidirectional)] * num_layers + [final norm (megatron_bert)]
+        + [head: pooler, MLM transform] + [tied MLM decoder] + [output: vocabulary bias, binary head]
+
+Inputs are ``(tokens, types, padding)`` (B, T) each (``padding``: 1 = real token); labels are ``(labels,
+loss_mask, is_random)``: the original token at predicted positions, where they are (1), and the sentence-order
+label (B,). What travels through the blocks (and DeepSpeed's pipeline) is ``(hidden, padding)``.
+
+The MLM decoder reuses the word embeddings (a ``TiedLayerSpec``, as the GPT's tied head); the vocabulary bias
+lives in the last spec, not in the tied module: DeepSpeed saves and synchronises only the first stage's copy of a
+tied module and only its tied weight. ``BertModel`` builds the same specs in one module (pp = 1) with the names
+DeepSpeed's ``PipelineModule`` gives them.
+
+    model = BertModel(resolved_model_cfg)
+    mlm_logits, sop_logits = model((tokens, types, padding))   # (B, T, vocab), (B, 2)
+    loss = model((tokens, types, padding), (labels, loss_mask, is_random))   # MLM mean + SOP
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch import nn
+
+from mtnlg.config import ModelConfig
+from mtnlg.model import bert_memory
+from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.model.registry import Family, is_block
+from mtnlg.parallel import Init, ParallelState, Sharding, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
+from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
+from mtnlg.parallel.layers import set_sharding
+from mtnlg.parallel.mappings import group_size
+
+TIED_KEY = "embed"
+TIED_ATTR = "word_embeddings.weight"
+IGNORE = -100
+
+
+class Dense(nn.Module):
+    """A replicated Linear (the pooler, the MLM transform, the binary head: small, the same on every tp rank) whose
+    weight is drawn by name (layout-independent) when the module is made (ZeRO-3 partitions it right then)."""
+
+    def __init__(self, init: Init, name: str, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(init.normal(f"{name}.weight", (out_features, in_features)))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        replicated(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class BertEmbedding(nn.Module):
+    """Word (vocab-parallel) + learned position + token-type embeddings, then (``bert``) a LayerNorm, then dropout.
+    ``output_only``: the copy the last pipeline stage builds for the tied MLM decoder (the word embeddings alone)."""
+
+    group = "embed"
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, output_only: bool = False):
+        super().__init__()
+        self.dropout = cfg.hidden_dropout
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word")
+        self.position_embeddings = self.tokentype_embeddings = self.norm = None
+        if output_only:
+            return
+        shape = (cfg.max_position_embeddings, cfg.hidden_size)
+        self.position_embeddings = replicated(nn.Embedding(*shape, _weight=init.normal("embed.position", shape)))
+        types = cfg.family_knobs.num_tokentypes
+        if types:
+            shape = (types, cfg.hidden_size)
+            self.tokentype_embeddings = replicated(nn.Embedding(*shape, _weight=init.normal("embed.tokentype", shape)))
+        if cfg.norm_position == "post":  # the original BERT normalises the embeddings; Megatron's does not
+            self.norm = make_norm(cfg)
+
+    def forward_flops(self, seq: int) -> float:
+        return 0.0
+
+    def head_flops(self) -> float:
+        """Forward FLOPs per token of the tied MLM decoder: one [V, h] matrix."""
+        return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
+
+    def forward(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, types, padding) (B, T) each -> (x (B, T, C), padding)."""
+        tokens, types, padding = inputs
+        x = self.word_embeddings(tokens)
+        x = x + self.position_embeddings(torch.arange(tokens.size(1), device=tokens.device))
+        if self.tokentype_embeddings is not None:
+            x = x + self.tokentype_embeddings(types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.dropout(x, self.dropout, self.training), padding
+
+
+class EncoderFinalNorm(nn.Module):
+    """Megatron's BERT (pre-LN) normalises the last block's output; the padding mask ends here."""
+
+    group = "final_norm"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward_flops(self, seq: int) -> float:
+        return 0.0
+
+    def forward(self, x: tuple) -> torch.Tensor:
+        return self.norm(x[0])
+
+
+class PretrainHead(nn.Module):
+    """The pooler (first token, dense, tanh; with the binary head only, as Megatron's) and the MLM transform (dense,
+    GELU, LayerNorm) -> (transformed hidden states, pooled) or the transformed hidden states alone."""
+
+    group = "head"
+
+    def __init__(self, cfg: ModelConfig, init: Init):
+        super().__init__()
+        h = cfg.hidden_size
+        self.approximate = "none" if cfg.activation == "gelu_erf" else "tanh"
+        self.pooler = Dense(init, "head.pooler", h, h) if cfg.family_knobs.binary_head else None
+        self.transform = Dense(init, "head.transform", h, h)
+        self.norm = make_norm(cfg)
+
+    def forward_flops(self, seq: int) -> float:
+        h = self.transform.weight.shape[0]
+        return 2.0 * h * h * (1 + (1 / seq if self.pooler is not None else 0))
+
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if isinstance(x, tuple):  # ``bert`` (post-LN) has no final norm: the blocks' (x, padding) comes here
+            x = x[0]
+        h = self.norm(F.gelu(self.transform(x), approximate=self.approximate))  # (B, T, C)
+        if self.pooler is None:
+            return h
+        return h, torch.tanh(self.pooler(x[:, 0]))  # (B, T, C), (B, C)
+
+
+def tied_decoder(embedding: BertEmbedding, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
+    """The MLM decoder: this rank's vocabulary slice of the logits from the word embeddings (bias in the next
+    spec). The pooled output passes through."""
+    if isinstance(x, tuple):
+        return embedding.word_embeddings(x[0], logits=True), x[1]  # (B, T, V_padded / tp), (B, C)
+    return embedding.word_embeddings(x, logits=True)
+
+
+class PretrainOutput(nn.Module):
+    """The MLM vocabulary bias (vocab-parallel, like the logits it is added to) and the binary (sentence-order)
+    head Linear(h, 2) on the pooled output."""
+
+    group = "output"
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
+        super().__init__()
+        per_rank = cfg.padded_vocab_size // group_size(ps.tp_group)
+        self.lm_bias = set_sharding(nn.Parameter(torch.zeros(per_rank)), Sharding("vocab", (cfg.vocab_size,)))
+        self.binary = Dense(init, "output.binary", cfg.hidden_size, 2) if cfg.family_knobs.binary_head else None
+
+    def forward_flops(self, seq: int) -> float:
+        return 0.0 if self.binary is None else 4.0 * self.binary.weight.shape[1] / seq
+
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if self.binary is None:
+            return x + self.lm_bias
+        logits, pooled = x
+        return logits + self.lm_bias, self.binary(pooled)  # (B, T, V_padded / tp), (B, 2)
+
+
+class BertLoss:
+    """MLM cross-entropy, mean over the predicted tokens of the micro batch (vocab-parallel), plus the sentence-order
+    cross-entropy (mean over the micro batch) when the model has the binary head. ``terms`` holds the last call's
+    (lm, sop) values, detached."""
+
+    def __init__(self, tp_group, vocab_size: int, binary_head: bool):
+        self.tp_group, self.vocab_size, self.binary_head = tp_group, vocab_size, binary_head
+        self.terms: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def __call__(self, outputs: torch.Tensor | tuple, labels: tuple) -> torch.Tensor:
+        lm_labels, loss_mask, is_random = labels
+        logits = outputs[0] if self.binary_head else outputs
+        target = lm_labels.masked_fill(loss_mask == 0, IGNORE)
+        per_token = vocab_parallel_cross_entropy(logits, target, self.tp_group, self.vocab_size, IGNORE)
+        lm = per_token.sum() / loss_mask.sum().clamp(min=1)
+        if not self.binary_head:
+            self.terms = (lm.detach(), None)
+            return lm
+        sop = F.cross_entropy(outputs[1].float(), is_random)
+        self.terms = (lm.detach(), sop.detach())
+        return lm + sop
+
+
+def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) -> list[LayerSpec]:
+    """The model as a list of LayerSpecs (cfg must be resolved)."""
+    first = TiedLayerSpec(TIED_KEY, BertEmbedding, cfg, ps, init, tied_weight_attr=TIED_ATTR)
+    decoder = TiedLayerSpec(TIED_KEY, BertEmbedding, cfg, ps, init, output_only=True, forward_fn=tied_decoder,
+                            tied_weight_attr=TIED_ATTR)
+    blocks = [LayerSpec(TransformerBlock, cfg, ps, rng, init, i, mask="bidirectional", carries=("padding",))
+              for i in range(cfg.num_layers)]
+    final = [LayerSpec(EncoderFinalNorm, cfg)] if cfg.norm_position == "pre" else []
+    return [first, *blocks, *final, LayerSpec(PretrainHead, cfg, init), decoder,
+            LayerSpec(PretrainOutput, cfg, ps, init)]
+
+
+def tied_weight_names(cfg: ModelConfig) -> list[str]:
+    return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"]
+
+
+class BertModel(nn.Module):
+    """The layer specs built into one module, named as DeepSpeed's PipelineModule names them (``specs=range(a, b)``:
+    one pipeline stage)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
+                 rng: TPRandom | None = None, specs: range | None = None):
+        super().__init__()
+        if cfg.padded_vocab_size is None:
+            raise ValueError("BertModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
+        self.cfg = cfg
+        self.ps = ps or ParallelState.single()
+        if self.ps.pp_size != 1 and specs is None:
+            raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
+                             "with specs=")
+        self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
+        self.loss_fn = BertLoss(self.ps.tp_group, cfg.vocab_size, cfg.family_knobs.binary_head)
+        self.tied_modules = nn.ModuleDict()
+        self._funcs: list = []
+        self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
+        layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
+        for idx in range(len(layers)) if specs is None else specs:
+            spec = layers[idx]
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in self.tied_modules:
+                    self.tied_modules[spec.key] = spec.build()
+                    self.owners.append((idx, f"tied_modules.{spec.key}.", self.tied_modules[spec.key]))
+                module = self.tied_modules[spec.key]
+                self._funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+            else:
+                module = spec.build()
+                self.add_module(str(idx), module)
+                self._funcs.append(module)
+                if any(True for _ in module.parameters()):
+                    self.owners.append((idx, f"{idx}.", module))
+
+    def outputs(self, inputs: tuple) -> torch.Tensor | tuple:
+        """Run every spec: this rank's vocabulary slice of the MLM logits (and the SOP logits)."""
+        x = inputs
+        checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
+        for f in self._funcs:
+            if checkpoint and is_block(f):
+                x = self.rng.checkpoint(f.forward_args, *x)
+            else:
+                x = f(x)
+        return x
+
+    def forward(self, inputs: tuple, labels: tuple | None = None) -> torch.Tensor | tuple:
+        """The loss (scalar) with ``labels``; else the full-vocabulary MLM logits (B, T, vocab_size) and, with the
+        binary head, the SOP logits (B, 2)."""
+        out = self.outputs(inputs)
+        if labels is not None:
+            return self.loss_fn(out, labels)
+        if not self.cfg.family_knobs.binary_head:
+            return gather_from_tp(out, self.ps.tp_group)[..., : self.cfg.vocab_size]
+        logits, sop = out
+        return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size], sop
+
+    def spec_modules(self) -> list:
+        return list(self._funcs)
+
+    def spec_flops(self, seq: int) -> list[float]:
+        return [f.args[0].head_flops() if isinstance(f, partial) else f.forward_flops(seq) for f in self._funcs]
+
+
+# --------------------------------------------------------------------------- data
+
+
+FIELDS_IN = ("tokens", "types", "padding_mask")
+FIELDS_LABELS = ("labels", "loss_mask")
+
+
+def collate(samples: list[dict]) -> tuple[tuple, tuple]:
+    """BERT samples (dicts of numpy arrays: ``mtnlg.data.bert_dataset``) -> ((tokens, types, padding), (labels,
+    loss_mask, is_random)), int64 tensors."""
+    def stack(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples]).astype(np.int64))
+
+    return tuple(stack(k) for k in FIELDS_IN), (*(stack(k) for k in FIELDS_LABELS), stack("is_random").reshape(-1))
+
+
+def sources(cfg):
+    """(train, valid) BERT sample sources: masked sentence pairs from the run's data (``mtnlg.data.bert_dataset``),
+    or, with ``data.synthetic``, Markov-chain walks made into masked pairs (``mtnlg.data.bert_synthetic``)."""
+    if cfg.data.synthetic is not None:
+        from mtnlg.data.bert_synthetic import synthetic_bert_sources
+
+        return synthetic_bert_sources(cfg)
+    from mtnlg.data.bert_dataset import build_bert_sources
+
+    return build_bert_sources(cfg)
+
+
+def no_token_windows(samples: torch.Tensor):
+    raise TypeError("BERT trains on sentence pairs (Family.collate of mtnlg.model.bert), not on token windows")
+
+
+def token_lookups(module: nn.Module) -> list[nn.Module]:
+    return [m.word_embeddings for m in module.modules() if isinstance(m, BertEmbedding)]
+
+
+FAMILY = Family(
+    name="bert",
+    layer_specs=layer_specs,
+    model=BertModel,
+    loss=lambda cfg, ps: BertLoss(ps.tp_group, cfg.vocab_size, cfg.family_knobs.binary_head),
+    micro_batch=no_token_windows,
+    tied_weight_names=tied_weight_names,
+    token_lookups=token_lookups,
+    hf_model_types=("megatron-bert", "bert"),
+    memory=bert_memory,
+    causal_lm=False,
+    sources=sources,
+    collate=collate,
+)
