@@ -149,6 +149,18 @@ def tied_decoder(embedding: BertEmbedding, x: torch.Tensor | tuple) -> torch.Ten
     return embedding.word_embeddings(x, logits=True)
 
 
+class VocabBias(nn.Module):
+    """The MLM decoder's bias over the vocabulary, split across tp like the logits it is added to (padding: zeros)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState):
+        super().__init__()
+        per_rank = cfg.padded_vocab_size // group_size(ps.tp_group)
+        self.bias = set_sharding(nn.Parameter(torch.zeros(per_rank)), Sharding("vocab", (cfg.vocab_size,)))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias  # (B, T, V_padded / tp)
+
+
 class PretrainOutput(nn.Module):
     """The MLM vocabulary bias (vocab-parallel, like the logits it is added to) and the binary (sentence-order)
     head Linear(h, 2) on the pooled output."""
@@ -157,8 +169,7 @@ class PretrainOutput(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
-        per_rank = cfg.padded_vocab_size // group_size(ps.tp_group)
-        self.lm_bias = set_sharding(nn.Parameter(torch.zeros(per_rank)), Sharding("vocab", (cfg.vocab_size,)))
+        self.lm = VocabBias(cfg, ps)
         self.binary = Dense(init, "output.binary", cfg.hidden_size, 2) if cfg.family_knobs.binary_head else None
 
     def forward_flops(self, seq: int) -> float:
@@ -166,9 +177,9 @@ class PretrainOutput(nn.Module):
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
         if self.binary is None:
-            return x + self.lm_bias
+            return self.lm(x)
         logits, pooled = x
-        return logits + self.lm_bias, self.binary(pooled)  # (B, T, V_padded / tp), (B, 2)
+        return self.lm(logits), self.binary(pooled)  # (B, T, V_padded / tp), (B, 2)
 
 
 class BertLoss:
