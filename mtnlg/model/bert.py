@@ -184,12 +184,15 @@ class PretrainOutput(nn.Module):
 
 class BertLoss:
     """MLM cross-entropy, mean over the predicted tokens of the micro batch (vocab-parallel), plus the sentence-order
-    cross-entropy (mean over the micro batch) when the model has the binary head. ``terms`` holds the last call's
-    (lm, sop) values, detached."""
+    cross-entropy (mean over the micro batch) when the model has the binary head.
+
+    Each call's terms are kept (detached) until ``take_terms``: the training loop logs them as ``lm_loss`` and
+    ``sop_loss`` (``term_names``), averaged over the step's micro batches."""
 
     def __init__(self, tp_group, vocab_size: int, binary_head: bool):
         self.tp_group, self.vocab_size, self.binary_head = tp_group, vocab_size, binary_head
-        self.terms: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.term_names = ("lm_loss", "sop_loss") if binary_head else ("lm_loss",)
+        self.terms: list[torch.Tensor] = []
 
     def __call__(self, outputs: torch.Tensor | tuple, labels: tuple) -> torch.Tensor:
         lm_labels, loss_mask, is_random = labels
@@ -198,11 +201,21 @@ class BertLoss:
         per_token = vocab_parallel_cross_entropy(logits, target, self.tp_group, self.vocab_size, IGNORE)
         lm = per_token.sum() / loss_mask.sum().clamp(min=1)
         if not self.binary_head:
-            self.terms = (lm.detach(), None)
+            self.terms.append(lm.detach().float().reshape(1))
             return lm
         sop = F.cross_entropy(outputs[1].float(), is_random)
-        self.terms = (lm.detach(), sop.detach())
+        self.terms.append(torch.stack([lm.detach().float(), sop.detach().float()]))
         return lm + sop
+
+    def take_terms(self) -> torch.Tensor:
+        """(sum of each term, micro batches) since the last call, on this rank; then forgets them."""
+        device = self.terms[0].device if self.terms else torch.device("cpu")
+        out = torch.zeros(len(self.term_names) + 1, device=device)
+        if self.terms:
+            out[:-1] = torch.stack(self.terms).sum(0)
+            out[-1] = len(self.terms)
+        self.terms = []
+        return out
 
 
 def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) -> list[LayerSpec]:
