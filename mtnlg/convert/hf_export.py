@@ -158,7 +158,8 @@ def verify_export(hf_dir: Path, ckpt: NativeCheckpoint, dtype: str, source: str)
     del native
     gc.collect()
     _release_freed_memory()
-    hf_class = getattr(transformers, adapter.HF_CLASS) if own else transformers.AutoModelForCausalLM
+    name = adapter.class_name(cfg) if hasattr(adapter, "class_name") else adapter.HF_CLASS  # BERT: by its head
+    hf_class = getattr(transformers, name) if own else transformers.AutoModelForCausalLM
     hf_model = hf_class.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
         got = adapter.hf_outputs(hf_model, inputs) if own else (hf_model(input_ids=inputs).logits,)

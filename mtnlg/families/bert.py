@@ -12,7 +12,7 @@ Implemented by ``mtnlg.model.bert`` (docs/bert.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 # knobs every BERT architecture fixes; ``norm_position`` is not a knob of the generic kind (it has a default), so
 # the family's check below sets it from the architecture
@@ -31,6 +31,11 @@ class BertKnobs:
     """The model keys only BERT has (``model.<key>`` in the YAML; read as ``model.family_knobs.<key>``)."""
 
     binary_head: bool = True  # the sentence-order head (Linear(h, 2) on the pooled first token) and its loss
+    # what the model ends in: the pretraining heads (MLM + SOP), or a fine-tuning head: classification of the
+    # pooled output into num_classes, multiple choice (Linear(h, 1) per choice), or answer spans (start/end logits
+    # on every token)
+    head: Literal["pretrain", "classify", "multiple_choice", "span"] = "pretrain"
+    num_classes: int = 2  # classes of the classification head
     num_tokentypes: int = 2  # token-type (segment A / B) embeddings
     # read by the data side (mtnlg.data.bert_dataset): the masked-LM sample builder
     mask_prob: float = 0.15  # share of tokens predicted
@@ -52,6 +57,8 @@ def _check(m, par) -> None:
         raise ValueError(f"model.mask_prob = {k.mask_prob} must be in (0, 1)")
     if not 0.0 <= k.short_seq_prob <= 1.0:
         raise ValueError(f"model.short_seq_prob = {k.short_seq_prob} must be in [0, 1]")
+    if k.head == "classify" and k.num_classes < 2:
+        raise ValueError(f"model.num_classes = {k.num_classes} must be >= 2 for the classification head")
     if k.max_ngram < 1:
         raise ValueError(f"model.max_ngram = {k.max_ngram} must be >= 1")
     if m.num_kv_heads != m.num_attention_heads:

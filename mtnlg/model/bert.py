@@ -87,8 +87,9 @@ class BertEmbedding(nn.Module):
         return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
 
     def forward(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, types, padding) (B, T) each -> (x (B, T, C), padding)."""
-        tokens, types, padding = inputs
+        """(tokens, types, padding) (B, T) each -> (x (B, T, C), padding); multiple choice: (B, C, T) each, run as
+        B * C rows."""
+        tokens, types, padding = (t.flatten(0, 1) if t.dim() == 3 else t for t in inputs)
         x = self.word_embeddings(tokens)
         x = x + self.position_embeddings(torch.arange(tokens.size(1), device=tokens.device))
         if self.tokentype_embeddings is not None:
@@ -218,6 +219,62 @@ class BertLoss:
         return out
 
 
+class TaskHead(nn.Module):
+    """A fine-tuning head (``model.head``): ``classify``: pooler (first token, dense, tanh), dropout, Linear(h, N)
+    -> (B, N); ``multiple_choice``: the same with Linear(h, 1), one score per (row, choice) -> (B * C,);
+    ``span``: Linear(h, 2) on every token -> start and end logits (B, T, 2)."""
+
+    group = "head"
+
+    def __init__(self, cfg: ModelConfig, init: Init):
+        super().__init__()
+        h, k = cfg.hidden_size, cfg.family_knobs
+        self.kind, self.dropout = k.head, cfg.hidden_dropout
+        self.pooler = Dense(init, "head.pooler", h, h) if k.head != "span" else None
+        if k.head == "span":
+            self.qa = Dense(init, "head.qa", h, 2)
+        else:
+            self.classifier = Dense(init, "head.classifier", h, k.num_classes if k.head == "classify" else 1)
+
+    def forward_flops(self, seq: int) -> float:
+        mats = [p for p in self.parameters() if p.dim() == 2]
+        if self.kind == "span":
+            return 2.0 * mats[0].numel()
+        return 2.0 * sum(p.numel() for p in mats) / seq
+
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(x, tuple):  # ``bert`` (post-LN) has no final norm
+            x = x[0]
+        if self.kind == "span":
+            return self.qa(x)  # (B, T, 2)
+        pooled = F.dropout(torch.tanh(self.pooler(x[:, 0])), self.dropout, self.training)
+        logits = self.classifier(pooled)  # (B, N) or (B * C, 1)
+        return logits.squeeze(-1) if self.kind == "multiple_choice" else logits
+
+
+class TaskLoss:
+    """Cross-entropy of a fine-tuning head: classes (labels (B,)), choices (labels (B,): the right choice of each
+    row's C choices) or answer spans (labels (B, 2): start and end token; the mean of the two, as HF's)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "span":
+            return (F.cross_entropy(logits[..., 0].float(), labels[:, 0])
+                    + F.cross_entropy(logits[..., 1].float(), labels[:, 1])) / 2
+        if self.kind == "multiple_choice":
+            logits = logits.reshape(labels.size(0), -1)  # (B, C)
+        return F.cross_entropy(logits.float(), labels)
+
+
+def make_loss(cfg: ModelConfig, ps: ParallelState):
+    """The loss of the model's head: MLM + SOP (pretraining) or the task head's cross-entropy."""
+    if cfg.family_knobs.head == "pretrain":
+        return BertLoss(ps.tp_group, cfg.vocab_size, cfg.family_knobs.binary_head)
+    return TaskLoss(cfg.family_knobs.head)
+
+
 def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) -> list[LayerSpec]:
     """The model as a list of LayerSpecs (cfg must be resolved)."""
     first = TiedLayerSpec(TIED_KEY, BertEmbedding, cfg, ps, init, tied_weight_attr=TIED_ATTR)
@@ -226,12 +283,14 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     blocks = [LayerSpec(TransformerBlock, cfg, ps, rng, init, i, mask="bidirectional", carries=("padding",))
               for i in range(cfg.num_layers)]
     final = [LayerSpec(EncoderFinalNorm, cfg)] if cfg.norm_position == "pre" else []
+    if cfg.family_knobs.head != "pretrain":  # the embedding keeps its (tied) name: a pretrained model loads as is
+        return [first, *blocks, *final, LayerSpec(TaskHead, cfg, init)]
     return [first, *blocks, *final, LayerSpec(PretrainHead, cfg, init), decoder,
             LayerSpec(PretrainOutput, cfg, ps, init)]
 
 
 def tied_weight_names(cfg: ModelConfig) -> list[str]:
-    return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"]
+    return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"] if cfg.family_knobs.head == "pretrain" else []
 
 
 class BertModel(nn.Module):
@@ -249,7 +308,7 @@ class BertModel(nn.Module):
             raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
                              "with specs=")
         self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
-        self.loss_fn = BertLoss(self.ps.tp_group, cfg.vocab_size, cfg.family_knobs.binary_head)
+        self.loss_fn = make_loss(cfg, self.ps)
         self.tied_modules = nn.ModuleDict()
         self._funcs: list = []
         self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
@@ -270,7 +329,8 @@ class BertModel(nn.Module):
                     self.owners.append((idx, f"{idx}.", module))
 
     def outputs(self, inputs: tuple) -> torch.Tensor | tuple:
-        """Run every spec: this rank's vocabulary slice of the MLM logits (and the SOP logits)."""
+        """Run every spec: this rank's vocabulary slice of the MLM logits (and the SOP logits), or the task head's
+        logits. Multiple choice: inputs (B, C, T) are run as B * C rows."""
         x = inputs
         checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
         for f in self._funcs:
@@ -286,6 +346,9 @@ class BertModel(nn.Module):
         out = self.outputs(inputs)
         if labels is not None:
             return self.loss_fn(out, labels)
+        head = self.cfg.family_knobs.head
+        if head != "pretrain":
+            return out.reshape(inputs[0].shape[:2]) if head == "multiple_choice" else out
         if not self.cfg.family_knobs.binary_head:
             return gather_from_tp(out, self.ps.tp_group)[..., : self.cfg.vocab_size]
         logits, sop = out
@@ -305,13 +368,21 @@ FIELDS_IN = ("tokens", "types", "padding_mask")
 FIELDS_LABELS = ("labels", "loss_mask")
 
 
-def collate(samples: list[dict]) -> tuple[tuple, tuple]:
-    """BERT samples (dicts of numpy arrays: ``mtnlg.data.bert_dataset``) -> ((tokens, types, padding), (labels,
-    loss_mask, is_random)), int64 tensors."""
+def collate(samples: list[dict]) -> tuple[tuple, tuple | torch.Tensor]:
+    """BERT samples (dicts of numpy arrays: ``mtnlg.data.bert_dataset``) -> ((tokens, types, padding), labels),
+    int64 tensors. Labels: pretraining samples' (labels, loss_mask, is_random); a fine-tuning sample's ``label``
+    (classification; multiple choice, whose inputs are (C, T) each) or ``start_position`` and ``end_position``
+    (spans: (B, 2))."""
     def stack(key: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples]).astype(np.int64))
 
-    return tuple(stack(k) for k in FIELDS_IN), (*(stack(k) for k in FIELDS_LABELS), stack("is_random").reshape(-1))
+    inputs = tuple(stack(k) for k in FIELDS_IN)
+    first = samples[0]
+    if "label" in first:
+        return inputs, stack("label").reshape(-1)
+    if "start_position" in first:
+        return inputs, torch.stack([stack("start_position").reshape(-1), stack("end_position").reshape(-1)], 1)
+    return inputs, (*(stack(k) for k in FIELDS_LABELS), stack("is_random").reshape(-1))
 
 
 def sources(cfg):
@@ -338,7 +409,7 @@ FAMILY = Family(
     name="bert",
     layer_specs=layer_specs,
     model=BertModel,
-    loss=lambda cfg, ps: BertLoss(ps.tp_group, cfg.vocab_size, cfg.family_knobs.binary_head),
+    loss=make_loss,
     micro_batch=no_token_windows,
     tied_weight_names=tied_weight_names,
     token_lookups=token_lookups,

@@ -14,6 +14,7 @@ from mtnlg.convert.hf.megatron_bert import (  # noqa: F401  (the verify hooks ar
     bert_config,
     bert_misfit,
     bert_section,
+    hf_class_name,
     hf_outputs,
     verify_inputs,
 )
@@ -42,8 +43,12 @@ def misfit(cfg: ModelConfig) -> str | None:
 
 
 def to_hf_config(cfg: ModelConfig, common: dict):
-    return config_class()(**bert_config(cfg, common))
+    return config_class()(**bert_config(cfg, common, "Bert"))
 
 
 def model_section(hf, refuse) -> dict:
-    return bert_section("bert", hf, refuse)
+    return bert_section("bert", hf, refuse, "Bert")
+
+
+def class_name(cfg: ModelConfig) -> str:
+    return hf_class_name(cfg, "Bert")
