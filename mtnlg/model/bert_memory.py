@@ -1,7 +1,7 @@
 """The BERT family's activation memory per micro batch (what ``mtnlg.training.memory`` adds up).
 
 The blocks are the GPT family's ``TransformerBlock`` with a bidirectional mask, so a block keeps what
-the GPT family's memory model counts, plus the (B, 1, T, T) boolean padding mask its attention builds and keeps.
+the GPT family's memory model counts (plus, with selective recompute, the padding mask the checkpointed core keeps).
 Past the blocks: the final norm (megatron_bert), the MLM transform (dense input, GELU input, LayerNorm input and
 statistics), the decoder's input and the logits (B, T, V/tp) the loss keeps; the pooler and the binary head work on
 one token per row (negligible).
@@ -33,17 +33,20 @@ def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, dev
 
 def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
                            attention: str = "flash", device: str = "cpu") -> float:
-    """A GPT block's bytes plus the padding mask (one byte per query-key pair per row), unless fully recomputed."""
+    """A GPT block's bytes; with selective recompute also the (B, 1, T, T) boolean padding mask, which the
+    checkpointed attention core keeps as an input (measured: tests/test_memory.py)."""
     base = _blocks().layer_activation_bytes(m, micro, tp, sp, precision, attention, device)
-    return base if m.recompute == "full" else base + micro * m.seq_length * m.seq_length
+    return base + micro * m.seq_length * m.seq_length if m.recompute == "selective" else base
 
 
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
-    """The embedding dropout's mask, and (``bert``) the embedding LayerNorm's input and statistics."""
+    """The embedding dropout's mask, (``bert``) the embedding LayerNorm's input and statistics, and under full
+    recompute the int64 padding (B, T) every block's checkpoint keeps (one tensor)."""
     e = 4 if precision == "fp32" else 2
     sbh = m.seq_length * micro * m.hidden_size
     norm = e * sbh + norm_stats_bytes(m, m.seq_length * micro, 1, False) if m.norm_position == "post" else 0.0
-    return norm + _blocks().embedding_activation_bytes(m, micro, tp, sp, precision)
+    padding = 8 * micro * m.seq_length if m.recompute == "full" else 0.0
+    return norm + padding + _blocks().embedding_activation_bytes(m, micro, tp, sp, precision)
 
 
 def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str, device: str = "cpu") -> float:
