@@ -6,6 +6,8 @@
   dp 2) gives HF's loss and HF's gradient for every parameter.
 - Pretraining layout parity (fp32, 5 AdamW steps + one SGD step): losses, gradient norms and per-parameter
   gradients of (2,1,1), (1,2,1), (2,2,2) and ZeRO-3 over 2 ranks (every parameter partitioned) equal (1,1,1)'s.
+- Fine-tuning heads (classification, multiple choice, spans): HF logits, and one SGD step at (2,2,1) and (2,1,2)
+  against HF's loss and gradients; a stopped and resumed run at tp 2 x pp 2 is bit-exact.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from mtnlg.cli import main as cli_main
 from tests.dist_helper import ds_config, run_distributed
-from tests.helpers import SGD_LR, max_rel, run_config, sgd_step_config, sgd_update, update_rel_diff
+from tests.helpers import DROPOUT, SGD_LR, STEPS, max_rel, run_config, sgd_step_config, sgd_update, update_rel_diff
 
 ARCHS = ("megatron_bert", "bert")
 HF = {"megatron_bert": ("MegatronBertConfig", "MegatronBertForPreTraining"),
@@ -80,7 +82,8 @@ def _train_all(rank: int, world: int, runs: list[dict]) -> list[dict]:
         else:
             cfg = run_config(**run)
         summary = train(cfg)
-        out.append({"losses": summary.losses, "grad_norms": summary.grad_norms, "zero3": summary.zero3_partitioned})
+        out.append({"losses": summary.losses, "grad_norms": summary.grad_norms, "zero3": summary.zero3_partitioned,
+                    "stopped": summary.stopped})
     return out
 
 
@@ -263,9 +266,16 @@ TASK_LAYOUTS = [(2, 2, 1), (2, 1, 2)]  # (tp, pp, dp) on 4 ranks
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     """HF class -> {hf: the HF model, dir, 111 / tp2pp2 / tp2pp1: import-hf outputs, runs: one SGD step from the
-    import at each of TASK_LAYOUTS (4 ranks, one launch)}."""
+    import at each of TASK_LAYOUTS}; "resume" -> a megatron_bert run with dropout at tp 2 x pp 2: uninterrupted,
+    stopped by train.exit_interval, resumed (4 ranks, one launch)."""
     root = tmp_path_factory.mktemp("bert-tasks")
     out, runs, keys = {}, [], []
+    resume = {"kind": "adamw", "architecture": "megatron_bert", "tp": 2, "pp": 2, "iters": 2 * STEPS,
+              "model": DROPOUT}
+    ckpt = str(root / "resume")
+    runs += [resume, {**resume, "save": ckpt, "exit_interval": STEPS}, {**resume, "save": ckpt, "load": ckpt}]
+    keys += [("resume", "full"), ("resume", "first"), ("resume", "second")]
+    out["resume"] = {}
     for name, (arch, _, config) in TASKS.items():
         model = hf_bert(arch, name, **config)
         model.save_pretrained(str(root / name))
@@ -280,8 +290,18 @@ def tasks(tmp_path_factory):
             keys.append((name, tp, pp, dp))
         out[name] = paths
     for key, run, result in zip(keys, runs, run_distributed(_train_all, 4, args=(runs,))[0]):
-        out[key[0]][key[1:]] = {**result, "save": run["save"]}
+        out[key[0]][key[1:] if key[0] != "resume" else key[1]] = {**result, "save": run.get("save")}
     return out
+
+
+def test_resume_is_exact(tasks):
+    """A megatron_bert run with dropout at tp 2 x pp 2 stopped by train.exit_interval and resumed gives the
+    uninterrupted run's losses and gradient norms bit for bit (masking, sentence order and dropout resume too)."""
+    full, first, second = (tasks["resume"][k] for k in ("full", "first", "second"))
+    assert first["stopped"] == "train.exit_interval" and sorted(first["losses"]) == list(range(1, STEPS + 1))
+    assert sorted(second["losses"]) == list(range(STEPS + 1, 2 * STEPS + 1))
+    assert {**first["losses"], **second["losses"]} == full["losses"]
+    assert {**first["grad_norms"], **second["grad_norms"]} == full["grad_norms"]
 
 
 @pytest.mark.parametrize("name", list(TASKS))
