@@ -41,13 +41,13 @@ SGD_LR = 100.0
 
 def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
                iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
-               optimizer: str = "adamw", **train):
+               optimizer: str = "adamw", sp: bool = False, **train):
     from mtnlg.config import from_dict
 
     return from_dict({
         "model": {**{**MODEL, **ENCODERS}.get(architecture, {**MODEL["llama"], "architecture": architecture}),
                   **(model or {})},
-        "parallel": {"tensor": tp, "pipeline": pp},
+        "parallel": {"tensor": tp, "pipeline": pp, "sequence_parallel": sp},
         "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
                   "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
                   "peak_tflops": 1.0, **train},

@@ -30,7 +30,9 @@ LOGIT_TOL = 1e-5  # max abs difference relative to max(1, max |logit|)
 RTOL = 1e-5  # losses, grad norms, per-parameter gradients (relative)
 MICRO, GLOBAL = 2, 4  # the HF-parity SGD step: two micro batches (accumulated at dp 1, one per rank at dp 2)
 DATA = "{branching: 4, seed: 3}"
-PARITY = {1: [(1, 1, 1)], 2: [(2, 1, 1), (1, 2, 1), (1, 1, 3)], 8: [(2, 2, 1)]}  # world -> (tp, pp, zero)
+# world -> (tp, pp, zero, sequence parallel)
+PARITY = {1: [(1, 1, 1, False)], 2: [(2, 1, 1, False), (2, 1, 1, True), (1, 2, 1, False), (1, 1, 3, False)],
+          8: [(2, 2, 1, False)]}
 
 
 def hf_bert(arch: str, model_class: str | None = None, **config):
@@ -53,11 +55,11 @@ def hf_bert(arch: str, model_class: str | None = None, **config):
     return model.eval()
 
 
-def import_config(import_dir: Path, tp: int, pp: int, save: str):
+def import_config(import_dir: Path, tp: int, pp: int, save: str, sp: bool = False):
     """The run config import-hf wrote, for one saved SGD step on synthetic BERT samples."""
     from mtnlg.config import load_config
 
-    return load_config(import_dir / "mtnlg_config.yaml", [
+    return load_config(import_dir / "mtnlg_config.yaml", [f"parallel.sequence_parallel={str(sp).lower()}",
         f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"deepspeed_config={ds_config(1, 'sgd')}",
         f"data.synthetic={DATA}", "data.tokenizer=null", "train.iters=1", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={GLOBAL}", f"train.lr={SGD_LR}", "train.min_lr=0", "train.lr_decay=constant",
@@ -76,7 +78,7 @@ def _train_all(rank: int, world: int, runs: list[dict]) -> list[dict]:
         run = dict(run)
         kind = run.pop("kind")
         if kind == "import":
-            cfg = import_config(Path(run["import_dir"]), run["tp"], run["pp"], run["save"])
+            cfg = import_config(Path(run["import_dir"]), run["tp"], run["pp"], run["save"], run.get("sp", False))
         elif kind == "sgd":
             cfg = sgd_step_config(**run)
         else:
@@ -115,14 +117,14 @@ def trained(imported, tmp_path_factory):
     out = {}
     for world, layouts in PARITY.items():
         runs, keys = [], []
-        for tp, pp, zero in layouts:
+        for tp, pp, zero, sp in layouts:
             dp = world // (tp * pp)
-            common = {"architecture": "megatron_bert", "tp": tp, "pp": pp, "zero": zero}
+            common = {"architecture": "megatron_bert", "tp": tp, "pp": pp, "zero": zero, "sp": sp}
             runs.append({"kind": "adamw", **common})
-            keys.append(("adamw", tp, pp, dp, zero))
-            save = str(root / f"sgd-tp{tp}pp{pp}dp{dp}z{zero}")
+            keys.append(("adamw", tp, pp, dp, zero) + (("sp",) if sp else ()))
+            save = str(root / f"sgd-tp{tp}pp{pp}dp{dp}z{zero}{'sp' if sp else ''}")
             runs.append({"kind": "sgd", "save": save, **common})
-            keys.append(("sgd", tp, pp, dp, zero))
+            keys.append(("sgd", tp, pp, dp, zero) + (("sp",) if sp else ()))
         if world in (1, 8):  # HF parity of one SGD step: (1,1,1) and tp 2 x pp 2 x dp 2
             tp, pp = (1, 1) if world == 1 else (2, 2)
             for arch in ARCHS:
@@ -236,14 +238,15 @@ def test_one_sgd_step_equals_hf(imported, trained, arch):
 # --------------------------------------------------------------------------- layout parity
 
 
-@pytest.mark.parametrize("tp,pp,dp,zero", [(2, 1, 1, 1), (1, 2, 1, 1), (2, 2, 2, 1), (1, 1, 2, 3)])
-def test_pretraining_layout_parity(trained, tp, pp, dp, zero):
-    base, got = trained[("adamw", 1, 1, 1, 1)], trained[("adamw", tp, pp, dp, zero)]
+@pytest.mark.parametrize("tp,pp,dp,zero,sp", [(2, 1, 1, 1, ()), (2, 1, 1, 1, ("sp",)), (1, 2, 1, 1, ()),
+                                               (2, 2, 2, 1, ()), (1, 1, 2, 3, ())])
+def test_pretraining_layout_parity(trained, tp, pp, dp, zero, sp):
+    base, got = trained[("adamw", 1, 1, 1, 1)], trained[("adamw", tp, pp, dp, zero, *sp)]
     loss, norm = max_rel(got["losses"], base["losses"]), max_rel(got["grad_norms"], base["grad_norms"])
-    grads = update_rel_diff(sgd_update(trained[("sgd", tp, pp, dp, zero)]["save"], "megatron_bert"),
+    grads = update_rel_diff(sgd_update(trained[("sgd", tp, pp, dp, zero, *sp)]["save"], "megatron_bert"),
                             sgd_update(trained[("sgd", 1, 1, 1, 1)]["save"], "megatron_bert"))
-    print(f"\nmegatron_bert ({tp},{pp},{dp}) ZeRO-{zero} vs (1,1,1): losses {loss:.1e}, grad norms {norm:.1e}, "
-          f"first-step gradients {grads:.1e}")
+    print(f"\nmegatron_bert ({tp},{pp},{dp}) ZeRO-{zero}{' SP' if sp else ''} vs (1,1,1): losses {loss:.1e}, "
+          f"grad norms {norm:.1e}, first-step gradients {grads:.1e}")
     assert loss < RTOL and norm < RTOL and grads < RTOL
     # the steps really update the model (5 steps of masked LM are too few to show learning on these walks)
     assert abs(base["losses"][5] - base["losses"][3]) > 0.01 and min(base["grad_norms"].values()) > 0.1
@@ -260,7 +263,7 @@ TASKS = {  # HF class -> (arch, model.head, config)
     "MegatronBertForQuestionAnswering": ("megatron_bert", "span", {}),
     "BertForSequenceClassification": ("bert", "classify", {"num_labels": 3}),
 }
-TASK_LAYOUTS = [(2, 2, 1), (2, 1, 2)]  # (tp, pp, dp) on 4 ranks
+TASK_LAYOUTS = [(2, 2, 1, False), (2, 1, 2, False), (2, 1, 2, True)]  # (tp, pp, dp, sequence parallel), 4 ranks
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +287,10 @@ def tasks(tmp_path_factory):
             paths[f"tp{tp}pp{pp}"] = root / f"{name}-tp{tp}pp{pp}"
             assert cli_main(["import-hf", "--model", str(root / name), "--output", str(paths[f"tp{tp}pp{pp}"]),
                              "--set", f"parallel.tensor={tp}", "--set", f"parallel.pipeline={pp}"]) == 0
-        for tp, pp, dp in TASK_LAYOUTS:
-            runs.append({"kind": "import", "import_dir": str(paths[f"tp{tp}pp{pp}"]), "tp": tp, "pp": pp,
-                         "save": str(root / f"sgd-{name}-{tp}{pp}{dp}")})
-            keys.append((name, tp, pp, dp))
+        for tp, pp, dp, sp in TASK_LAYOUTS:
+            runs.append({"kind": "import", "import_dir": str(paths[f"tp{tp}pp{pp}"]), "tp": tp, "pp": pp, "sp": sp,
+                         "save": str(root / f"sgd-{name}-{tp}{pp}{dp}{sp}")})
+            keys.append((name, tp, pp, dp, sp))
         out[name] = paths
     for key, run, result in zip(keys, runs, run_distributed(_train_all, 4, args=(runs,))[0]):
         out[key[0]][key[1:] if key[0] != "resume" else key[1]] = {**result, "save": run.get("save")}
@@ -307,7 +310,7 @@ def test_resume_is_exact(tasks):
 @pytest.mark.parametrize("name", list(TASKS))
 def test_task_heads_equal_hf(tasks, name):
     """Fine-tuning heads imported from HF: logits equal HF's at (1,1,1) and from tp 2 x pp 2; one SGD step trained
-    at (2,2,1) and (2,1,2) gives HF's loss and every parameter's HF gradient."""
+    at (2,2,1), (2,1,2) and (2,1,2) with sequence parallelism gives HF's loss and every parameter's HF gradient."""
     from mtnlg.checkpoint import full_state_dict, load_native_model
 
     paths = tasks[name]
@@ -319,11 +322,11 @@ def test_task_heads_equal_hf(tasks, name):
         assert diff <= tol
     loss, grads = hf_step(paths["hf"], paths["tp1pp1"])
     want = {k: -SGD_LR * g for k, g in grads.items()}
-    for tp, pp, dp in TASK_LAYOUTS:
-        run = paths[(tp, pp, dp)]
+    for tp, pp, dp, sp in TASK_LAYOUTS:
+        run = paths[(tp, pp, dp, sp)]
         rel = abs(run["losses"][1] - loss) / loss
         got = sgd_update(run["save"], "unused", before=full_state_dict(paths[f"tp{tp}pp{pp}"]))
-        print(f"{name} SGD step at ({tp},{pp},{dp}) vs HF: loss {rel:.1e}, per-parameter gradients:")
+        print(f"{name} SGD step at ({tp},{pp},{dp}){' SP' if sp else ''} vs HF: loss {rel:.1e}, gradients:")
         assert rel < RTOL and update_rel_diff(got, want) < RTOL
 
 
@@ -357,14 +360,15 @@ def test_synthetic_samples_and_collate():
 
 @pytest.mark.parametrize("key,value,message", [
     ("model.mask_prob", "1.5", "model.mask_prob = 1.5 must be in (0, 1)"),
-    ("parallel.sequence_parallel", "true", "parallel.sequence_parallel is not supported for BERT yet"),
+    ("model.num_classes", "1", "model.num_classes = 1 must be >= 2 for the classification head"),
     ("model.num_kv_heads", "2", "BERT has one key/value head per query head"),
 ])
 def test_bad_config_one_line(tmp_path, capsys, key, value, message):
     cfg = tmp_path / "bert.yaml"
     cfg.write_text("model: {architecture: megatron_bert, num_layers: 2, hidden_size: 64, num_attention_heads: 4, "
                    "vocab_size: 96, seq_length: 32}\nparallel: {tensor: 2}\n")
-    assert cli_main(["model-info", "--config", str(cfg), "--world-size", "2", "--set", f"{key}={value}"]) != 0
+    extra = ["--set", "model.head=classify"] if key == "model.num_classes" else []
+    assert cli_main(["model-info", "--config", str(cfg), "--world-size", "2", "--set", f"{key}={value}", *extra]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 

@@ -64,9 +64,6 @@ def _check(m, par) -> None:
     if m.num_kv_heads != m.num_attention_heads:
         raise ValueError(f"model.num_kv_heads = {m.num_kv_heads}: BERT has one key/value head per query head; "
                           "remove model.num_kv_heads")
-    if par.sequence_parallel:
-        raise ValueError("parallel.sequence_parallel is not supported for BERT yet (the pooler reads the first "
-                          "token); turn it off")
     if m.seq_length < 3:
         raise ValueError(f"model.seq_length = {m.seq_length} cannot hold [CLS] A [SEP] B [SEP]; make it >= 8")
 

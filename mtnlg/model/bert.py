@@ -34,12 +34,26 @@ from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.registry import Family, is_block
 from mtnlg.parallel import Init, ParallelState, Sharding, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mtnlg.parallel.layers import set_sharding
-from mtnlg.parallel.mappings import group_size
+from mtnlg.parallel.layers import sequence_shard_dropout, set_sharding, sum_replicated_grads
+from mtnlg.parallel.mappings import group_rank, group_size
 
 TIED_KEY = "embed"
 TIED_ATTR = "word_embeddings.weight"
 IGNORE = -100
+
+
+def from_first_tp_rank(x: torch.Tensor, group) -> torch.Tensor:
+    """Tp rank 0's ``x`` (B, k) on every tp rank, its gradient back to rank 0 only. Under sequence parallelism the
+    first token lives on rank 0: the pooler and the heads after it run on every rank's own first token (so their
+    weights get partial gradients, summed over tp like every replicated weight applied to sequence shards) and
+    rank 0's result is kept."""
+    return gather_from_tp(x.unsqueeze(-1), group)[..., 0]
+
+
+def gather_sequence_once(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/tp, k) sequence shards -> (B, T, k) on every tp rank, each rank's gradient back to its own shard (the
+    loss after it is the same on every rank and counted once)."""
+    return gather_from_tp(x.transpose(1, 2), group).transpose(1, 2)
 
 
 class Dense(nn.Module):
@@ -65,8 +79,10 @@ class BertEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, output_only: bool = False):
         super().__init__()
         self.dropout = cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word")
+            cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word",
+            sequence_parallel=ps.sequence_parallel)
         self.position_embeddings = self.tokentype_embeddings = self.norm = None
         if output_only:
             return
@@ -90,12 +106,18 @@ class BertEmbedding(nn.Module):
         """(tokens, types, padding) (B, T) each -> (x (B, T, C), padding); multiple choice: (B, C, T) each, run as
         B * C rows."""
         tokens, types, padding = (t.flatten(0, 1) if t.dim() == 3 else t for t in inputs)
-        x = self.word_embeddings(tokens)
-        x = x + self.position_embeddings(torch.arange(tokens.size(1), device=tokens.device))
+        x = self.word_embeddings(tokens)  # (B, T, C), or this rank's (B, T/tp, C) under sequence parallelism
+        pos = torch.arange(tokens.size(1), device=tokens.device)
+        if self.sequence_parallel:  # this rank's positions and types
+            start = group_rank(self.tp_group) * x.size(1)
+            pos, types = pos.narrow(0, start, x.size(1)), types.narrow(1, start, x.size(1))
+        x = x + self.position_embeddings(pos)
         if self.tokentype_embeddings is not None:
             x = x + self.tokentype_embeddings(types)
         if self.norm is not None:
             x = self.norm(x)
+        if self.sequence_parallel:
+            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group), padding
         return F.dropout(x, self.dropout, self.training), padding
 
 
@@ -171,6 +193,7 @@ class PretrainOutput(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         self.lm = VocabBias(cfg, ps)
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.binary = Dense(init, "output.binary", cfg.hidden_size, 2) if cfg.family_knobs.binary_head else None
 
     def forward_flops(self, seq: int) -> float:
@@ -180,7 +203,10 @@ class PretrainOutput(nn.Module):
         if self.binary is None:
             return self.lm(x)
         logits, pooled = x
-        return self.lm(logits), self.binary(pooled)  # (B, T, V_padded / tp), (B, 2)
+        sop = self.binary(pooled)  # (B, 2); under sequence parallelism from this rank's first token
+        if self.sequence_parallel:
+            sop = from_first_tp_rank(sop, self.tp_group)
+        return self.lm(logits), sop  # (B, T, V_padded / tp), (B, 2)
 
 
 class BertLoss:
@@ -226,10 +252,11 @@ class TaskHead(nn.Module):
 
     group = "head"
 
-    def __init__(self, cfg: ModelConfig, init: Init):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         h, k = cfg.hidden_size, cfg.family_knobs
         self.kind, self.dropout = k.head, cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.pooler = Dense(init, "head.pooler", h, h) if k.head != "span" else None
         if k.head == "span":
             self.qa = Dense(init, "head.qa", h, 2)
@@ -246,9 +273,12 @@ class TaskHead(nn.Module):
         if isinstance(x, tuple):  # ``bert`` (post-LN) has no final norm
             x = x[0]
         if self.kind == "span":
-            return self.qa(x)  # (B, T, 2)
+            spans = self.qa(x)  # (B, T, 2), or this rank's (B, T/tp, 2)
+            return gather_sequence_once(spans, self.tp_group) if self.sequence_parallel else spans
         pooled = F.dropout(torch.tanh(self.pooler(x[:, 0])), self.dropout, self.training)
         logits = self.classifier(pooled)  # (B, N) or (B * C, 1)
+        if self.sequence_parallel:  # the first token is rank 0's
+            logits = from_first_tp_rank(logits, self.tp_group)
         return logits.squeeze(-1) if self.kind == "multiple_choice" else logits
 
 
@@ -284,7 +314,7 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
               for i in range(cfg.num_layers)]
     final = [LayerSpec(EncoderFinalNorm, cfg)] if cfg.norm_position == "pre" else []
     if cfg.family_knobs.head != "pretrain":  # the embedding keeps its (tied) name: a pretrained model loads as is
-        return [first, *blocks, *final, LayerSpec(TaskHead, cfg, init)]
+        return [first, *blocks, *final, LayerSpec(TaskHead, cfg, ps, init)]
     return [first, *blocks, *final, LayerSpec(PretrainHead, cfg, init), decoder,
             LayerSpec(PretrainOutput, cfg, ps, init)]
 
@@ -327,6 +357,8 @@ class BertModel(nn.Module):
                 self._funcs.append(module)
                 if any(True for _ in module.parameters()):
                     self.owners.append((idx, f"{idx}.", module))
+        if self.ps.sequence_parallel:  # weights applied to sequence shards: their gradients summed over tp
+            sum_replicated_grads(self, self.ps.tp_group)
 
     def outputs(self, inputs: tuple) -> torch.Tensor | tuple:
         """Run every spec: this rank's vocabulary slice of the MLM logits (and the SOP logits), or the task head's
