@@ -60,7 +60,8 @@ class ModelConfig:
     padded_vocab_size: int | None = None  # derived
     # the architecture's knobs (None: the architecture's default)
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    activation: Literal["gelu", "swiglu"] | None = None  # tanh GELU MLP, or SwiGLU with a fused [gate; up]
+    # tanh GELU MLP, exact (erf) GELU MLP (BERT), or SwiGLU with a fused [gate; up]
+    activation: Literal["gelu", "gelu_erf", "swiglu"] | None = None
     position_embedding: Literal["learned", "rope"] | None = None
     bias: bool | None = None  # biases on every linear layer (qkv, attention output, MLP)
     qkv_bias: bool | None = None  # biases on q, k and v (default: bias); Qwen2's are on q, k, v only
@@ -479,7 +480,7 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     if m.position_embedding == "rope" and m.head_dim % 2:
         raise ConfigError(f"head dim {m.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
     if m.ffn_hidden_size is None:
-        if m.activation == "gelu":
+        if m.activation != "swiglu":
             m.ffn_hidden_size = 4 * m.hidden_size
         else:
             m.ffn_hidden_size = _round_up(int(8 * m.hidden_size / 3), 64)
@@ -545,7 +546,10 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
     for check in families.declaration(m.architecture).checks:  # the model family's own checks
-        check(m, par)
+        try:
+            check(m, par)
+        except ValueError as e:  # families import nothing (no ConfigError there): their checks raise ValueError
+            raise ConfigError(str(e)) from None
     return cfg
 
 

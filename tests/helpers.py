@@ -26,17 +26,28 @@ MODEL = {
     "llama": {"architecture": "llama", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
               "num_kv_heads": 2, "vocab_size": 96, "seq_length": 32},
 }
+# encoders (tests/test_bert.py): not in MODEL, which tests/test_training.py runs every layout of
+ENCODERS = {
+    "megatron_bert": {"architecture": "megatron_bert", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                      "vocab_size": 96, "seq_length": 32},
+    "bert": {"architecture": "bert", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+             "vocab_size": 96, "seq_length": 32},
+}
 DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+# the one SGD step of the gradient-parity runs: parameter change = -SGD_LR x gradient, large enough to dwarf the
+# float32 rounding of "weights after minus weights before" (norm weights start at 1.0, where one ulp is 1.2e-7)
+SGD_LR = 100.0
 
 
 def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, precision: str = "fp32",
                iters: int = STEPS, save: str | None = None, load: str | None = None, model: dict | None = None,
-               optimizer: str = "adamw", **train):
+               optimizer: str = "adamw", sp: bool = False, **train):
     from mtnlg.config import from_dict
 
     return from_dict({
-        "model": {**MODEL.get(architecture, {**MODEL["llama"], "architecture": architecture}), **(model or {})},
-        "parallel": {"tensor": tp, "pipeline": pp},
+        "model": {**{**MODEL, **ENCODERS}.get(architecture, {**MODEL["llama"], "architecture": architecture}),
+                  **(model or {})},
+        "parallel": {"tensor": tp, "pipeline": pp, "sequence_parallel": sp},
         "train": {"iters": iters, "micro_batch_size": 2, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4,
                   "warmup_iters": 2, "log_interval": 1, "precision": precision, "seed": 7,
                   "peak_tflops": 1.0, **train},
@@ -44,6 +55,63 @@ def run_config(architecture: str, tp: int = 1, pp: int = 1, zero: int = 1, preci
         "checkpoint": {"save": save, "load": load, "interval": 0},
         "deepspeed_config": ds_config(zero, optimizer),
     })
+
+
+def sgd_step_config(architecture: str, save: str, **kwargs):
+    """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -SGD_LR x gradient."""
+    return run_config(architecture, iters=1, save=save, optimizer="sgd", lr=SGD_LR, min_lr=0.0, warmup_iters=0,
+                      lr_decay="constant", weight_decay=0.0, clip_grad=0.0, **kwargs)
+
+
+def initial_weights(architecture: str) -> dict[str, torch.Tensor]:
+    """The full (tp = 1) initial weights of ``run_config(architecture)``'s model, by full name (vocabulary padded)."""
+    import dataclasses
+
+    from mtnlg.config import resolve
+    from mtnlg.model.registry import family
+
+    cfg = run_config(architecture)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1))
+    m = resolve(cfg, 1).model
+    return family(m).model(m, seed=cfg.train.seed).state_dict()
+
+
+def sgd_update(save: str, architecture: str, before: dict[str, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Every parameter's change in one SGD step, at full (tp=1) size: the checkpoint minus the weights before it
+    (default: the initial weights, which are layout-independent: the same seed gives the same full tensors in every
+    layout)."""
+    from mtnlg.checkpoint import full_state_dict
+
+    after = full_state_dict(save)
+    init = initial_weights(architecture) if before is None else before
+    return {name: w - init[name][: w.shape[0]] for name, w in after.items()}  # [:V]: no vocabulary padding
+
+
+def update_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest per-parameter ||a - b|| / ||b|| (b the reference). A reference below 1e-6 of the largest is zero
+    by symmetry (a bias before a softmax that ignores shifts: a choice scorer's, a span head's) and float noise:
+    such a parameter is compared on the scale of the largest."""
+    assert sorted(a) == sorted(b)
+    scale = max(float(v.norm()) for v in b.values())
+
+    def rel(k: str) -> float:
+        ref = float(b[k].norm())
+        return float((a[k] - b[k]).norm()) / (ref if ref >= 1e-6 * scale else scale)
+
+    diffs = {k: rel(k) for k in b}
+    worst = max(diffs, key=diffs.get)
+    print(f"  (worst parameter {worst}: {diffs[worst]:.1e})")
+    return diffs[worst]
+
+
+def max_rel(a: dict[int, float], b: dict[int, float], steps: int = STEPS) -> float:
+    """The largest relative difference of two runs' per-step values (losses, grad norms), every one finite."""
+    import math
+
+    assert sorted(a) == sorted(b) and len(a) == steps, (a, b)
+    assert all(v is not None and math.isfinite(v) for v in [*a.values(), *b.values()]), (a, b)
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]

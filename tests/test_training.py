@@ -10,28 +10,18 @@ first-step gradient, read back from the checkpoint at full size whatever the lay
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.dist_helper import run_distributed
-from tests.helpers import DROPOUT, MODEL, STEPS, run_config
+from tests.helpers import DROPOUT, MODEL, STEPS, max_rel, run_config, sgd_step_config, sgd_update, update_rel_diff
 
 ROOT = Path(__file__).resolve().parent.parent
 # fp32 everywhere. Layouts sum the same products in other orders (tp splits the reductions, dp averages
 # partial gradients, pipelines accumulate micro batches per stage), so values differ by float32 rounding,
 # which AdamW's first steps (update ~ g / sqrt(g^2)) amplify a little: 1e-5 relative is the bound.
 RTOL = 1e-5
-# the one SGD step: parameter change = -SGD_LR x gradient, large enough to dwarf the float32 rounding of
-# "weights after minus weights before" (norm weights start at 1.0, where one ulp is 1.2e-7)
-SGD_LR = 100.0
-
-def sgd_step_config(save: str, **kwargs):
-    """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -SGD_LR x gradient."""
-    return run_config(iters=1, save=save, optimizer="sgd", lr=SGD_LR, min_lr=0.0, warmup_iters=0,
-                      lr_decay="constant", weight_decay=0.0, clip_grad=0.0, **kwargs)
 
 
 def _train_many(rank: int, world: int, runs: list[dict]) -> list[dict]:
@@ -84,12 +74,6 @@ def _results(runs: list[dict], world: int) -> list[dict]:
     return results[0]
 
 
-def max_rel(a: dict[int, float], b: dict[int, float], steps: int = STEPS) -> float:
-    assert sorted(a) == sorted(b) and len(a) == steps, (a, b)
-    assert all(v is not None and math.isfinite(v) for v in [*a.values(), *b.values()]), (a, b)
-    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
-
-
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)], 8: [(2, 2)]}  # world -> (tp, pp)
 # world -> (preset, tp, pp, zero) beyond ZeRO-1 in LAYOUTS; ZeRO-3 needs dp > 1 to partition anything
 ZERO_RUNS = {2: [("llama", 1, 1, 0), ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("gpt2", 1, 2, 0)],
@@ -130,27 +114,6 @@ def parity(tmp_path_factory):
             result["save"] = run.get("save")
             out[key] = result
     return out
-
-
-def sgd_update(save: str, preset: str) -> dict[str, torch.Tensor]:
-    """Every parameter's change in the one SGD step, at full (tp=1) size: the checkpoint minus the initial weights
-    (initialisation is layout-independent: the same seed gives the same full tensors in every layout)."""
-    from mtnlg.checkpoint import full_state_dict
-    from mtnlg.model import GPTModel
-
-    after = full_state_dict(save)
-    cfg = run_config(preset)
-    init = GPTModel.from_config(cfg.model, seed=cfg.train.seed).state_dict()
-    return {name: w - init[name][: w.shape[0]] for name, w in after.items()}  # [:V]: no vocabulary padding
-
-
-def update_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """The largest per-parameter ||a - b|| / ||b|| (b the reference)."""
-    assert sorted(a) == sorted(b)
-    diffs = {k: float((a[k] - b[k]).norm() / b[k].norm()) for k in b}
-    worst = max(diffs, key=diffs.get)
-    print(f"  (worst parameter {worst}: {diffs[worst]:.1e})")
-    return diffs[worst]
 
 
 @pytest.mark.parametrize("preset", list(MODEL))

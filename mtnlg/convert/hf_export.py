@@ -136,24 +136,33 @@ def _release_freed_memory() -> None:
 def verify_export(hf_dir: Path, ckpt: NativeCheckpoint, dtype: str, source: str) -> tuple[float, float]:
     """(max abs logit difference, tolerance) between the written HF model and mtnlg's model.
 
-    The two models are loaded one after the other, so memory holds one model (plus logits).
+    The two models are loaded one after the other, so memory holds one model (plus logits). A causal LM is run on
+    token ids; an adapter with ``verify_inputs`` / ``hf_outputs`` (BERT: sentence pairs with padding, MLM and
+    sentence-order logits) says what both run on and what is compared.
     """
     import gc
 
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     cfg = ckpt.model_cfg
-    ids = sample_ids(cfg.vocab_size, min(cfg.seq_length, cfg.max_position_embeddings, 128))
+    adapter = adapter_for(cfg)
+    own = hasattr(adapter, "hf_outputs")
+    inputs = adapter.verify_inputs(cfg) if own else \
+        sample_ids(cfg.vocab_size, min(cfg.seq_length, cfg.max_position_embeddings, 128))
     native, _, _ = load_native_model(ckpt.tag_dir, dtype=torch.float32, source=source)
     with torch.no_grad():
         for p in native.parameters():  # the same rounding as the written weights
             p.copy_(p.to(DTYPES[dtype]).float())
-        ref = native(ids).float()
+        ref = native(inputs)
+        ref = tuple(r.float() for r in ref) if isinstance(ref, tuple) else (ref.float(),)
     del native
     gc.collect()
     _release_freed_memory()
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
+    name = adapter.class_name(cfg) if hasattr(adapter, "class_name") else adapter.HF_CLASS  # BERT: by its head
+    hf_class = getattr(transformers, name) if own else transformers.AutoModelForCausalLM
+    hf_model = hf_class.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        got = hf_model.eval()(input_ids=ids).logits.float()[..., : ref.shape[-1]]
+        got = adapter.hf_outputs(hf_model, inputs) if own else (hf_model(input_ids=inputs).logits,)
     del hf_model
-    return float((got - ref).abs().max()), VERIFY_TOL * max(1.0, float(ref.abs().max()))
+    diff = max(float((g.float()[..., : r.shape[-1]] - r).abs().max()) for g, r in zip(got, ref))
+    return diff, VERIFY_TOL * max(1.0, max(float(r.abs().max()) for r in ref))

@@ -114,8 +114,10 @@ def check_weights(weights: HFWeights, model_cfg: ModelConfig, kind: str, where: 
                 f"{list(shape)}; the config does not match the weights"
             )
         used.add(real)
+    tied_copies = set(getattr(adapter(kind), "TIED_COPIES", ()))  # copies of tied weights (BERT's decoder)
     for name in weights.keys():
-        if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight"):
+        if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight") \
+                or name in tied_copies:
             continue
         raise UserError(f"{where}: unexpected weight {name}; not a plain {adapter(kind).HF_CLASS} checkpoint")
 

@@ -39,7 +39,8 @@ def hf_class(cfg: ModelConfig) -> str:
     knob when none does (``mtnlg.convert.hf.adapter_for``)."""
     from mtnlg.convert.hf import adapter_for
 
-    return adapter_for(cfg).HF_CLASS
+    adapter = adapter_for(cfg)
+    return adapter.class_name(cfg) if hasattr(adapter, "class_name") else adapter.HF_CLASS  # BERT: by its head
 
 
 def hf_entries(cfg: ModelConfig, group: Group) -> list[tuple[str, str, object]]:

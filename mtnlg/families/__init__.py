@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtnlg.families import gpt
+from mtnlg.families import bert, gpt
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Declaration:
     architectures: dict[str, dict[str, Any]]  # model.architecture -> the knob defaults it sets
     implementation: str  # the module whose FAMILY (a mtnlg.model.registry.Family) implements it
     # checks of a model config with the family's defaults filled in: (model config, parallel config) -> None,
-    # raising mtnlg.config.ConfigError with one line
+    # raising mtnlg.config.ConfigError (or ValueError, which config turns into one) with one line
     checks: tuple[Callable[[Any, Any], None], ...] = field(default=())
     # the model keys only this family has: a frozen dataclass (its fields are keys of the YAML's ``model:``
     # section; read as ``model.family_knobs.<key>``), or None
@@ -36,6 +36,7 @@ class Declaration:
 # the one registration of each family
 REGISTERED: tuple[Declaration, ...] = (
     Declaration("gpt", gpt.ARCHITECTURES, "mtnlg.model.gpt", gpt.CHECKS),
+    Declaration("bert", bert.ARCHITECTURES, "mtnlg.model.bert", bert.CHECKS, bert.BertKnobs),
 )
 
 

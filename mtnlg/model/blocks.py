@@ -205,12 +205,13 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """GELU(tanh) MLP (gpt2) or SwiGLU with a fused [gate; up] projection (llama); sequence shards in and out under
-    sequence parallelism."""
+    """GELU(tanh) MLP (gpt2), exact GELU (``gelu_erf``: BERT) or SwiGLU with a fused [gate; up] projection (llama);
+    sequence shards in and out under sequence parallelism."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, name: str):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
+        self.approximate = "none" if cfg.activation == "gelu_erf" else "tanh"
         ffn = cfg.ffn_hidden_size
         self.fc = ColumnParallelLinear(
             cfg.hidden_size, [ffn, ffn] if self.swiglu else [ffn],
@@ -227,7 +228,7 @@ class ParallelMLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approximate)
         return self.proj(h)
 
 

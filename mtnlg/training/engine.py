@@ -47,6 +47,7 @@ class StepResult:
     lr: float
     loss_scale: float | None
     distill: tuple[float, float] | None = None  # (KL, LM) terms of a distillation loss, means over the global batch
+    terms: dict[str, float] | None = None  # a loss's own terms (BERT: lm_loss, sop_loss), means over the global batch
 
 
 def fused_adam_supported(device: torch.device) -> bool:
@@ -124,6 +125,9 @@ class Engine:
         if self.pipelined:
             free_last_stage_outputs(self.engine)
         embedding_grads_into_fp32(self.engine, family(cfg.model).token_lookups(self.module))
+        # a loss that keeps its terms (``term_names``, ``take_terms``: BERT's MLM and SOP) has them logged
+        loss_fn = getattr(self.module, "loss_fn", None)
+        self.loss_terms = loss_fn if hasattr(loss_fn, "take_terms") and cfg.distill is None else None
 
     def zero3_partitioned(self) -> tuple[int, int] | None:
         """(parameters ZeRO-3 partitions across dp, all parameters) on this rank; None below ZeRO-3. DeepSpeed keeps
@@ -147,6 +151,8 @@ class Engine:
             from mtnlg.training.distill import with_inputs
 
             micro_batches = with_inputs(micro_batches)
+        if self.loss_terms is not None:
+            self.loss_terms.take_terms()  # forget what evaluation added
         if self.pipelined:
             loss = float(self.engine.train_batch(iter(micro_batches)))
         else:
@@ -165,7 +171,16 @@ class Engine:
             lr=lr,
             loss_scale=self.loss_scale(),
             distill=self._distill_terms() if self.cfg.distill is not None else None,
+            terms=self._loss_terms() if self.loss_terms is not None else None,
         )
+
+    def _loss_terms(self) -> dict[str, float] | None:
+        """The step's loss terms averaged over the micro batches of every rank computing the loss (the last stage's;
+        tp ranks hold equal copies): one all-reduce of a few numbers per step."""
+        terms = self.loss_terms.take_terms().to(self.device)
+        dist.all_reduce(terms)
+        *sums, n = terms.tolist()
+        return {name: v / n for name, v in zip(self.loss_terms.term_names, sums)} if n else None
 
     def _distill_terms(self) -> tuple[float, float] | None:
         """The step's KL and LM terms, averaged over the micro batches of every rank computing the loss (the last

@@ -249,7 +249,7 @@ def train(cfg: RunConfig) -> RunSummary:
                 iteration, result.loss, seconds, lr=result.lr, grad_norm=result.grad_norm,
                 loss_scale=result.loss_scale, skipped=engine.skipped_steps, consumed_samples=consumed,
                 log=iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iter + 1
-                or stop is not None, val_loss=val_loss, extra=downstream, distill=result.distill,
+                or stop is not None, val_loss=val_loss, extra=downstream, distill=result.distill, terms=result.terms,
             )
             summary.last_record = record or summary.last_record
             summary.iterations = iteration

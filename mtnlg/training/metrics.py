@@ -115,7 +115,8 @@ class Metrics:
     def step(self, iteration: int, loss: float, seconds: float, *, lr: float, grad_norm: float | None,
              loss_scale: float | None, skipped: int, consumed_samples: int, log: bool,
              val_loss: float | None = None, extra: dict[str, float] | None = None,
-             distill: tuple[float, float] | None = None) -> dict[str, Any] | None:
+             distill: tuple[float, float] | None = None,
+             terms: dict[str, float] | None = None) -> dict[str, Any] | None:
         """Record one finished step; write a record when ``log`` (or on a validation step)."""
         self._window.append((loss, seconds))
         if not (log or val_loss is not None or extra):
@@ -147,6 +148,9 @@ class Metrics:
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
         if distill is not None:  # this step's terms (the loss above averages the window)
             record["distill_kl"], record["distill_lm"] = distill
+        if terms:  # a loss's own terms, this step's (BERT: lm_loss, sop_loss)
+            record.update(terms)
+            self._terms = tuple(terms)
         if extra:
             record.update({f"eval/{k}": v for k, v in extra.items()})
         self._window = []
@@ -167,6 +171,7 @@ class Metrics:
         if r["mfu"] is not None:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         parts += [f"mem {r['peak_mem_mb']:.0f}MB", f"ETA {_fmt_time(r['eta_s'])}"]
+        parts += [f"{k} {r[k]:.4f}" for k in getattr(self, "_terms", ()) if k in r]
         if "distill_kl" in r:
             parts.append(f"kl {r['distill_kl']:.4f} lm {r['distill_lm']:.4f}")
         if "val_loss" in r:

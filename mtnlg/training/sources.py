@@ -53,7 +53,7 @@ def build_sources(cfg: RunConfig):
     from mtnlg.model.registry import family
 
     own = family(m).sources
-    if own is not None and d.synthetic is None and d.sft is None:  # a family's own data (BERT, T5)
+    if own is not None and d.sft is None:  # a family's own data (BERT, T5), synthetic data included
         return own(cfg)
     if d.synthetic is not None:
         s = d.synthetic

@@ -29,7 +29,7 @@ def adapter(model_type: str) -> ModuleType:
     """The adapter module of an HF model type (a KeyError for one no family lists)."""
     if model_type not in model_types():
         raise KeyError(model_type)
-    return importlib.import_module(f"{__name__}.{model_type}")
+    return importlib.import_module(f"{__name__}.{model_type.replace('-', '_')}")  # megatron-bert: megatron_bert.py
 
 
 def model_types() -> list[str]:
