@@ -140,20 +140,26 @@ def verify_export(hf_dir: Path, ckpt: NativeCheckpoint, dtype: str, source: str)
     """
     import gc
 
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     cfg = ckpt.model_cfg
-    ids = sample_ids(cfg.vocab_size, min(cfg.seq_length, cfg.max_position_embeddings, 128))
+    adapter = adapter_for(cfg)
+    if hasattr(adapter, "verify_inputs"):  # e.g. an encoder-decoder's two sequences
+        inputs, hf_inputs = adapter.verify_inputs(cfg)
+    else:
+        inputs = sample_ids(cfg.vocab_size, min(cfg.seq_length, cfg.max_position_embeddings, 128))
+        hf_inputs = {"input_ids": inputs}
     native, _, _ = load_native_model(ckpt.tag_dir, dtype=torch.float32, source=source)
     with torch.no_grad():
         for p in native.parameters():  # the same rounding as the written weights
             p.copy_(p.to(DTYPES[dtype]).float())
-        ref = native(ids).float()
+        ref = native(inputs).float()
     del native
     gc.collect()
     _release_freed_memory()
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
+    auto = getattr(transformers, getattr(adapter, "AUTO_CLASS", "AutoModelForCausalLM"))
+    hf_model = auto.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
     with torch.no_grad():
-        got = hf_model.eval()(input_ids=ids).logits.float()[..., : ref.shape[-1]]
+        got = hf_model.eval()(**hf_inputs).logits.float()[..., : ref.shape[-1]]
     del hf_model
     return float((got - ref).abs().max()), VERIFY_TOL * max(1.0, float(ref.abs().max()))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtnlg.families import gpt
+from mtnlg.families import gpt, t5
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Declaration:
 # the one registration of each family
 REGISTERED: tuple[Declaration, ...] = (
     Declaration("gpt", gpt.ARCHITECTURES, "mtnlg.model.gpt", gpt.CHECKS),
+    Declaration("t5", t5.ARCHITECTURES, "mtnlg.model.t5", t5.CHECKS, t5.T5Knobs),
 )
 
 
