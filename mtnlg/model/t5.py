@@ -388,4 +388,5 @@ FAMILY = Family(
     causal_lm=False,
     sources=sources,
     collate=collate,
+    pipe_partitioned=False,
 )
