@@ -544,7 +544,10 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
     for check in families.declaration(m.architecture).checks:  # the model family's own checks
-        check(m, par)
+        try:
+            check(m, par)
+        except ValueError as e:  # families import nothing (no ConfigError there): their checks raise ValueError
+            raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -1,7 +1,7 @@
 """T5 (``model.architecture: t5``): Hugging Face T5ForConditionalGeneration round trips (v1.1 and the original)
-through a tp = 2 x pp = 2 checkpoint, layouts against (1, 1, 1) in real DeepSpeed training (losses, gradient norms,
-every parameter's first-step gradient; the pipeline with the encoder's output carried through the decoder's
-stages), and the bad input of a pipeline split without a pipeline."""
+through a tp = 2 x pp = 2 checkpoint, greedy generation equal to transformers', layouts against (1, 1, 1) in real
+DeepSpeed training (losses, gradient norms, every parameter's first-step gradient; the pipeline with the encoder's
+output carried through the decoder's stages), and the bad input of a pipeline split without a pipeline."""
 
 from __future__ import annotations
 
@@ -76,6 +76,15 @@ def test_hf_roundtrip_through_tp2_pp2(tmp_path, tied):
     a, b = hf.state_dict(), exported.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert exported.config.scale_decoder_outputs is tied
+    # greedy generation: mtnlg's (encoder once, decoder with a KV cache and cached cross-attention) token for token
+    # transformers' generate on the export (its cache assumes as many decoder blocks as encoder blocks: off)
+    enc, enc_padding = theirs["input_ids"][:, :12], theirs["attention_mask"][:, :12]
+    n = 10
+    want = exported.generate(input_ids=enc, attention_mask=enc_padding, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, num_beams=1, decoder_start_token_id=0, use_cache=False)[:, 1:]
+    got = native.generate(enc, enc_padding, max_new_tokens=n)
+    assert torch.equal(got, want), (got, want)
+    assert len({tuple(row) for row in want.tolist()}) == len(want)  # each input decodes to its own tokens
 
 
 @pytest.fixture(scope="module")

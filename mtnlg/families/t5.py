@@ -38,49 +38,52 @@ class T5Knobs:
     mean_noise_span_length: float = 3.0
     vocab_extra_ids: int = 100
 
+    def depths(self, num_layers: int) -> tuple[int, int]:
+        """(encoder blocks, decoder blocks) of a model of ``num_layers`` blocks."""
+        enc = self.encoder_layers if self.encoder_layers is not None else (
+            num_layers - self.decoder_layers if self.decoder_layers is not None else num_layers // 2)
+        return enc, self.decoder_layers if self.decoder_layers is not None else num_layers - enc
+
+    def decoder_length(self, seq_length: int) -> int:
+        return self.decoder_seq_length or seq_length
+
 
 def depths(m) -> tuple[int, int]:
     """(encoder blocks, decoder blocks) of a model config."""
-    k = m.family_knobs or T5Knobs()
-    enc = k.encoder_layers if k.encoder_layers is not None else (
-        m.num_layers - k.decoder_layers if k.decoder_layers is not None else m.num_layers // 2)
-    dec = k.decoder_layers if k.decoder_layers is not None else m.num_layers - enc
-    return enc, dec
+    return (m.family_knobs or T5Knobs()).depths(m.num_layers)
 
 
 def decoder_length(m) -> int:
-    k = m.family_knobs or T5Knobs()
-    return k.decoder_seq_length or m.seq_length
+    return (m.family_knobs or T5Knobs()).decoder_length(m.seq_length)
 
 
 def _check(m, par) -> None:
-    from mtnlg.config import ConfigError
-
+    """One-line ValueErrors (the run config turns them into its ConfigError)."""
     k = m.family_knobs
     for key, use in (("activation", "model.feed_forward (gated-gelu or relu)"),
                      ("position_embedding", "T5's relative position buckets (model.relative_attention_*)"),
                      ("tie_embeddings", "model.tie_word_embeddings")):
         if getattr(m, key) is not None:
-            raise ConfigError(f"model.{key} is not a T5 key; remove it and use {use}")
+            raise ValueError(f"model.{key} is not a T5 key; remove it and use {use}")
     enc, dec = depths(m)
     if enc < 1 or dec < 1 or enc + dec != m.num_layers:
-        raise ConfigError(f"model.encoder_layers = {enc} and decoder_layers = {dec} must be >= 1 each and add up to "
+        raise ValueError(f"model.encoder_layers = {enc} and decoder_layers = {dec} must be >= 1 each and add up to "
                           f"model.num_layers = {m.num_layers} (the blocks of both stacks); state num_layers as their "
                           "sum")
     if k.relative_attention_num_buckets < 2 or k.relative_attention_max_distance < 2:
-        raise ConfigError("model.relative_attention_num_buckets and relative_attention_max_distance must be >= 2")
+        raise ValueError("model.relative_attention_num_buckets and relative_attention_max_distance must be >= 2")
     if decoder_length(m) < 1:
-        raise ConfigError(f"model.decoder_seq_length = {k.decoder_seq_length} must be a positive integer")
+        raise ValueError(f"model.decoder_seq_length = {k.decoder_seq_length} must be a positive integer")
     if par.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel is not supported for T5 yet; turn it off")
+        raise ValueError("parallel.sequence_parallel is not supported for T5 yet; turn it off")
     split = k.encoder_pipeline_stages
     if split is not None:
         if par.pipeline < 2:
-            raise ConfigError(f"model.encoder_pipeline_stages = {split} splits the pipeline between encoder and "
+            raise ValueError(f"model.encoder_pipeline_stages = {split} splits the pipeline between encoder and "
                               f"decoder, but parallel.pipeline = {par.pipeline}; use parallel.pipeline >= 2 or "
                               "remove encoder_pipeline_stages")
         if not 1 <= split < par.pipeline or split > enc or par.pipeline - split > dec:
-            raise ConfigError(f"model.encoder_pipeline_stages = {split} must leave at least one stage to each "
+            raise ValueError(f"model.encoder_pipeline_stages = {split} must leave at least one stage to each "
                               f"stack and one block to each stage: 1 <= it <= {min(enc, par.pipeline - 1)} and "
                               f"parallel.pipeline - it <= decoder_layers = {dec}")
 

@@ -150,6 +150,17 @@ class ParallelAttention(nn.Module):
             b = self._bias_cache = causal_bias(T, dtype, device)
         return b
 
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values of ``context``; without autograd (decoding) those of the context of the
+        last call are kept and reused while the same tensor comes again (an encoder's output, once per token)."""
+        cached = getattr(self, "_context_cache", None)
+        if cached is not None and cached[0] is context and not torch.is_grad_enabled():
+            return cached[1], cached[2]
+        hd = self.cfg.head_dim
+        k, v = self.kv(context).split([self.n_kv * hd, self.n_kv * hd], dim=-1)
+        self._context_cache = (context, k, v) if not torch.is_grad_enabled() else None
+        return k, v
+
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = t.shape
         return t.view(B, T, n, self.cfg.head_dim).transpose(1, 2)  # (B, n, T, hd)
@@ -165,7 +176,7 @@ class ParallelAttention(nn.Module):
         hd = self.cfg.head_dim
         if self.cross:
             q = self.q(x)  # (B, T, nh hd / tp): the whole sequence
-            k, v = self.kv(context).split([self.n_kv * hd, self.n_kv * hd], dim=-1)  # (B, S, nkv hd / tp) each
+            k, v = self._context_kv(context)  # (B, S, nkv hd / tp) each
         else:
             q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
         B, T = q.shape[:2]

@@ -40,6 +40,7 @@ from mtnlg.config import ModelConfig
 from mtnlg.families.t5 import decoder_length, depths
 from mtnlg.model import t5_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
+from mtnlg.model.kv_cache import KVSlot
 from mtnlg.model.registry import Family, is_block
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -132,8 +133,11 @@ class T5Block(TransformerBlock):
         if self.first:
             padding = rest[0] if not self.decoder else rest[-1]  # (B, T): this stack's full length
             T = padding.size(1)
-            start = 0 if kv is None else kv.start[kv.rows][:1].item()
-            bias = self.relative_bias(T, start + T, x.device, start).to(x.dtype)
+            if kv is None:
+                bias = self.relative_bias(T, T, x.device)
+            else:  # decoding: every row at the same position, keys over the whole cache (the mask cuts it)
+                bias = self.relative_bias(T, kv.k.size(2), x.device, int(kv.start[0]))
+            bias = bias.to(x.dtype)
             rest = [bias, *rest]
         out = super().forward((x, *rest), kv)
         if not self.last:
@@ -141,7 +145,7 @@ class T5Block(TransformerBlock):
         return out[0] if self.decoder else (out[0], *out[2:])
 
 
-class Embedding(nn.Module):
+class T5Embedding(nn.Module):
     """The shared token embedding (vocab-parallel) and dropout: the encoder's ids here, the decoder's through
     ``decoder_embedding`` (the same module, a second spec), and the output layer of a tied model
     (``tied_head``)."""
@@ -170,18 +174,18 @@ class Embedding(nn.Module):
         return self.embed(enc_ids), enc_padding, dec_ids, dec_padding
 
 
-def decoder_embedding(embedding: Embedding, inputs: tuple) -> tuple:
+def decoder_embedding(embedding: T5Embedding, inputs: tuple) -> tuple:
     """(context, enc_padding, dec_ids, dec_padding) -> (y, context, enc_padding, dec_padding)."""
     context, enc_padding, dec_ids, dec_padding = inputs
     return embedding.embed(dec_ids), context, enc_padding, dec_padding
 
 
-def tied_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+def tied_head(embedding: T5Embedding, hidden: torch.Tensor) -> torch.Tensor:
     """The original T5's output layer: the embedding matrix, its input scaled by d_model^-0.5."""
     return embedding.word_embeddings(hidden * hidden.size(-1) ** -0.5, logits=True)
 
 
-class StackNorm(nn.Module):
+class T5StackNorm(nn.Module):
     """The final RMSNorm of a stack and dropout; the encoder's passes the carried tensors on, the decoder's ends
     them."""
 
@@ -200,7 +204,7 @@ class StackNorm(nn.Module):
         return F.dropout(self.norm(x), self.dropout, self.training)
 
 
-class LMHead(nn.Module):
+class T5LMHead(nn.Module):
     """Untied output layer (T5 v1.1): this rank's slice of the padded-vocabulary logits."""
 
     group = "head"
@@ -234,16 +238,16 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     enc, dec = depths(cfg)
 
     def embed(**kw):
-        return TiedLayerSpec(TIED_KEY, Embedding, cfg, ps, init, tied_weight_attr=TIED_ATTR, **kw)
+        return TiedLayerSpec(TIED_KEY, T5Embedding, cfg, ps, init, tied_weight_attr=TIED_ATTR, **kw)
 
     return [
         embed(),
         *[LayerSpec(T5Block, cfg, ps, rng, init, i, False, i == 0, i == enc - 1) for i in range(enc)],
-        LayerSpec(StackNorm, cfg, "encoder_final_norm"),
+        LayerSpec(T5StackNorm, cfg, "encoder_final_norm"),
         embed(forward_fn=decoder_embedding),
         *[LayerSpec(T5Block, cfg, ps, rng, init, enc + j, True, j == 0, j == dec - 1) for j in range(dec)],
-        LayerSpec(StackNorm, cfg, "final_norm"),
-        embed(forward_fn=tied_head) if cfg.family_knobs.tie_word_embeddings else LayerSpec(LMHead, cfg, ps, init),
+        LayerSpec(T5StackNorm, cfg, "final_norm"),
+        embed(forward_fn=tied_head) if cfg.family_knobs.tie_word_embeddings else LayerSpec(T5LMHead, cfg, ps, init),
     ]
 
 
@@ -309,6 +313,40 @@ class T5Model(nn.Module):
             return self.loss_fn(logits, labels)
         return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
+    @torch.no_grad()
+    def generate(self, enc_ids: torch.Tensor, enc_padding: torch.Tensor | None = None,
+                 max_new_tokens: int = 16, eos_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding (pp = 1): the encoder once, then one decoder token at a time with a key/value cache for
+        the decoder's self-attention and the cross-attention's keys and values of the encoder's output computed
+        once. Returns (B, max_new_tokens) ids (rows that produced ``eos_id`` are continued with the pad id 0)."""
+        if self.ps.pp_size != 1:
+            raise ValueError("generate needs the whole model (pp = 1)")
+        B, device = enc_ids.size(0), enc_ids.device
+        enc_padding = torch.ones_like(enc_ids) if enc_padding is None else enc_padding
+        n = encoder_spec_count(self.cfg)
+        start = torch.zeros(B, 1, dtype=torch.long, device=device)  # the decoder start token: the pad id 0
+        x = (enc_ids, enc_padding, start, torch.ones_like(start))
+        for f in self._funcs[:n]:
+            x = f(x)
+        context = x[0]
+        p = next(self.parameters())
+        blocks = [f for f in self._funcs[n + 1 : -2]]
+        cache = [KVSlot(B, self.cfg.num_kv_heads // self.ps.tp_size, max_new_tokens, self.cfg.head_dim, device,
+                        p.dtype) for _ in blocks]
+        embedding, tokens, done, out = self.tied_modules[TIED_KEY], start, torch.zeros(B, dtype=torch.bool), []
+        for _ in range(max_new_tokens):
+            h = (embedding.embed(tokens), context, enc_padding, torch.ones_like(tokens))
+            for block, slot in zip(blocks, cache):
+                h = block(h, slot)
+            for slot in cache:
+                slot.start += 1
+            logits = gather_from_tp(self._funcs[-1](self._funcs[-2](h)), self.ps.tp_group)[..., : self.cfg.vocab_size]
+            tokens = logits[:, -1].argmax(-1, keepdim=True).masked_fill(done[:, None], 0)
+            out.append(tokens)
+            if eos_id is not None:
+                done |= tokens[:, 0] == eos_id
+        return torch.cat(out, dim=1)
+
     def spec_modules(self) -> list:
         return list(self._funcs)
 
@@ -372,7 +410,7 @@ def sources(cfg):
 
 
 def token_lookups(module: nn.Module) -> list[nn.Module]:
-    return [m.word_embeddings for m in module.modules() if isinstance(m, Embedding)]
+    return [m.word_embeddings for m in module.modules() if isinstance(m, T5Embedding)]
 
 
 FAMILY = Family(

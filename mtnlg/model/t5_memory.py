@@ -12,6 +12,14 @@ from mtnlg.config import ModelConfig
 from mtnlg.families.t5 import decoder_length, depths
 
 
+def attention_kind(m: ModelConfig, precision: str, device: str = "cpu") -> str:
+    """"dropout" (attention dropout: torch's math path), "unfused" (a CPU: the additive position bias keeps torch
+    off its flash kernel, the probabilities are kept) or "flash" (an accelerator's fused kernel with a bias)."""
+    if m.attention_dropout > 0:
+        return "dropout"
+    return "unfused" if device == "cpu" else "flash"
+
+
 def _attention_bytes(e: int, b: int, heads: float, q_tokens: int, k_tokens: int, hd: int, attention: str) -> float:
     """What one attention core keeps: q, k, v (views of their projections) and the probabilities or the kernel's
     output and log-sum-exp. T5's additive position bias makes torch pick its math path for a masked, biased
@@ -50,8 +58,7 @@ def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precis
                            attention: str = "flash", device: str = "cpu") -> float:
     enc, dec = depths(m)
     s, t = m.seq_length, decoder_length(m)
-    attention = "dropout" if m.attention_dropout > 0 else ("flash" if attention == "flash" and device != "cpu"
-                                                           else "unfused")
+    attention = attention_kind(m, precision, device) if attention == "flash" else attention
     e_bytes = _block_bytes(m, micro, tp, precision, attention, device, s, False, s)
     d_bytes = _block_bytes(m, micro, tp, precision, attention, device, t, True, s)
     return (enc * e_bytes + dec * d_bytes) / (enc + dec)

@@ -17,7 +17,6 @@ import torch
 
 from mtnlg.config import ModelConfig
 from mtnlg.convert.keymaps import COPY
-from mtnlg.families.t5 import depths
 
 MODEL_TYPE, HF_CLASS = "t5", "T5ForConditionalGeneration"
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
@@ -51,7 +50,7 @@ def rows(cfg: ModelConfig, group: str) -> list:
     if not group.startswith("layers."):
         return list(KEYMAP[group])
     i = int(group.split(".")[1])
-    enc, _ = depths(cfg)
+    enc, _ = cfg.family_knobs.depths(cfg.num_layers)
     if i < enc:
         b = f"encoder.block.{i}.layer"
         return [(f"{b}.0.layer_norm", "norm1", COPY), *_attention(f"{b}.0.SelfAttention", "attn"),
@@ -84,7 +83,7 @@ def misfit(cfg: ModelConfig) -> str | None:
 
 def to_hf_config(cfg: ModelConfig, common: dict):
     k = cfg.family_knobs
-    enc, dec = depths(cfg)
+    enc, dec = k.depths(cfg.num_layers)
     return config_class()(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.head_dim, d_ff=cfg.ffn_hidden_size,
         num_layers=enc, num_decoder_layers=dec, num_heads=cfg.num_attention_heads,
@@ -130,10 +129,8 @@ def ignored(name: str) -> bool:
 
 def verify_inputs(cfg: ModelConfig, batch: int = 3, seed: int = 0) -> tuple[tuple, dict]:
     """(mtnlg's inputs, transformers' keyword arguments) of one sample batch, with some padding in both stacks."""
-    from mtnlg.families.t5 import decoder_length
-
     gen = torch.Generator().manual_seed(seed)
-    s, t = min(cfg.seq_length, 64), min(decoder_length(cfg), 32)
+    s, t = min(cfg.seq_length, 64), min(cfg.family_knobs.decoder_length(cfg.seq_length), 32)
     enc = torch.randint(0, cfg.vocab_size, (batch, s), generator=gen)
     dec = torch.randint(0, cfg.vocab_size, (batch, t), generator=gen)
     enc_pad, dec_pad = torch.ones_like(enc), torch.ones_like(dec)
