@@ -92,7 +92,8 @@ class RelativeBias(nn.Module):
         q = torch.arange(T, device=device)[:, None] + first_query
         rel = torch.arange(S, device=device)[None, :] - q
         b = relative_buckets(rel, self.bidirectional, self.buckets, self.max_distance)
-        return F.embedding(b, self.weight).permute(2, 0, 1).unsqueeze(0)
+        # contiguous: it may be sent to the next pipeline stage (torch.distributed sends contiguous tensors only)
+        return F.embedding(b, self.weight).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 class T5Block(TransformerBlock):
