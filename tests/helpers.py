@@ -123,8 +123,9 @@ SGD_LR = 100.0
 
 
 def sgd_step_config(save: str, **kwargs):
-    """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -SGD_LR x gradient."""
-    return run_config(iters=1, save=save, optimizer="sgd", lr=SGD_LR, min_lr=0.0, warmup_iters=0,
+    """One plain SGD step (constant lr, no weight decay, no clipping), saved: the update is -lr x gradient (lr:
+    SGD_LR unless given)."""
+    return run_config(iters=1, save=save, optimizer="sgd", lr=kwargs.pop("lr", SGD_LR), min_lr=0.0, warmup_iters=0,
                       lr_decay="constant", weight_decay=0.0, clip_grad=0.0, **kwargs)
 
 

@@ -21,11 +21,15 @@ SPLIT = {**T5, "encoder_pipeline_stages": 1}  # (1, 2, 1): the encoder on stage 
 LAYOUTS = {1: [(1, 1, 1, T5)], 2: [(2, 1, 1, T5), (1, 2, 1, SPLIT), (1, 1, 3, T5)], 4: [(1, 4, 1, T5)],
            8: [(2, 2, 1, T5)]}
 LOGIT_TOL = 1e-5  # relative to the largest logit
+# the SGD step of the gradient comparison: 10x tests/helpers.py's, so that the float32 rounding of a norm weight at
+# 1.0 (1.2e-7) is 1e-6 of its small update, not 1e-5 (measured at 100: 1.0e-5 on an encoder norm at tp = 2)
+SGD_LR = 1000.0
 
 
 def _hf_t5(tied: bool):
     """A tiny random T5ForConditionalGeneration: v1.1 (gated-GELU, an output layer of its own) or the original
-    (ReLU, tied and scaled); 2 encoder and 3 decoder blocks; random norm weights."""
+    (ReLU, tied and scaled; its projections 10x transformers' init, else every input decodes to one repeated
+    token); 2 encoder and 3 decoder blocks; random norm weights."""
     import transformers
 
     torch.manual_seed(5 + tied)
@@ -38,6 +42,8 @@ def _hf_t5(tied: bool):
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif tied and "shared" not in name and "relative" not in name:
+                p.mul_(10.0)
         if not tied:  # transformers 5 ties T5's lm_head unless it is a tensor of its own
             model.lm_head.weight = torch.nn.Parameter(torch.randn(96, 32) * 0.5)
     return model
@@ -97,7 +103,7 @@ def parity(tmp_path_factory):
         for tp, pp, zero, model in layouts:
             key = (tp, pp, world // (tp * pp), zero)
             common = {"architecture": "t5", "tp": tp, "pp": pp, "zero": zero, "model": model}
-            runs += [common, {**common, "sgd": True, "save": str(root / "sgd-{}-{}-{}-{}".format(*key))}]
+            runs += [common, {**common, "sgd": True, "lr": SGD_LR, "save": str(root / "sgd-{}-{}-{}-{}".format(*key))}]
             keys += [(key, "adamw"), (key, "sgd")]
         for (key, kind), run, result in zip(keys, runs, parity_results(runs, world)):
             out.setdefault(key, {})[kind] = {**result, "save": run.get("save")}
