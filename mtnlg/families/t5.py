@@ -36,6 +36,7 @@ class T5Knobs:
     # span corruption (mtnlg.data.t5_dataset)
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
+    masking_style: Literal["t5", "ngram"] = "t5"  # T5/HF's random spans, or Megatron's geometric n-grams
     vocab_extra_ids: int = 100
 
     def depths(self, num_layers: int) -> tuple[int, int]:
