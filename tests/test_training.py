@@ -9,71 +9,15 @@ first-step gradient, read back from the checkpoint at full size whatever the lay
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
 
 from tests.dist_helper import run_distributed
-from tests.helpers import DROPOUT, MODEL, STEPS, max_rel, run_config, sgd_step_config, sgd_update, update_rel_diff
+from tests.helpers import DROPOUT, MODEL, RTOL, STEPS, max_rel, run_config, sgd_update, update_rel_diff
+from tests.helpers import parity_results as _results
 
 ROOT = Path(__file__).resolve().parent.parent
-# fp32 everywhere. Layouts sum the same products in other orders (tp splits the reductions, dp averages
-# partial gradients, pipelines accumulate micro batches per stage), so values differ by float32 rounding,
-# which AdamW's first steps (update ~ g / sqrt(g^2)) amplify a little: 1e-5 relative is the bound.
-RTOL = 1e-5
-
-
-def _train_many(rank: int, world: int, runs: list[dict]) -> list[dict]:
-    """Train each run in turn on this process group; return each run's losses, grad norms and ZeRO-3 split."""
-    from mtnlg.training.loop import train
-
-    out = []
-    for kwargs in runs:
-        kwargs = dict(kwargs)
-        broken = kwargs.pop("broken_loss_scale", None)
-        cfg = sgd_step_config(**kwargs) if kwargs.pop("sgd", False) else run_config(**kwargs)
-        with planted_dp_bug(broken):
-            summary = train(cfg)
-        out.append({"losses": summary.losses, "grad_norms": summary.grad_norms, "skipped": summary.skipped,
-                    "record": summary.last_record, "zero3": summary.zero3_partitioned})
-    return out
-
-
-@contextlib.contextmanager
-def planted_dp_bug(scale: float | None):
-    """A bug planted in training on purpose: data-parallel rank 1's loss, and so its gradient, ``scale`` times what
-    it should be (as a rank counting its micro batches wrongly would make it). None: no bug."""
-    if scale is None:
-        yield
-        return
-    import torch.distributed as dist
-
-    import mtnlg.model.gpt as gpt
-
-    plain = gpt.GPTLoss.__call__
-
-    def call(self, logits, labels):
-        loss = plain(self, logits, labels)
-        return loss * scale if dist.get_rank() == 1 else loss
-
-    gpt.GPTLoss.__call__ = call
-    try:
-        yield
-    finally:
-        gpt.GPTLoss.__call__ = plain
-
-
-def _results(runs: list[dict], world: int) -> list[dict]:
-    results = run_distributed(_train_many, world, args=(runs,))
-    # every rank reports the same (dp-averaged, pipeline-broadcast) losses and the same global norms
-    for r in results[1:]:
-        for a, b in zip(r, results[0]):
-            assert a["losses"] == b["losses"]
-            assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-12)
-    return results[0]
-
-
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)], 8: [(2, 2)]}  # world -> (tp, pp)
 # world -> (preset, tp, pp, zero) beyond ZeRO-1 in LAYOUTS; ZeRO-3 needs dp > 1 to partition anything
 ZERO_RUNS = {2: [("llama", 1, 1, 0), ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("gpt2", 1, 2, 0)],

@@ -119,6 +119,8 @@ def check_weights(weights: HFWeights, model_cfg: ModelConfig, kind: str, where: 
         if name in used or IGNORED.match(name) or (model_cfg.tie_embeddings and name == "lm_head.weight") \
                 or name in tied_copies:
             continue
+        if getattr(adapter(kind), "ignored", lambda _: False)(name):
+            continue
         raise UserError(f"{where}: unexpected weight {name}; not a plain {adapter(kind).HF_CLASS} checkpoint")
 
 

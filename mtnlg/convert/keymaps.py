@@ -47,8 +47,11 @@ def hf_entries(cfg: ModelConfig, group: Group) -> list[tuple[str, str, object]]:
     """(hf name, native local name, op) for the parameters of ``group``, in map order."""
     from mtnlg.convert.hf import adapter_for
 
-    table = adapter_for(cfg).KEYMAP
-    if group.name.startswith("layers."):
+    adapter = adapter_for(cfg)
+    table = adapter.KEYMAP
+    if hasattr(adapter, "rows"):  # rows that differ between blocks (T5: encoder and decoder blocks)
+        rows = adapter.rows(cfg, group.name)
+    elif group.name.startswith("layers."):
         i = group.name.split(".")[1]
         rows = [(hf.format(i), native, op) for hf, native, op in table["layer"]]
     else:

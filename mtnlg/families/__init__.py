@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtnlg.families import bert, gpt
+from mtnlg.families import bert, gpt, t5
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Declaration:
 REGISTERED: tuple[Declaration, ...] = (
     Declaration("gpt", gpt.ARCHITECTURES, "mtnlg.model.gpt", gpt.CHECKS),
     Declaration("bert", bert.ARCHITECTURES, "mtnlg.model.bert", bert.CHECKS, bert.BertKnobs),
+    Declaration("t5", t5.ARCHITECTURES, "mtnlg.model.t5", t5.CHECKS, t5.T5Knobs),
 )
 
 

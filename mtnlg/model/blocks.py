@@ -73,7 +73,7 @@ def causal_bias(T: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def unfused_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v for (B, h, T, d) tensors (k, v may have fewer heads: GQA).
 
@@ -85,21 +85,31 @@ def unfused_causal_attention(
     T = q.size(-2)
     if bias is None:
         bias = causal_bias(T, q.dtype, q.device)
-    scores = (q * (q.size(-1) ** -0.5)) @ k.transpose(-1, -2)  # (B, h, T, T)
+    scores = (q * (q.size(-1) ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)  # (B, h, T, T)
     # bf16 in and out; torch's CPU softmax accumulates in fp32 (as Megatron's fused softmax kernels do)
     probs = torch.softmax(scores.add_(bias), dim=-1)
     return probs @ v
+
+
+def with_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive attention mask: ``bias`` (1 or B, h, T, S) where boolean ``mask`` (B, 1, T, S) lets a query
+    attend (everywhere when None), -inf elsewhere."""
+    if mask is None:
+        return bias
+    return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
 
 
 class ParallelAttention(nn.Module):
     """Self-attention (``causal`` or ``bidirectional``: ``mtnlg.model.masks``), or with ``cross=True`` attention of
     x's queries over a ``context`` (an encoder's output; never causal, no RoPE). Heads split across tp ranks; GQA when
     num_kv_heads < heads. Under sequence parallelism it takes and returns (B, T/tp, C) sequence shards (the input
-    projections gather them, the output one scatters)."""
+    projections gather them, the output one scatters). ``scale``: what the scores q k^T are multiplied by (None:
+    1/sqrt(head_dim); T5: 1.0)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, name: str,
-                 mask: MaskKind = "causal", cross: bool = False):
+                 mask: MaskKind = "causal", cross: bool = False, scale: float | None = None):
         super().__init__()
+        self.scale = scale
         tp = ps.tp_size
         self.cfg, self.rng, self.causal, self.cross = cfg, rng, mask == "causal" and not cross, cross
         hd = cfg.head_dim
@@ -124,7 +134,8 @@ class ParallelAttention(nn.Module):
     @property
     def query_width(self) -> int:
         """Query features at full (tp = 1) size: what the attention core's FLOPs scale with."""
-        return (self.q if self.cross else self.qkv).weight.sharding.blocks[0]
+        sharding = (self.q if self.cross else self.qkv).weight.sharding
+        return sharding.blocks[0] if sharding.blocks else sharding.full_shape[0]  # cross: q alone, no blocks
 
     def _rope(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._rope_cache
@@ -139,20 +150,33 @@ class ParallelAttention(nn.Module):
             b = self._bias_cache = causal_bias(T, dtype, device)
         return b
 
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values of ``context``; without autograd (decoding) those of the context of the
+        last call are kept and reused while the same tensor comes again (an encoder's output, once per token)."""
+        cached = getattr(self, "_context_cache", None)
+        if cached is not None and cached[0] is context and not torch.is_grad_enabled():
+            return cached[1], cached[2]
+        hd = self.cfg.head_dim
+        k, v = self.kv(context).split([self.n_kv * hd, self.n_kv * hd], dim=-1)
+        self._context_cache = (context, k, v) if not torch.is_grad_enabled() else None
+        return k, v
+
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = t.shape
         return t.view(B, T, n, self.cfg.head_dim).transpose(1, 2)  # (B, n, T, hd)
 
     def forward(self, x: torch.Tensor, kv: KVSlot | None = None, segments: torch.Tensor | None = None,
                 padding: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_padding: torch.Tensor | None = None) -> torch.Tensor:
+                context_padding: torch.Tensor | None = None, position_bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (B, T, C); ``segments`` (B, T): packed documents (``mtnlg.model.documents``), attention stays in each
         and positions restart at each; ``padding`` (B, T): real tokens (True); ``context`` (B, S, C) and
-        ``context_padding`` (B, S): what cross-attention attends to."""
+        ``context_padding`` (B, S): what cross-attention attends to; ``position_bias`` (1 or B, nh/tp, T, S):
+        added to the scores (T5's relative positions), this rank's heads."""
         hd = self.cfg.head_dim
         if self.cross:
             q = self.q(x)  # (B, T, nh hd / tp): the whole sequence
-            k, v = self.kv(context).split([self.n_kv * hd, self.n_kv * hd], dim=-1)  # (B, S, nkv hd / tp) each
+            k, v = self._context_kv(context)  # (B, S, nkv hd / tp) each
         else:
             q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
         B, T = q.shape[:2]
@@ -167,13 +191,20 @@ class ParallelAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # incremental decoding (inference only)
             k, v, mask = kv.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            if position_bias is not None:
+                mask = with_bias(mask, position_bias)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                               scale=self.scale)
         else:
             if self.cross:
                 mask = cross_attention_mask(context_padding, T)
             else:
                 mask = self_attention_mask("causal" if self.causal else "bidirectional", T, x.device, segments,
                                            padding)
+            if position_bias is not None:  # an additive mask: the bias where attending, -inf elsewhere
+                if mask is None and self.causal:
+                    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                mask = with_bias(mask, position_bias)
             if self.cfg.recompute == "selective" and self.training and torch.is_grad_enabled():
                 y = self.rng.checkpoint(self._core, q, k, v, mask)  # keep q, k, v; recompute scores ... AV
             else:
@@ -184,37 +215,46 @@ class ParallelAttention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
               ) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd) + mask), dropout, times v: (B, nh, T, hd) from q (B, nh, T, hd) and k, v
-        (B, nkv, S, hd). ``mask`` (B, 1, T, S), True = may attend; None: plain causal (or, for a bidirectional or
-        cross attention, no) mask."""
+        (B, nkv, S, hd). ``mask`` (B, 1, T, S), True = may attend, or an additive float mask (``with_bias``); None:
+        plain causal (or, for a bidirectional or cross attention, no) mask. (1/sqrt(hd): ``scale``.)"""
         p = self.cfg.attention_dropout if self.training else 0.0
         gqa = self.n_kv != self.n_heads
         causal = self.causal and mask is None
         if p > 0:  # attention probabilities are sharded by head: use the tp stream
-            with self.rng.fork(q.device):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                      enable_gqa=gqa)
+            return self._dropped(q, k, v, mask, p)
         if use_unfused_attention(q):
             if causal:
                 bias = self._causal_bias(q.size(-2), q.device, q.dtype)
             elif mask is None:
                 bias = torch.zeros(q.size(-2), k.size(-2), dtype=q.dtype, device=q.device)
+            elif mask.is_floating_point():
+                bias = mask.to(q.dtype)
             else:
                 bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            return unfused_causal_attention(q, k, v, bias)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            return unfused_causal_attention(q, k, v, bias, self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                              scale=self.scale)
+
+    def _dropped(self, q, k, v, mask, p: float) -> torch.Tensor:
+        with self.rng.fork(q.device):  # attention probabilities are sharded by head: use the tp stream
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                  is_causal=self.causal and mask is None,
+                                                  enable_gqa=self.n_kv != self.n_heads, scale=self.scale)
 
 
 class ParallelMLP(nn.Module):
-    """GELU(tanh) MLP (gpt2), exact GELU (``gelu_erf``: BERT) or SwiGLU with a fused [gate; up] projection (llama);
-    sequence shards in and out under sequence parallelism."""
+    """GELU(tanh) MLP (gpt2), exact GELU (``gelu_erf``: BERT), ReLU MLP (the original T5), or a gated one with a
+    fused [gate; up] projection: SwiGLU (llama) or GEGLU with tanh GELU (T5 v1.1's "gated-gelu"); sequence shards in
+    and out under sequence parallelism. ``activation``: one of those (default ``cfg.activation``)."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, name: str):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init, name: str, activation: str | None = None):
         super().__init__()
-        self.swiglu = cfg.activation == "swiglu"
-        self.approximate = "none" if cfg.activation == "gelu_erf" else "tanh"
+        self.activation = activation or cfg.activation
+        self.gated = self.activation in ("swiglu", "geglu")
+        self.approximate = "none" if self.activation == "gelu_erf" else "tanh"
         ffn = cfg.ffn_hidden_size
         self.fc = ColumnParallelLinear(
-            cfg.hidden_size, [ffn, ffn] if self.swiglu else [ffn],
+            cfg.hidden_size, [ffn, ffn] if self.gated else [ffn],
             tp_group=ps.tp_group, init=init, name=f"{name}.fc", bias=cfg.bias, sequence_parallel=ps.sequence_parallel,
         )
         self.proj = RowParallelLinear(
@@ -224,9 +264,11 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, ffn/tp) or (B, T, 2*ffn/tp)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+        elif self.activation == "relu":
+            h = F.relu(h)
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.proj(h)
@@ -239,13 +281,16 @@ class TransformerBlock(nn.Module):
 
     What travels with the hidden states (a tuple, through DeepSpeed's pipeline too) is named by ``carries``:
     the default is packed documents' ``("segments",)`` (x alone, or (x, segment_ids)); an encoder-decoder's
-    decoder blocks carry e.g. ``("padding", "context", "context_padding")``. The block returns the tuple with x
-    replaced."""
+    decoder blocks carry e.g. ``("padding", "context", "context_padding")``; a carried ``position_bias`` is added to
+    the self-attention scores (T5's relative positions). The block returns the tuple with x replaced.
+    ``attention_scale``: what the attention scores are multiplied by (None: 1/sqrt(head_dim)); ``activation``: the
+    MLP's (None: ``cfg.activation``)."""
 
     is_block = True  # the unit of full recompute and of pipeline balance (mtnlg.model.registry.is_block)
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init, layer_number: int,
-                 mask: MaskKind = "causal", cross_attention: bool = False, carries: tuple[str, ...] = ("segments",)):
+                 mask: MaskKind = "causal", cross_attention: bool = False, carries: tuple[str, ...] = ("segments",),
+                 attention_scale: float | None = None, activation: str | None = None):
         super().__init__()
         name = self.group = f"layers.{layer_number}"  # its parameter group (checkpoints, converters)
         self.layer_number = layer_number
@@ -254,12 +299,12 @@ class TransformerBlock(nn.Module):
         self.carries = carries
         self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.norm1 = make_norm(cfg)
-        self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn", mask=mask)
+        self.attn = ParallelAttention(cfg, ps, rng, init, f"{name}.attn", mask=mask, scale=attention_scale)
         self.cross_norm = make_norm(cfg) if cross_attention else None
-        self.cross_attn = ParallelAttention(cfg, ps, rng, init, f"{name}.cross_attn", cross=True) \
-            if cross_attention else None
+        self.cross_attn = ParallelAttention(cfg, ps, rng, init, f"{name}.cross_attn", cross=True,
+                                            scale=attention_scale) if cross_attention else None
         self.norm2 = make_norm(cfg)
-        self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp")
+        self.mlp = ParallelMLP(cfg, ps, init, f"{name}.mlp", activation)
 
     def forward_flops(self, seq: int) -> float:
         """Forward FLOPs per token at full (tp = 1) size (Narayanan et al. 2021): 2 per multiply-add of every matrix
@@ -292,7 +337,8 @@ class TransformerBlock(nn.Module):
             x, extras = x[0], tuple(x[1:])
         got = dict(zip(self.carries, extras))
         segments, padding = got.get("segments"), got.get("padding")
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, kv, segments, padding))
+        bias = got.get("position_bias")
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, kv, segments, padding, position_bias=bias))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, context=got["context"], context_padding=got.get("context_padding")))

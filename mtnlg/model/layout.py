@@ -127,7 +127,10 @@ def stage_bounds(cfg: ModelConfig, pp_size: int) -> list[int]:
 def _stage_bounds(key: tuple, pp_size: int) -> tuple[int, ...]:
     model = _meta_model(key)  # the balance is a dynamic program over every spec: worth keeping (mtnlg plan asks often)
     anchors = [is_block(f) for f in model.spec_modules()]
-    return tuple(balanced_parts(list(_spec_flops(key, model.cfg.seq_length)), pp_size, anchors))
+    flops = list(_spec_flops(key, model.cfg.seq_length))
+    own = getattr(model, "pipeline_bounds", None)  # a family's own split (T5: encoder stages, decoder stages)
+    bounds = own(pp_size, flops) if own is not None else None
+    return tuple(bounds if bounds is not None else balanced_parts(flops, pp_size, anchors))
 
 
 def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:

@@ -55,6 +55,10 @@ class Family:
     # (list of samples of ``sources``) -> (inputs, labels), tensors or tuples of tensors; None: stack the samples
     # into one int64 tensor and call ``micro_batch``
     collate: Callable[[list], tuple[Any, Any]] | None = None
+    # whether DeepSpeed's pipeline engine may split what a stage sends over the tp group (its default): it splits
+    # the first tensor only and wants no gradient for the others; False sends every tensor whole (T5 carries the
+    # encoder's output and a position bias, with gradients, beside the hidden states)
+    pipe_partitioned: bool = True
 
 
 def family(cfg_or_architecture: ModelConfig | str) -> Family:

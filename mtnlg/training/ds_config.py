@@ -116,14 +116,20 @@ def build_ds_config(cfg: RunConfig, user: dict[str, Any] | None = None) -> dict[
         params = opt.setdefault("params", {})
         _agree(params, "lr", float(t.lr), "train.lr", name)
         _agree(params, "weight_decay", float(t.weight_decay), "train.weight_decay", name)
-    if cfg.parallel.sequence_parallel and cfg.parallel.pipeline > 1:
+    from mtnlg.model.registry import family
+
+    whole = not family(cfg.model).pipe_partitioned  # several tensors with gradients between stages (T5)
+    if (cfg.parallel.sequence_parallel or whole) and cfg.parallel.pipeline > 1:
         # DeepSpeed's pipeline engine splits each activation it sends over the tensor-parallel group and gathers it
-        # on the other side, assuming every tp rank holds the same tensor; sequence shards differ: send them whole
+        # on the other side, assuming every tp rank holds the same tensor; sequence shards differ: send them whole.
+        # It splits only the first tensor of a tuple and wants no gradient for the others: send those whole too
         pipe = ds.setdefault("pipeline", {})
         for key in ("pipe_partitioned", "grad_partitioned"):
             if pipe.get(key):
-                raise ConfigError(f"{name}: 'pipeline.{key}' is true, which sequence parallelism cannot use "
-                                  "(each tp rank sends its own sequence shard); remove it")
+                raise ConfigError(f"{name}: 'pipeline.{key}' is true, which "
+                                  + (f"{cfg.model.architecture} cannot use (its stages send several tensors with "
+                                     "gradients)" if whole else "sequence parallelism cannot use (each tp rank "
+                                     "sends its own sequence shard)") + "; remove it")
             pipe[key] = False
     if stage == 0 and t.precision == "fp32":
         # DeepSpeed's stage-0 fp32 clipping miscounts under pipeline parallelism (replicated parameters of later

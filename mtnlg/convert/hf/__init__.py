@@ -9,6 +9,11 @@ mtnlg needs to export to and import from that type:
     model_section(hf, refuse)     transformers config -> the run config's ``model:`` section (``refuse(what)`` for
                                   what mtnlg cannot represent)
     hf_name(name, have)           (optional) the name a checkpoint spells a weight with, or None
+    rows(cfg, group)              (optional) a group's KEYMAP rows, where blocks differ (T5's encoder and decoder)
+    ignored(name)                 (optional) whether a tensor of a directory maps to nothing (tied copies)
+    verify_inputs(cfg), hf_outputs(model, inputs)  (optional) what ``export-hf --verify`` runs both models on and
+                                  what the HF model returns for it, as mtnlg's model does (class: ``class_name(cfg)``
+                                  or HF_CLASS; default: AutoModelForCausalLM's logits on token ids)
 
 A family lists the model types it maps to (``Family.hf_model_types``, preferred first); export picks the first that
 represents a model exactly (its own architecture's first). Adding a type is a new module here and its name in the
