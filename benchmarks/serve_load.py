@@ -149,16 +149,15 @@ async def level(base: str, model: str, reqs: list[tuple[str, int]], concurrency:
     """One load level against one server: raw figures (``summarize`` turns rounds of them into a row)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=1800)
     gate = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=1800) as client:
+        async def gated(prompt, max_tokens):
+            async with gate:
+                return await one(client, model, prompt, max_tokens, extra)
 
-    async def gated(prompt, max_tokens):
-        async with gate:
-            return await one(client, model, prompt, max_tokens, extra)
-
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(gated(p, m) for p, m in reqs))
-    wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(gated(p, m) for p, m in reqs))
+        wall = time.perf_counter() - t0
     return {"requests": len(reqs), "seconds": wall, "tokens": sum(r["tokens"] for r in results),
             "ttft": [r["ttft"] for r in results], "itl": [x for r in results for x in r["itl"]]}
 
@@ -296,6 +295,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
             pts = sorted((r["concurrency"], r[key]) for r in ok if r["server"] == name)
             ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
+        levels = sorted({r["concurrency"] for r in ok})
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrency (requests in flight)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
