@@ -90,14 +90,12 @@ def _import(hf: str, import_dir: str | None) -> str:
     import shutil
     import tempfile
 
-    from mtnlg.convert.hf_import import import_hf
+    from mtnlg.eval.loading import hf_as_checkpoint
 
     if import_dir is None:
         import_dir = tempfile.mkdtemp(prefix="mtnlg-serve-hf-")
         atexit.register(shutil.rmtree, import_dir, ignore_errors=True)
-    out = os.path.join(import_dir, "checkpoint")
-    import_hf(hf, out)
-    return out
+    return hf_as_checkpoint(hf, os.path.join(import_dir, "checkpoint"))
 
 
 def _chat_template(hf_tok) -> Any:
