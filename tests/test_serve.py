@@ -341,13 +341,17 @@ def test_lm_eval_local_completions_equals_mtnlg_lm_eval(dirs, server, tmp_path):
     torch.testing.assert_close(torch.tensor(served_ll), torch.tensor(local_ll), atol=1e-4, rtol=1e-4)
 
 
-def test_hf_export_served_in_process_equals_native(dirs, native):
-    """--hf: the export through transformers' own cache gives the native greedy tokens (engine, no HTTP)."""
+def test_hf_export_served_in_process_equals_native(dirs, native, tmp_path):
+    """--hf: the export is imported as a native checkpoint and decoded by the same batched engine; its greedy tokens
+    are transformers' own ``generate`` on the export (engine, no HTTP)."""
+    from mtnlg.eval.loading import open_model
     from mtnlg.serve.engine import Engine, Params, Sequence
     from mtnlg.serve.metrics import Metrics
-    from mtnlg.serve.model_runner import open_runner
+    from mtnlg.serve.model_runner import NativeRunner, open_runner
 
-    runner, info = open_runner(None, str(dirs / "hf"), "cpu", 4)
+    runner, info = open_runner(None, str(dirs / "hf"), "cpu", 4, import_dir=str(tmp_path))
+    assert isinstance(runner, NativeRunner) and (tmp_path / "checkpoint" / "latest").is_file()
+    assert info.name == "hf" and info.chat_template is not None
     engine = Engine(runner, info, 4, 4 * CONTEXT, 4, Metrics())
     engine.start()
     try:
@@ -360,7 +364,7 @@ def test_hf_export_served_in_process_equals_native(dirs, native):
             assert done.acquire(timeout=60)
     finally:
         engine.stop()
-    want = native.generate_ids(prompts, 12, stop_at_eod=False)
+    want = open_model(hf=str(dirs / "hf")).generator.generate_ids(prompts, 12, stop_at_eod=False)
     assert [s.out for s in seqs] == want
     # a checkpoint of layout tensor 2 x pipeline 2 served by one process (merged on load) decodes the same
     runner, info = open_runner(str(dirs / "tp2pp2"), None, "cpu", 4)
@@ -375,7 +379,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     for argv, needle in [(["serve"], "exactly one of"), (["serve", "--checkpoint", str(tmp_path / "nope")],
                                                           "no such directory"),
-                         (["serve", "--hf", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size")]:
+                         (["serve", "--hf", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size"),
+                         (["serve", "--hf", str(tmp_path)], "no config.json")]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err

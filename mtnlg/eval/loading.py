@@ -46,6 +46,14 @@ def open_model(checkpoint: str | None = None, hf: str | None = None, iteration: 
     return _open_native(checkpoint, iteration, device, batch_size, for_generation)
 
 
+def hf_as_checkpoint(hf: str, output: str) -> str:
+    """Import the Hugging Face directory ``hf`` as a native checkpoint at ``output`` (``mtnlg import-hf``), for
+    code that runs native checkpoints only (the server's batched engine); unsupported models are refused there."""
+    from mtnlg.convert.hf_import import import_hf
+
+    return str(import_hf(hf, output))
+
+
 def _open_native(checkpoint: str, iteration: int | None, device: torch.device, batch_size: int,
                  for_generation: bool) -> OpenedModel:
     import torch.distributed as dist

@@ -263,9 +263,10 @@ class GPTModel(nn.Module):
         """Logits (B, T, vocab_size) of new tokens ``input_ids`` for cache rows ``rows``, each row continuing
         at its cached length; the cache grows by T positions per row. ``segment_ids`` (B, T): packed documents,
         each attending only to itself (default: every new token continues its row's last document)."""
-        for slot in cache:
-            slot.rows = rows
-            positions = slot.plan(segment_ids, input_ids.size(1))
+        cache[0].rows = rows
+        positions = cache[0].plan(segment_ids, input_ids.size(1))
+        for slot in cache[1:]:
+            slot.follow(cache[0])
         x = None
         for f in self._funcs:
             if x is None:

@@ -77,12 +77,9 @@ class Server:
             queue: asyncio.Queue = asyncio.Queue()
             seqs = []
             for i in range(len(prompts) * n):
-                def emit(event: dict, index: int = i) -> None:
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-                    except RuntimeError:  # the event loop is gone (shutting down)
-                        pass
-                seqs.append(Sequence(prompts[i // n].ids, params, emit))
+                def emit(event: dict, index: int = i) -> None:  # runs in this loop (the engine hands over per step)
+                    queue.put_nowait((index, event))
+                seqs.append(Sequence(prompts[i // n].ids, params, emit, loop))
             try:
                 self.engine.submit(seqs)
             except QueueFull:

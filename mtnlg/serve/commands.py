@@ -17,7 +17,8 @@ from mtnlg.errors import UserError
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--checkpoint", metavar="DIR", help="an mtnlg checkpoint directory (any layout)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (imported to a temporary mtnlg "
+                   "checkpoint, then served by the same batched engine)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory's name)")

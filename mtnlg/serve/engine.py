@@ -3,7 +3,9 @@
 next step (at most ``prefill_tokens`` prompt tokens a step, so decoding never stalls long), then decode one token
 a step with every other running sequence, and give their row back the step they finish or their client leaves.
 
-The engine runs in its own thread and reports to each sequence's ``emit`` callback (called from that thread).
+The engine runs in its own thread and reports to each sequence's ``emit`` callback (called from that thread, or
+in the sequence's asyncio loop: one hand-over per step). Greedy rows take one batched argmax; sampled rows draw
+from their own generators; each answer's text is decoded incrementally (``Engine._text``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +24,7 @@ from mtnlg.eval.generate import sample
 from mtnlg.serve.metrics import Metrics
 from mtnlg.serve.model_runner import ModelInfo, Step
 
+DETOKENIZE_WINDOW = 8  # tokens decoded again each step (their text may still change with the next token)
 IDLE_HEARTBEAT_S = 5.0  # with tensor-parallel followers: an empty step this often, so their collectives never time out
 
 
@@ -41,15 +45,19 @@ class Params:
     ignore_eos: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One choice of one request."""
+    """One choice of one request. ``emit`` gets its events: called in the engine thread, or, when ``loop`` (an
+    asyncio loop) is given, in that loop, with one hand-over per loop per step for all its sequences' events."""
     prompt: list[int]
     params: Params
     emit: Callable[[dict], None]
+    loop: Any = None
     row: int = -1
     out: list[int] = field(default_factory=list)
     text_sent: int = 0  # characters of the answer already reported
+    text_done: str = ""  # the text of out[:done_upto], which no later token changes
+    done_upto: int = 0
     finished: str | None = None
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
@@ -120,8 +128,8 @@ class Engine:
         except BaseException as e:  # an internal error: fail every request rather than hang them
             self.error = e
             with self.lock:
-                for s in [*self.waiting, *self.running.values()]:
-                    s.emit({"type": "error", "message": f"internal error: {e}"})
+                self._deliver([(s, {"type": "error", "message": f"internal error: {e}"})
+                               for s in [*self.waiting, *self.running.values()]])
             raise
         finally:
             self.runner.run(Step(stop=True))
@@ -156,31 +164,54 @@ class Engine:
         return admitted
 
     def _step(self, admitted: list[Sequence]) -> None:
-        decoding = [s for s in self.running.values() if s not in admitted and s.out]
+        new_rows = {s.row for s in admitted}
+        decoding = [s for s in self.running.values() if s.row not in new_rows and s.out]
         step = Step(prefill=[(s.row, s.prompt) for s in admitted], decode=[(s.row, s.out[-1]) for s in decoding])
         out = self.runner.run(step)
         now = time.monotonic()
+        events: list[tuple[Sequence, dict]] = []
         for s, logits in zip(admitted, out.prefill_logits):
             if s.params.echo and s.params.logprobs is not None:
-                s.emit({"type": "prompt", "logprobs": _prompt_logprobs(logits, s.prompt, s.params.logprobs)})
-            self._take(s, logits[-1:], now)
+                events.append((s, {"type": "prompt",
+                                   "logprobs": _prompt_logprobs(logits, s.prompt, s.params.logprobs)}))
+            self._take(s, logits[-1:], int(logits[-1].argmax()), now, events)
             self.metrics.ttft.observe(now - s.arrived)
             self.metrics.prompt_tokens.inc(len(s.prompt))
-        for i, s in enumerate(decoding):
-            self.metrics.itl.observe(now - s.last_token_at)
-            self._take(s, out.decode_logits[i : i + 1], now)
+        if decoding:
+            greedy = out.decode_logits.argmax(-1).tolist()  # one batched argmax; sampled rows draw on their own
+            for i, s in enumerate(decoding):
+                self.metrics.itl.observe(now - s.last_token_at)
+                self._take(s, out.decode_logits[i : i + 1], greedy[i], now, events)
+        self._deliver(events)
         with self.lock:
             for s in [*admitted, *decoding]:
                 if s.finished is not None or s.cancelled:
                     self._free(s)
             self.metrics.running.set(len(self.running))
 
-    def _take(self, s: Sequence, logits: torch.Tensor, now: float) -> None:
-        """Sample the next token of ``s`` from its logits (1, V), report it, and decide whether ``s`` is done."""
+    @staticmethod
+    def _deliver(events: list[tuple[Sequence, dict]]) -> None:
+        """Hand a step's events over: one call into each asyncio loop, direct calls for sequences without one."""
+        by_loop: dict[Any, list] = {}
+        for s, event in events:
+            if s.loop is None:
+                s.emit(event)
+            else:
+                by_loop.setdefault(s.loop, []).append((s.emit, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_emit_all, batch)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                pass
+
+    def _take(self, s: Sequence, logits: torch.Tensor, greedy: int, now: float, events: list) -> None:
+        """Take the next token of ``s`` (``greedy``, the argmax of its logits (1, V), or a sample), report it, and
+        decide whether ``s`` is done."""
         if s.cancelled:
             return
         p = s.params
-        token = int(sample(logits, p.temperature, p.top_k, p.top_p, s.generator)[0])
+        token = greedy if p.temperature <= 0 else int(sample(logits, p.temperature, p.top_k, p.top_p,
+                                                             s.generator)[0])
         s.out.append(token)
         s.last_token_at = now
         self.metrics.generation_tokens.inc()
@@ -188,8 +219,7 @@ class Engine:
         if p.logprobs is not None:
             info = _token_logprobs(logits[0], token, p.logprobs)
         eos = token == self.info.eod_id and not p.ignore_eos
-        ids = s.out[:-1] if eos else s.out
-        text = self.info.decode(ids)
+        text = self._text(s, len(s.out) - 1 if eos else len(s.out))
         finished = "stop" if eos else None
         for stop in p.stop:
             at = text.find(stop, max(0, s.text_sent - len(stop)))
@@ -206,16 +236,34 @@ class Engine:
             safe = len(text)
         delta = text[s.text_sent : max(safe, s.text_sent)]
         s.text_sent = max(safe, s.text_sent)
-        s.emit({"type": "token", "text": delta, "token": token, "logprobs": info,
-                "token_text": self.info.decode([token])})
+        events.append((s, {"type": "token", "text": delta, "token": token, "logprobs": info}))
         if finished is not None:
             s.finished = finished
-            s.emit({"type": "done", "finish_reason": finished, "completion_tokens": len(s.out)})
+            events.append((s, {"type": "done", "finish_reason": finished, "completion_tokens": len(s.out)}))
+
+    def _text(self, s: Sequence, upto: int) -> str:
+        """The text of ``s.out[:upto]``, decoding only the tokens after the last settled point (the text of the tokens
+        before it is kept): every DETOKENIZE_WINDOW tokens, the point moves up to DETOKENIZE_WINDOW tokens before
+        the end where the text there splits cleanly (decoded apart = decoded together, no unfinished character)."""
+        dec = self.info.decode
+        tail = dec(s.out[s.done_upto : upto])
+        text = s.text_done + tail
+        cut = upto - DETOKENIZE_WINDOW
+        if cut - s.done_upto >= DETOKENIZE_WINDOW and not tail.endswith("\ufffd"):
+            keep = dec(s.out[s.done_upto : cut])
+            if not keep.endswith("\ufffd") and keep + dec(s.out[cut:upto]) == tail:
+                s.text_done, s.done_upto = s.text_done + keep, cut
+        return text
 
     def _free(self, s: Sequence) -> None:
         if self.running.get(s.row) is s:
             del self.running[s.row]
             self.free_rows.append(s.row)
+
+
+def _emit_all(batch: list) -> None:
+    for emit, event in batch:
+        emit(event)
 
 
 def _token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:

@@ -8,7 +8,7 @@ views of the cache's public ``KVSlot`` fields, so a step costs what its sequence
 Under a launcher every tensor-parallel rank holds its heads of the same cache: rank 0 decides each step
 (``Step``), sends it to the others on a gloo group, and all run it together (``follow`` on ranks > 0).
 
-``HFRunner`` serves a Hugging Face directory with transformers' own cache, one sequence at a time per step.
+A Hugging Face directory (``--hf``) is imported as a native checkpoint first and served by the same runner.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ class ModelInfo:
 
 
 def open_runner(checkpoint: str | None, hf: str | None, device: str, max_batch_size: int,
-                name: str | None = None) -> tuple[Any, ModelInfo]:
-    """(runner, info) for a native checkpoint (any layout; tensor-parallel under a launcher) or an HF directory."""
+                name: str | None = None, import_dir: str | None = None) -> tuple[Any, ModelInfo]:
+    """(runner, info) for a native checkpoint (any layout; tensor-parallel under a launcher) or an HF directory,
+    which is imported first (``import-hf`` into ``import_dir``, default a temporary directory removed at exit)
+    and then served as a native checkpoint: the same batched engine either way."""
     from mtnlg.eval.loading import open_model
 
     if checkpoint is not None and hf is not None:
@@ -63,28 +65,37 @@ def open_runner(checkpoint: str | None, hf: str | None, device: str, max_batch_s
         raise UserError(f"{path or 'a model'}: no such directory; give --checkpoint DIR (an mtnlg checkpoint) "
                         "or --hf DIR (a Hugging Face model)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if hf is not None and world > 1:
-        raise UserError("--hf serves in one process; launch one rank (tensor parallelism is for --checkpoint)")
-    opened = open_model(checkpoint=checkpoint, hf=hf, device=device, for_generation=True)
+    if hf is not None:
+        if world > 1:
+            raise UserError("--hf serves in one process; for tensor parallelism convert it first "
+                            "(mtnlg import-hf DIR OUT) and launch the ranks with --checkpoint OUT")
+        checkpoint = _import(hf, import_dir)
+    opened = open_model(checkpoint=checkpoint, device=device, for_generation=True)
     gen = opened.generator
     if gen is None:
         raise UserError("serving needs pipeline = 1: launch as many ranks as the tensor size, or one process")
     served = name or os.path.basename(os.path.normpath(path))
-    if hf is not None:
-        runner = HFRunner(gen.model, max_batch_size)
-        cfg = gen.model.config
-        context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        vocab = cfg.vocab_size
-        template = _chat_template(gen.tok)
-    else:
-        cfg = gen.model.cfg
-        context = min(gen.max_positions, cfg.seq_length)
-        vocab = cfg.vocab_size
-        runner = NativeRunner(gen.model, max_batch_size, context, opened.rank, world)
-        template = _native_chat_template(checkpoint)
-    info = ModelInfo(served, gen.encode, gen.decode, opened.eod_id, int(context), int(vocab), template,
-                     opened.rank, world)
+    cfg = gen.model.cfg
+    context = min(gen.max_positions, cfg.seq_length)
+    runner = NativeRunner(gen.model, max_batch_size, context, opened.rank, world)
+    info = ModelInfo(served, gen.encode, gen.decode, opened.eod_id, int(context), int(cfg.vocab_size),
+                     _native_chat_template(checkpoint), opened.rank, world)
     return runner, info
+
+
+def _import(hf: str, import_dir: str | None) -> str:
+    """``hf`` as an mtnlg checkpoint (weights and tokenizer copied; import-hf refuses unsupported models in one
+    line)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from mtnlg.eval.loading import hf_as_checkpoint
+
+    if import_dir is None:
+        import_dir = tempfile.mkdtemp(prefix="mtnlg-serve-hf-")
+        atexit.register(shutil.rmtree, import_dir, ignore_errors=True)
+    return hf_as_checkpoint(hf, os.path.join(import_dir, "checkpoint"))
 
 
 def _chat_template(hf_tok) -> Any:
@@ -190,37 +201,3 @@ def _slot_view(slot, lo: int, hi: int, length: int):
     view.seg, view.pos = slot.seg[lo:hi, :length], slot.pos[lo:hi, :length]
     view.rows, view.new_seg, view.new_pos = slice(None), None, None
     return view
-
-
-class HFRunner:
-    """A transformers model with one cache per row (its own ``past_key_values``), decoded row by row."""
-
-    def __init__(self, model, rows: int):
-        self.model, self.rows = model, rows
-        self.past: dict[int, Any] = {}
-
-    def run(self, step: Step) -> StepOut | None:
-        if step.stop:
-            return None
-        return self._execute(step)
-
-    @torch.no_grad()
-    def _execute(self, step: Step) -> StepOut:
-        prefill_logits = []
-        dev = self.model.device
-        for row, ids in step.prefill:
-            out = self.model(torch.tensor([ids], device=dev), use_cache=True)
-            self.past[row] = out.past_key_values
-            prefill_logits.append(out.logits[0].float().cpu())
-        decode_logits = None
-        if step.decode:
-            rows = []
-            for row, token in step.decode:
-                out = self.model(torch.tensor([[token]], device=dev), past_key_values=self.past[row], use_cache=True)
-                self.past[row] = out.past_key_values
-                rows.append(out.logits[0, -1].float().cpu())
-            decode_logits = torch.stack(rows)
-        return StepOut(prefill_logits, decode_logits)
-
-    def follow(self) -> None:  # one process: nothing to follow
-        return None
