@@ -133,7 +133,7 @@ def hf_recipe_lengths(inputs_length, noise_density, mean_noise_span_length):
 @pytest.mark.parametrize("enc,density,mean", [(512, 0.15, 3.0), (128, 0.15, 3.0), (64, 0.15, 3.0),
                                               (256, 0.3, 5.0), (1024, 0.15, 2.0), (100, 0.25, 3.0)])
 def test_derived_lengths_match_the_hf_recipe(enc, density, mean):
-    from mtnlg.data.span_corruption import corrupt, random_span_ids, span_lengths
+    from mtnlg.data.t5_span_corruption import corrupt, random_span_ids, span_lengths
 
     lengths = span_lengths(enc, density, mean)
     assert (lengths.raw, lengths.dec) == hf_recipe_lengths(enc, density, mean)
@@ -148,7 +148,7 @@ def test_derived_lengths_match_the_hf_recipe(enc, density, mean):
 
 
 def check_sample(s, text, lengths, tok, exact):
-    from mtnlg.data.span_corruption import uncorrupt
+    from mtnlg.data.t5_span_corruption import uncorrupt
 
     enc, labels = s["enc_tokens"], s["dec_labels"]
     assert all(v.dtype == np.int64 for v in s.values())
@@ -231,8 +231,8 @@ def _noise_positions(s, lengths, tok):
 
 def test_ngram_masking_statistics(data_prefix, tok_dirs):
     from mtnlg.data.gpt_dataset import build_datasets
-    from mtnlg.data.span_corruption import NGRAM_MAX
     from mtnlg.data.t5_dataset import build_t5_sources, t5_lengths, t5_tokenizer
+    from mtnlg.data.t5_span_corruption import NGRAM_MAX
 
     cfg = run_cfg(data_prefix, tok_dirs[0], seq_length=128, iters=100, masking_style="ngram")
     lengths, tok = t5_lengths(cfg), t5_tokenizer(cfg)
@@ -328,8 +328,8 @@ def test_sft_pairs_prompt_to_encoder_response_to_decoder(tmp_path, tok_dirs):
 
 
 def test_bad_inputs_are_one_line(data_prefix, tok_dirs):
-    from mtnlg.data.span_corruption import span_lengths
     from mtnlg.data.t5_dataset import build_t5_sources
+    from mtnlg.data.t5_span_corruption import span_lengths
 
     cases = [
         (run_cfg(data_prefix, tok_dirs[0], vocab_extra_ids=0), "has no sentinels"),

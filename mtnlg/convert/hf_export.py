@@ -54,6 +54,8 @@ def hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]):
     common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std, "dtype": HF_DTYPE_NAME[dtype],
               "tie_word_embeddings": bool(cfg.tie_embeddings), "architectures": [adapter.HF_CLASS],
               "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos")}
+    if token_ids.get("pad") is not None:  # a tokenizer with a pad token (T5's decoder start)
+        common["pad_token_id"] = token_ids["pad"]
     return adapter.to_hf_config(cfg, common)
 
 
@@ -73,7 +75,8 @@ def _token_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
 
     tok = load_tokenizer(tokenizer_dir)
     bos, eos = tok.hf.bos_token_id, tok.hf.eos_token_id
-    return {"bos": tok.eod_id if bos is None else bos, "eos": tok.eod_id if eos is None else eos}
+    return {"bos": tok.eod_id if bos is None else bos, "eos": tok.eod_id if eos is None else eos,
+            "pad": getattr(tok, "pad_id", None)}
 
 
 def export_hf(checkpoint: str | Path, output: str | Path, iteration: int | None = None, dtype: str = "fp32",

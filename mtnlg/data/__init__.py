@@ -6,6 +6,6 @@
 - ``preprocess``: ``preprocess`` (inputs -> indexed, K workers), ``merge``
 - ``corpus``: ``ensure_default_data`` (Python stdlib docstrings, offline)
 - ``gpt_dataset``: ``build_datasets``, ``build_tokenizer`` (what the trainer calls)
-- ``span_corruption``, ``t5_dataset``: T5's span corruption and fine-tuning pairs (``build_t5_sources``)
+- ``t5_span_corruption``, ``t5_dataset``: T5's span corruption and fine-tuning pairs (``build_t5_sources``)
 - ``commands``: the ``mtnlg tokenizer|preprocess|merge-data|corpus`` subcommands
 """

@@ -8,7 +8,7 @@
 Pretraining (``data.prefix`` / ``data.blend`` / the default corpus): the documents are split, shuffled and cut
 into chunks exactly as GPT's samples are (``mtnlg.data.gpt_dataset``: same split by documents, same cached
 indices next to the data), a chunk being ``lengths.raw`` tokens; each chunk is span-corrupted
-(``mtnlg.data.span_corruption``) with a generator seeded by (``train.seed``, split, sample index), so sample i
+(``mtnlg.data.t5_span_corruption``) with a generator seeded by (``train.seed``, split, sample index), so sample i
 is the same on every rank, in every worker and in every rerun.
 
 Fine-tuning (``data.sft``, a ``preprocess --sft`` output, split by examples as GPT's fine-tuning is): an
@@ -31,7 +31,7 @@ import numpy as np
 
 from mtnlg.config import RunConfig, parse_split
 from mtnlg.data.gpt_dataset import build_datasets, build_tokenizer
-from mtnlg.data.span_corruption import (
+from mtnlg.data.t5_span_corruption import (
     SpanLengths,
     corrupt,
     ngram_span_ids,
@@ -125,7 +125,7 @@ def check_sentinels(lengths: SpanLengths, style: str, noise_density: float, mean
 @functools.cache
 def _ngram_mean_span() -> float:
     """Mean length of a geometric(p) span capped at the maximum (before the noise budget shortens any)."""
-    from mtnlg.data.span_corruption import NGRAM_MAX, NGRAM_P
+    from mtnlg.data.t5_span_corruption import NGRAM_MAX, NGRAM_P
 
     return float(sum((1 - NGRAM_P) ** k for k in range(NGRAM_MAX)))
 

@@ -46,7 +46,47 @@ class T5Knobs:
         return enc, self.decoder_layers if self.decoder_layers is not None else num_layers - enc
 
     def decoder_length(self, seq_length: int) -> int:
-        return self.decoder_seq_length or seq_length
+        """The decoder's length: ``decoder_seq_length``, or what span corruption of ``seq_length`` encoder tokens
+        needs (``span_plan``; the data and the model's FLOPs and memory terms use the same number)."""
+        if self.decoder_seq_length:
+            return self.decoder_seq_length
+        if not (0.0 < self.noise_density < 1.0 and self.mean_noise_span_length >= 1.0 and seq_length >= 4):
+            return seq_length  # refused with one line where the data is built (mtnlg.data.t5_span_corruption)
+        return span_plan(seq_length, self.noise_density, self.mean_noise_span_length, self.masking_style)[2]
+
+
+# ----------------------------------------------------------------- span corruption's lengths (the one definition)
+
+def span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a chunk of ``length`` tokens in the ``t5`` style: at least one of each, and
+    at least one kept token per noise span (each span is preceded by a kept run)."""
+    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    spans = max(int(round(noise / mean_noise_span_length)), 1)
+    return noise, min(spans, length - noise)
+
+
+def corrupted_lengths(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(encoder input, target) lengths of a ``t5``-style corrupted chunk: kept tokens + a sentinel per span + EOS,
+    and noise tokens + a sentinel per span + EOS."""
+    noise, spans = span_counts(length, noise_density, mean_noise_span_length)
+    return length - noise + spans + 1, noise + spans + 1
+
+
+def span_plan(enc_length: int, noise_density: float, mean_noise_span_length: float, style: str
+              ) -> tuple[int, int, int]:
+    """(text tokens per sample, the fewest target tokens they need, the default decoder length) for an encoder input
+    of ``enc_length``. ``t5``: the longest chunk whose corrupted input fits (Hugging Face's
+    ``compute_input_and_target_lengths``), the decoder exactly its target; ``ngram``: ``enc_length - 1`` tokens
+    (and EOS), a decoder for the worst case (a span per noise token)."""
+    if style == "t5":
+        raw = enc_length
+        while corrupted_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= enc_length:
+            raw += 1
+        need = corrupted_lengths(raw, noise_density, mean_noise_span_length)[1]
+        return raw, need, need
+    raw = enc_length - 1
+    noise = min(max(int(round(raw * noise_density)), 1), raw - 1)
+    return raw, noise + 2, 2 * noise + 1  # one span: its sentinel, its tokens, EOS
 
 
 def depths(m) -> tuple[int, int]:

@@ -420,6 +420,11 @@ def collate(samples: list[dict]) -> tuple[tuple, tuple | torch.Tensor]:
 def sources(cfg):
     """(train, valid) BERT sample sources: masked sentence pairs from the run's data (``mtnlg.data.bert_dataset``),
     or, with ``data.synthetic``, Markov-chain walks made into masked pairs (``mtnlg.data.bert_synthetic``)."""
+    if cfg.data.sft is not None:
+        from mtnlg.errors import UserError
+
+        raise UserError("data.sft (prompt/response fine-tuning) is for GPT and T5 models; a BERT model is "
+                        "fine-tuned on a task's data (docs/bert.md); remove data.sft")
     if cfg.data.synthetic is not None:
         from mtnlg.data.bert_synthetic import synthetic_bert_sources
 
@@ -427,6 +432,14 @@ def sources(cfg):
     from mtnlg.data.bert_dataset import build_bert_sources
 
     return build_bert_sources(cfg)
+
+
+def tokenizer(cfg):
+    """The run's WordPiece tokenizer (``mtnlg.data.bert_dataset.bert_tokenizer``; the default corpus's when no data
+    is configured)."""
+    from mtnlg.data.bert_dataset import bert_tokenizer
+
+    return bert_tokenizer(cfg.data)
 
 
 def no_token_windows(samples: torch.Tensor):
@@ -449,5 +462,6 @@ FAMILY = Family(
     memory=bert_memory,
     causal_lm=False,
     sources=sources,
+    tokenizer=tokenizer,
     collate=collate,
 )

@@ -52,6 +52,8 @@ class Family:
     # sample i in whatever form ``collate`` takes (BERT's sentence pairs, T5's span corruption); None: the GPT
     # token windows of mtnlg.training.sources (synthetic, indexed datasets, the default corpus)
     sources: Callable[..., tuple[Any, Any]] | None = None
+    # (RunConfig) -> the tokenizer its data is read with (BERT's WordPiece); None: mtnlg.data.gpt_dataset's
+    tokenizer: Callable[..., Any] | None = None
     # (list of samples of ``sources``) -> (inputs, labels), tensors or tuples of tensors; None: stack the samples
     # into one int64 tensor and call ``micro_batch``
     collate: Callable[[list], tuple[Any, Any]] | None = None

@@ -404,10 +404,32 @@ def collate(samples: list) -> tuple[tuple, torch.Tensor]:
 
 
 def sources(cfg):
-    """The span-corruption datasets of a run (``mtnlg.data.t5_dataset``)."""
+    """The span-corruption datasets of a run (``mtnlg.data.t5_dataset``); for ``data.synthetic``, the copy task of
+    its token windows at the model's decoder length."""
+    if cfg.data.synthetic is not None:
+        from mtnlg.data.synthetic import MarkovSource
+
+        s, m = cfg.data.synthetic, cfg.model
+        dec = min(decoder_length(m), m.seq_length)
+        return tuple(CopyTask(MarkovSource(s.vocab_size or m.vocab_size, s.branching, m.seq_length, s.seed,
+                                           stream=stream), dec) for stream in (0, 1))
     from mtnlg.data.t5_dataset import build_t5_sources
 
     return build_t5_sources(cfg)
+
+
+class CopyTask:
+    """T5 samples from token windows: the encoder reads a window, the decoder writes its first ``dec_len`` tokens
+    again (shifted by one)."""
+
+    def __init__(self, windows, dec_len: int):
+        self.windows, self.dec_len = windows, dec_len
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return window_sample(np.asarray(self.windows[i]), self.dec_len)
 
 
 def token_lookups(module: nn.Module) -> list[nn.Module]:

@@ -24,6 +24,11 @@ def data_tokenizer(cfg: RunConfig):
             and d.sft is None:
         raise UserError("data.tokenizer is set but there is no data.prefix or data.blend to read with it "
                         "(the default corpus has its own tokenizer); add data.prefix")
+    from mtnlg.model.registry import family
+
+    own = family(cfg.model).tokenizer
+    if own is not None:  # a family's own (BERT: WordPiece)
+        return own(cfg)
     from mtnlg.data.gpt_dataset import build_tokenizer
 
     return build_tokenizer(cfg.data, getattr(cfg.model.family_knobs, "vocab_extra_ids", 0))  # T5's sentinels
@@ -53,7 +58,7 @@ def build_sources(cfg: RunConfig):
     from mtnlg.model.registry import family
 
     own = family(m).sources
-    if own is not None and d.sft is None:  # a family's own data (BERT, T5), synthetic data included
+    if own is not None:  # a family's own data (BERT, T5), synthetic data and fine-tuning (data.sft) included
         return own(cfg)
     if d.synthetic is not None:
         s = d.synthetic

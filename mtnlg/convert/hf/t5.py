@@ -83,13 +83,16 @@ def misfit(cfg: ModelConfig) -> str | None:
 def to_hf_config(cfg: ModelConfig, common: dict):
     k = cfg.family_knobs
     enc, dec = k.depths(cfg.num_layers)
+    pad = common.get("pad_token_id") if common.get("pad_token_id") is not None else 0
     return config_class()(
         vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, d_kv=cfg.head_dim, d_ff=cfg.ffn_hidden_size,
         num_layers=enc, num_decoder_layers=dec, num_heads=cfg.num_attention_heads,
         relative_attention_num_buckets=k.relative_attention_num_buckets,
         relative_attention_max_distance=k.relative_attention_max_distance, dropout_rate=cfg.hidden_dropout,
         layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=k.feed_forward, tie_word_embeddings=k.tie_word_embeddings,
-        initializer_factor=1.0, pad_token_id=0, decoder_start_token_id=0,
+        # the decoder starts with the pad token (the tokenizer's: 0 in HF's T5 layout and `tokenizer train
+        # --vocab-extra-ids`; an extended tokenizer's pad follows its own vocabulary)
+        initializer_factor=1.0, pad_token_id=pad, decoder_start_token_id=pad,
         eos_token_id=common.get("eos_token_id") if common.get("eos_token_id") is not None else 1,
         dtype=common.get("dtype"), architectures=common.get("architectures"))
 

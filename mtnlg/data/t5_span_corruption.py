@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtnlg.errors import UserError
+from mtnlg.families.t5 import corrupted_lengths, span_counts, span_plan  # noqa: F401  (the one definition)
 
 STYLES = ("t5", "ngram")
 NGRAM_P = 0.2  # Megatron's (SpanBERT's) geometric span length
@@ -44,21 +45,6 @@ class SpanLengths:
     raw: int  # text tokens per sample
     enc: int  # encoder input (model.seq_length)
     dec: int  # decoder input / target
-
-
-def span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(noise tokens, noise spans) of a chunk of ``length`` tokens in the ``t5`` style: at least one of each, and
-    at least one kept token per noise span (each span is preceded by a kept run)."""
-    noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    spans = max(int(round(noise / mean_noise_span_length)), 1)
-    return noise, min(spans, length - noise)
-
-
-def corrupted_lengths(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(encoder input, target) lengths of a ``t5``-style corrupted chunk: kept tokens + a sentinel per span + EOS,
-    and noise tokens + a sentinel per span + EOS."""
-    noise, spans = span_counts(length, noise_density, mean_noise_span_length)
-    return length - noise + spans + 1, noise + spans + 1
 
 
 def span_lengths(enc_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
@@ -75,21 +61,13 @@ def span_lengths(enc_length: int, noise_density: float = 0.15, mean_noise_span_l
         raise UserError(f"mean_noise_span_length = {mean_noise_span_length} must be at least 1 (T5 uses 3.0)")
     if enc_length < 4:
         raise UserError(f"model.seq_length = {enc_length} is too short for span corruption; use at least 4")
+    raw, need, default = span_plan(enc_length, noise_density, mean_noise_span_length, style)
     if style == "t5":
-        raw = enc_length
-        while corrupted_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= enc_length:
-            raw += 1
-        need = corrupted_lengths(raw, noise_density, mean_noise_span_length)[1]
         why = f"the target of a {raw}-token chunk is {need} tokens"
     else:
-        raw = enc_length - 1
-        noise = min(max(int(round(raw * noise_density)), 1), raw - 1)
-        need = noise + 2  # one span: its sentinel, its tokens, EOS
-        if dec_length is None:
-            dec_length = 2 * noise + 1  # a span per noise token
-        why = f"{noise} noise tokens need at least {need} target tokens"
+        why = f"{need - 2} noise tokens need at least {need} target tokens"
     if dec_length is None:
-        dec_length = need
+        dec_length = default
     if dec_length < need:
         raise UserError(
             f"decoder_seq_length = {dec_length} is too short for noise_density {noise_density} at model.seq_length "
