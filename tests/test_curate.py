@@ -24,6 +24,7 @@ from mtnlg.curate.config import CurateConfig, parse
 from mtnlg.curate.pipeline import curate
 from mtnlg.curate.planted import LOW_QUALITY, planted_corpus, score, synthetic_background
 from mtnlg.curate.rules import Worker, benchmark_ngrams
+from mtnlg.errors import UserError
 from tests.dist_helper import skip_unless_required
 from tests.hosts import SimHosts, ensure_packages, why_unavailable
 
@@ -212,6 +213,28 @@ def test_decontamination_13_not_12_words(tmp_path):
     res = w.run([(0, doc), (1, " ".join(ws[30:42]) + " " + _body(60))])
     assert res.rows[0][4:7] == ["decontaminate", "ngram_overlap", "piqa"]  # 13 shared words
     assert res.rows[1][4] is None  # 12 shared words
+
+
+def test_decontamination_reads_the_downstream_tasks_own_files(tmp_path):
+    """A benchmark named after a downstream task is read with that task's reader: a SQuAD JSON context and an MNLI
+    TSV sentence leak into two documents, each removed and attributed; a JSONL benchmark stays JSONL."""
+    ws = _sentences(12).split()
+    context = " ".join(ws[:40])
+    squad = tmp_path / "dev-v1.1.json"
+    answer = {"text": ws[3], "answer_start": context.index(ws[3])}
+    squad.write_text(json.dumps({"data": [{"paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": "which word?", "answers": [answer]}]}]}]}))
+    mnli = tmp_path / "dev_matched.tsv"
+    mnli.write_text("index\tsentence1\tsentence2\tgold_label\n0\t" + " ".join(ws[60:75]) + "\tA cat.\tneutral\n")
+    grams = benchmark_ngrams({"squad": str(squad), "mnli-dev": str(mnli)}, 13)
+    w = Worker(CurateConfig(steps=["decontaminate"]), grams)
+    res = w.run([(0, _body(30) + " " + " ".join(ws[10:24])), (1, " ".join(ws[60:74]) + " " + _body(30)),
+                 (2, _body(40))])
+    assert res.rows[0][4:7] == ["decontaminate", "ngram_overlap", "squad"]
+    assert res.rows[1][4:7] == ["decontaminate", "ngram_overlap", "mnli-dev"]
+    assert res.rows[2][4] is None
+    with pytest.raises(UserError, match="not JSON"):  # read as SQuAD, not as JSONL
+        benchmark_ngrams({"squad": str(mnli)}, 13)
 
 
 def test_tokenizer_counts_tokens_and_writes_bin_idx(tmp_path):

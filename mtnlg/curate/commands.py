@@ -19,7 +19,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    "config's, else all)")
     p.add_argument("--json-key", help="document key / column (default: the config's text_key, else text)")
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
-                   help="an evaluation or downstream JSONL file to decontaminate against (repeatable)")
+                   help="an evaluation or downstream JSONL file to decontaminate against (repeatable); a NAME "
+                   "starting with mnli, qqp, race or squad reads that task's own files (GLUE TSV, RACE, SQuAD JSON)")
     p.add_argument("--threshold", help="near-duplicate word 5-gram Jaccard threshold in (0, 1] (default 0.8)")
     p.add_argument("--shard-docs", type=int, help="documents per shard (default 2000)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")

@@ -69,31 +69,54 @@ def _strings(value: Any) -> list[str]:
 
 
 def benchmark_ngrams(benchmarks: dict[str, str], n: int) -> dict[int, str]:
-    """n-gram hash -> benchmark name, from JSONL files in the formats mtnlg evaluates and fine-tunes on
-    (``text``; ``context`` + ``target``; ``context`` + ``choices`` + ``label``; any other fields): every string
-    of an example, and all of them joined (an n-gram may span the context and its answer)."""
+    """n-gram hash -> benchmark name, from files in the formats mtnlg evaluates and fine-tunes on: JSONL (``text``;
+    ``context`` + ``target``; ``context`` + ``choices`` + ``label``; any other fields) and, for a benchmark named
+    after a downstream task (``mnli``, ``qqp``, ``race``, ``squad``; ``mnli-dev`` too), that task's own files (GLUE
+    TSV, RACE JSON, SQuAD JSON: ``mtnlg.tasks``): every string of an example, and all of them joined (an n-gram may
+    span the context and its answer)."""
     out: dict[int, str] = {}
     for name, path in benchmarks.items():
         p = Path(path)
-        if not p.is_file():
+        if not (p.is_file() or (p.is_dir() and _task_of(name))):
             raise UserError(f"benchmark '{name}': file {p} not found")
         found = 0
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{lineno}: malformed JSON ({e.msg}); benchmarks are JSONL files") from None
-                parts = _strings(row)
-                for text in [*parts, " ".join(parts)]:
-                    for h in ngram_hashes(words(text), n):
-                        out.setdefault(h, name)
-                found += 1
+        for parts in _examples(name, p):
+            for text in [*parts, " ".join(parts)]:
+                for h in ngram_hashes(words(text), n):
+                    out.setdefault(h, name)
+            found += 1
         if not found:
             raise UserError(f"benchmark '{name}': {p} holds no examples")
     return out
+
+
+def _task_of(name: str):
+    """The downstream task a benchmark's name starts with (``squad``, ``mnli-dev``), None for a JSONL benchmark."""
+    from mtnlg.tasks.registry import TASKS
+
+    head = name.split("-", 1)[0].split("_", 1)[0]
+    return TASKS.get(head) if head in ("mnli", "qqp", "race", "squad") else None
+
+
+def _examples(name: str, p: Path):
+    """The strings of each example of a benchmark file."""
+    import dataclasses
+
+    task = _task_of(name)
+    if task is not None and p.suffix != ".jsonl":
+        for example in task.read(p):
+            yield _strings(dataclasses.asdict(example))
+        return
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}: malformed JSON ({e.msg}); benchmarks are JSONL files, or a "
+                                "downstream task's own files under its name (mnli, qqp, race, squad)") from None
+            yield _strings(row)
 
 
 # --------------------------------------------------------------------------- a shard
