@@ -61,10 +61,29 @@ def ds_config(zero: int, optimizer: str = "adamw") -> str:
     return str(out)
 
 
+PORTS_PER_WORKER = 4000
+FIRST_PORT = 12000  # below Linux's ephemeral range (32768-60999): no outgoing connection is ever given one
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a launch's rendezvous (MASTER_PORT). Not one the kernel hands out: a port it chose for
+    us (bind to 0) is ephemeral, and the next outgoing connection anywhere on the machine (gloo opens many) may
+    take it before the launcher listens on it. Each parallel pytest worker (pytest-xdist: ``gw0``, ``gw1``, ...)
+    draws from its own block, so two workers never pick the same one."""
+    import random
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = FIRST_PORT + PORTS_PER_WORKER * (int(worker[2:]) if worker[2:].isdigit() else 0)
+    rng = random.Random()
+    for _ in range(200):
+        port = block + rng.randrange(PORTS_PER_WORKER)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # as the rendezvous will (all interfaces), not in use nor in TIME_WAIT
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}-{block + PORTS_PER_WORKER - 1}")
 
 
 CLONE_NEWNS, CLONE_NEWUTS, MS_REC, MS_PRIVATE, MS_BIND = 0x00020000, 0x04000000, 0x4000, 1 << 18, 0x1000

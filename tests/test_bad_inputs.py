@@ -41,8 +41,8 @@ def w(tmp_path_factory):
     shutil.copy(d / "data.idx", d / "cut.idx")
     (d / "cut.bin").write_bytes((d / "data.bin").read_bytes()[:10])  # a truncated .bin
     save_hf(hf_model("gpt2"), d / "hf")
-    (d / "bert").mkdir()
-    (d / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (d / "albert").mkdir()  # (BERT itself is a family now)
+    (d / "albert" / "config.json").write_text(json.dumps({"model_type": "albert", "architectures": ["AlbertModel"]}))
     (d / "binonly").mkdir()
     shutil.copy(d / "hf" / "config.json", d / "binonly" / "config.json")
     (d / "binonly" / "pytorch_model.bin").write_bytes(b"not a safetensors file")
@@ -119,8 +119,8 @@ CASES = [
                                       "{w}/out2"], "iteration 7", ["ckpt"]),
     ("export-hf: output exists", ["export-hf", "--checkpoint", "{w}/ckpt", "--output", "{w}/existing"],
      "--overwrite", ["existing", "ckpt"]),
-    ("import-hf: unsupported model", ["import-hf", "--model", "{w}/bert", "--output", "{w}/out3"],
-     "model_type 'bert'", ["bert"]),
+    ("import-hf: unsupported model", ["import-hf", "--model", "{w}/albert", "--output", "{w}/out3"],
+     "model_type 'albert'", ["albert"]),
     ("import-hf: pickle weights", ["import-hf", "--model", "{w}/binonly", "--output", "{w}/out4"],
      "safetensors only", ["binonly"]),
     ("import-hf: bad layout", ["import-hf", "--model", "{w}/hf", "--output", "{w}/out5", "--set",

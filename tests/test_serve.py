@@ -59,9 +59,9 @@ def dirs(tmp_path_factory):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.dist_helper import free_port
+
+    return free_port()
 
 
 def _env() -> dict:
