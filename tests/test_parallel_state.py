@@ -31,3 +31,18 @@ def test_groups_partition_the_world(tp, pp, dp):
     for r in range(dims.world_size):
         c = dims.coords(r)
         assert dims.rank_of(c["tp"], c["pp"], c["dp"]) == r
+
+
+def test_a_one_process_run_listens_on_a_port_outside_the_ephemeral_range():
+    """A kernel-chosen free port is ephemeral: an outgoing connection elsewhere took it before the rendezvous
+    listened ("server socket has failed to listen", seen twice in the parallel suite). The one-process port is
+    drawn below 32768, and is free."""
+    import socket
+
+    from mtnlg.parallel.distributed import _free_port
+
+    for _ in range(20):
+        port = _free_port()
+        assert 20000 <= port < 32768
+        with socket.socket() as s:
+            s.bind(("", port))

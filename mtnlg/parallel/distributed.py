@@ -25,7 +25,21 @@ import torch.distributed as dist
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port for a one-process run's rendezvous, below Linux's ephemeral range (32768-60999): a port the
+    kernel picks (bind to 0) is ephemeral, and any outgoing connection on the machine (gloo opens many) may take it
+    between this check and the rendezvous listening on it ("server socket has failed to listen")."""
+    import random
+
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # as the rendezvous will (all interfaces): not in use, not in TIME_WAIT
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded machine: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
