@@ -21,6 +21,7 @@ DEEPSPEED_IMPORTERS = {
     "mtnlg/model/gpt.py": "LayerSpec / TiedLayerSpec: the pipeline's model definition",
     "mtnlg/model/bert.py": "LayerSpec / TiedLayerSpec: the pipeline's model definition",
     "mtnlg/model/t5.py": "LayerSpec / TiedLayerSpec: the pipeline's model definition",
+    "mtnlg/model/stages.py": "TiedLayerSpec: layer specs built into one module as PipelineModule builds them",
     "mtnlg/parallel/state.py": "PipeModelDataParallelTopology: the rank grid DeepSpeed's pipeline engine uses",
     "mtnlg/parallel/distributed.py": "init_distributed, its accelerator and logger",
     "mtnlg/checkpoint/reader.py": "the classes torch.load must allow in DeepSpeed's files (weights_only)",

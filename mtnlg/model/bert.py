@@ -32,6 +32,7 @@ from mtnlg.config import ModelConfig
 from mtnlg.model import bert_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.registry import Family, is_block
+from mtnlg.model.stages import build_specs
 from mtnlg.parallel import Init, ParallelState, Sharding, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.layers import sequence_shard_dropout, set_sharding, sum_replicated_grads
@@ -343,20 +344,7 @@ class BertModel(nn.Module):
         self._funcs: list = []
         self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
         layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        for idx in range(len(layers)) if specs is None else specs:
-            spec = layers[idx]
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key not in self.tied_modules:
-                    self.tied_modules[spec.key] = spec.build()
-                    self.owners.append((idx, f"tied_modules.{spec.key}.", self.tied_modules[spec.key]))
-                module = self.tied_modules[spec.key]
-                self._funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
-            else:
-                module = spec.build()
-                self.add_module(str(idx), module)
-                self._funcs.append(module)
-                if any(True for _ in module.parameters()):
-                    self.owners.append((idx, f"{idx}.", module))
+        build_specs(self, layers, range(len(layers)) if specs is None else specs)
         if self.ps.sequence_parallel:  # weights applied to sequence shards: their gradients summed over tp
             sum_replicated_grads(self, self.ps.tp_group)
 

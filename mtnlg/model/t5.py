@@ -42,6 +42,7 @@ from mtnlg.model import t5_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.model.registry import Family, is_block
+from mtnlg.model.stages import build_specs
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.layers import Sharding, set_sharding
@@ -281,20 +282,7 @@ class T5Model(nn.Module):
         self._funcs: list = []
         self.owners: list[tuple[int, str, nn.Module]] = []
         layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        for idx in range(len(layers)) if specs is None else specs:
-            spec = layers[idx]
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key not in self.tied_modules:
-                    self.tied_modules[spec.key] = spec.build()
-                    self.owners.append((idx, f"tied_modules.{spec.key}.", self.tied_modules[spec.key]))
-                module = self.tied_modules[spec.key]
-                self._funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
-            else:
-                module = spec.build()
-                self.add_module(str(idx), module)
-                self._funcs.append(module)
-                if any(True for _ in module.parameters()):
-                    self.owners.append((idx, f"{idx}.", module))
+        build_specs(self, layers, range(len(layers)) if specs is None else specs)
 
     def hidden_and_logits(self, inputs: tuple) -> torch.Tensor:
         x = inputs
