@@ -44,6 +44,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ONE_PROCESS_MARK = "MTNLG_ONE_PROCESS_RUN"
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (deepspeed, torchrun, mpirun via DeepSpeed) set this process's rank. A one-process run sets
+    RANK, WORLD_SIZE and MASTER_PORT itself, and a process it starts (a test calling `mtnlg train`, a Python API user
+    running a command) inherits them: that child is not under a launcher, and must not rendezvous on the parent's
+    port, which the parent's group still holds ("server socket has failed to listen"). The parent marks them with
+    its pid and port; a launcher sets a MASTER_PORT of its own."""
+    if "RANK" not in os.environ:
+        return False
+    pid, _, port = os.environ.get(ONE_PROCESS_MARK, "").partition(":")
+    inherited = pid.isdigit() and int(pid) != os.getpid() and os.environ.get("MASTER_PORT") == port
+    return not inherited
+
+
 def local_world_size() -> int:
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         if os.environ.get(key):
@@ -91,10 +107,11 @@ def deepspeed_logging(show: bool = False) -> None:
 def init_distributed(timeout_s: float = 1800, show_deepspeed: bool = False) -> torch.device:
     """Initialise the default process group (once) and return this rank's device. ``show_deepspeed``: let
     DeepSpeed's console output through (``logging.deepspeed: info``)."""
-    if "RANK" not in os.environ:  # not under a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    if not under_launcher():
+        port = str(_free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_PORT=port)
+        os.environ[ONE_PROCESS_MARK] = f"{os.getpid()}:{port}"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
