@@ -50,7 +50,7 @@ def _rank_cases():
         if case[0].endswith("n18_4b"):
             why = ("the model ranks the published tp=8 pp=1 7th (tp=2 pp=4 and 5 others up to 13% faster): tp=8's "
                    "all-reduces and replicated elementwise work cost more than a pipeline bubble at 32 micro batches; "
-                   "the same preference for pipeline over tensor parallelism fails Figure 13 "
+                   "the same preference puts tp4 x pp16 0.4% above tp8 x pp8 in Figure 13 at batch 512 "
                    "(test_tensor_8_pipeline_8_is_best_for_162b_on_64_gpus)")
             marks = [pytest.mark.xfail(strict=True, reason=why)]
         yield pytest.param(*case, marks=marks, id=case[0].split("/")[-1])
@@ -350,17 +350,20 @@ def test_model_parallelism_replacing_data_parallelism_costs_throughput(axis, bat
 
 @pytest.mark.parametrize("batch", [
     32,
-    pytest.param(128, marks=pytest.mark.xfail(strict=True, reason=(
-        "the planner ranks tp4 x pp16 above tp8 x pp8 (143 vs 138 TFLOP/s): its bubble and p2p terms charge "
-        "thin stages less than the paper measured; the same preference ranks 18.4B's tp2 x pp4 above tp8"))),
+    128,
     pytest.param(512, marks=pytest.mark.xfail(strict=True, reason=(
-        "the planner ranks tp2 x pp32 and tp4 x pp16 above tp8 x pp8 (157, 155 vs 144 TFLOP/s); see batch 128"))),
+        "the planner ranks tp4 x pp16 0.4% above tp8 x pp8 (164.0 vs 163.3 TFLOP/s; tp2 x pp32 153.0): a tie within "
+        "the model's error, but not the paper's ordering"))),
 ])
 def test_tensor_8_pipeline_8_is_best_for_162b_on_64_gpus(batch):
-    """Narayanan et al. 2021, Figure 13 (a 162.2B GPT on 64 A100s): tensor 8 x pipeline 8 beats tensor 4 x
-    pipeline 16 and tensor 2 x pipeline 32 at batch 32, 128 and 512 (Takeaway #1: tensor parallelism up to the
-    GPUs of a node, then pipeline). The planner reproduces it at batch 32 only (strict expected failures)."""
-    cfg = _model(90, 12288, 96)  # ~163B: hidden and heads of Table 1's 145.6B, 90 layers
+    """Narayanan et al. 2021, Figure 13: the paper's 162.2B GPT (32 layers "to support pipeline-parallel size of
+    32", 128 heads, hidden 20480) on 64 A100s: tensor 8 x pipeline 8 beats tensor 4 x pipeline 16 and tensor 2 x
+    pipeline 32 at batch 32, 128 and 512 (Takeaway #1: tensor parallelism up to the GPUs of a node, then pipeline).
+    With 32 layers, a stage of pp 32 holds one block, and the last also the LM head: the stages cannot be balanced,
+    which is what the paper measured (this test used a 90-layer stand-in of the same size before, which balances
+    well at every pp, and failed at batch 128 and 512). The planner reproduces batch 32 and 128; batch 512 is a
+    strict expected failure (a 0.4% tie the other way)."""
+    cfg = _model(32, 20480, 128)  # 162.2B by the paper's count 12 l h^2 (1 + 13/12h + (V + s)/12lh)
     got = {tp: _best_tflops(cfg, tp, 64 // tp, 1, batch, 8) for tp in (8, 4, 2)}
     print(f"\n162B, batch {batch}: TFLOP/s per GPU by tp (pp = 64 / tp): {got}")
     assert got[8] > got[4] and got[8] > got[2], got
