@@ -147,23 +147,36 @@ def ensure_default_data(
     every piece is written atomically under a lock, so concurrent callers are safe.
     ``limit`` keeps only the first N stdlib modules (quick runs and tests).
     """
+    from mtnlg.data.tokenizer import train_tokenizer
+
+    return _ensure_data(cache_dir, vocab_size, workers, log, limit, tokenizer=("tokenizer", "tokenizer.json",
+                        "a byte-level BPE tokenizer", train_tokenizer), items="stdlib", split_sentences=False)
+
+
+def _ensure_data(cache_dir, vocab_size: int, workers: int, log, limit: int | None, tokenizer: tuple,
+                 items: str, split_sentences: bool) -> tuple[str, str]:
+    """The default corpus, a tokenizer trained on it and the corpus preprocessed with it, each built unless cached.
+    ``tokenizer``: (directory stem, the file that marks it done, what it is, its trainer(texts, vocab, dir));
+    ``items``: the stem of the preprocessed data's prefix."""
     from mtnlg.data.preprocess import preprocess
     from mtnlg.data.readers import iter_documents
-    from mtnlg.data.tokenizer import load_tokenizer, train_tokenizer
+    from mtnlg.data.tokenizer import load_tokenizer
 
+    stem, done_file, what, train = tokenizer
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         with _locked(directory):
             corpus, meta = _ensure_corpus(directory, limit, say)
             tag = f"{vocab_size}-{meta['sha256'][:10]}"
-            tok_dir = directory / f"tokenizer-{tag}"
-            if not (tok_dir / "tokenizer.json").is_file():
-                say(f"corpus: training a byte-level BPE tokenizer (vocab {vocab_size}) into {tok_dir}")
-                train_tokenizer(iter_documents([corpus]), vocab_size, tok_dir)
-            prefix = directory / f"stdlib-{tag}"
+            tok_dir = directory / f"{stem}-{tag}"
+            if not (tok_dir / done_file).is_file():
+                say(f"corpus: training {what} (vocab {vocab_size}) into {tok_dir}")
+                train(iter_documents([corpus]), vocab_size, tok_dir)
+            prefix = directory / f"{items}-{tag}"
             if not indexed.exists(prefix):
-                preprocess([corpus], "text", load_tokenizer(tok_dir), prefix, workers=workers, log=say)
+                preprocess([corpus], "text", load_tokenizer(tok_dir), prefix, workers=workers, log=say,
+                           split_sentences=split_sentences)
     except OSError as e:
         raise UserError(
             f"cannot write the default corpus cache in {directory} ({e.strerror or e}); "
@@ -197,31 +210,11 @@ def ensure_default_bert_data(
 ) -> tuple[str, str]:
     """As ``ensure_default_data``, for BERT: a lower-cased WordPiece tokenizer and the corpus split into
     sentences (``preprocess --split-sentences``); returns ``(prefix, tokenizer_dir)``."""
-    from mtnlg.data.preprocess import preprocess
-    from mtnlg.data.readers import iter_documents
-    from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.data.wordpiece import train_wordpiece
 
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    try:
-        with _locked(directory):
-            corpus, meta = _ensure_corpus(directory, limit, say)
-            tag = f"{vocab_size}-{meta['sha256'][:10]}"
-            tok_dir = directory / f"wordpiece-{tag}"
-            if not (tok_dir / "vocab.txt").is_file():
-                say(f"corpus: training a lower-cased WordPiece tokenizer (vocab {vocab_size}) into {tok_dir}")
-                train_wordpiece(iter_documents([corpus]), vocab_size, tok_dir)
-            prefix = directory / f"stdlib-sentences-{tag}"
-            if not indexed.exists(prefix):
-                preprocess([corpus], "text", load_tokenizer(tok_dir), prefix, workers=workers, log=say,
-                           split_sentences=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot write the default corpus cache in {directory} ({e.strerror or e}); "
-            "set data.cache_dir or $MTNLG_CACHE to a writable directory"
-        ) from None
-    return str(prefix), str(tok_dir)
+    return _ensure_data(cache_dir, vocab_size, workers, log, limit, tokenizer=("wordpiece", "vocab.txt",
+                        "a lower-cased WordPiece tokenizer", train_wordpiece), items="stdlib-sentences",
+                        split_sentences=True)
 
 
 def _read_meta(path: Path) -> dict | None:
