@@ -209,17 +209,14 @@ def test_sft_batches_mask_the_prompt(finetuned, tok_dir):
     """The family's batches of the run: the encoder holds the prompt (tokenized from the raw rows) and EOD, the
     labels are the response and EOD, nothing else; the model's loss is the mean cross-entropy of exactly those
     response tokens (computed here from the full logits and the raw rows' spans)."""
-    import dataclasses
-
     from mtnlg.checkpoint import load_native_model
     from mtnlg.config import from_dict, resolve
     from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.model.registry import family
     from mtnlg.training.sources import data_tokenizer, with_vocab
 
-    cfg = from_dict(finetuned["cfg"])
+    cfg = from_dict({**finetuned["cfg"], "parallel": {"tensor": 1}})
     cfg = resolve(with_vocab(cfg, data_tokenizer(cfg)), 1)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1))
     fam = family(cfg.model)
     train, _ = fam.sources(cfg)
     tok = load_tokenizer(tok_dir)
@@ -243,16 +240,21 @@ def test_sft_batches_mask_the_prompt(finetuned, tok_dir):
     assert abs(float(loss) - float(want)) <= 1e-5 * max(1.0, float(want))
 
 
-def test_response_longer_than_the_decoder_is_one_line(finetuned):
+def test_response_longer_than_the_decoder_is_one_line(finetuned, tok_dir):
     """An SFT file whose response does not fit decoder_seq_length: one line naming the length that fits."""
-    cfg = finetuned["cfg"]
+    from mtnlg.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    longest = max(len(tok.encode(r)) + 1 for _, r in ROWS)  # a response and its EOD
     root = Path(finetuned["root"])
-    bad = json.loads(json.dumps(cfg))
-    bad["model"]["decoder_seq_length"] = 3
+    bad = json.loads(json.dumps(finetuned["cfg"]))
+    bad["model"]["decoder_seq_length"] = longest - 1
+    bad["parallel"]["tensor"] = 1
     bad["checkpoint"]["save"] = str(root / "bad")
     (root / "bad.yaml").write_text(json.dumps(bad))
     code, _, err = cli("train", "--config", str(root / "bad.yaml"))
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1, err
-    assert "longer than the decoder's 3 tokens" in lines[0] and "model.decoder_seq_length: 4" in lines[0], lines[0]
+    assert f"longer than the decoder's {longest - 1} tokens" in lines[0], lines[0]
+    assert f"model.decoder_seq_length: {longest}" in lines[0], lines[0]
     assert not (root / "bad").exists()

@@ -247,7 +247,12 @@ def build_t5_sft_sources(cfg: RunConfig) -> tuple[T5SFTDataset, T5SFTDataset | N
     d, t = cfg.data, cfg.train
     if d.sft is None:
         raise ValueError("build_t5_sft_sources needs data.sft")
-    lengths = t5_lengths(cfg)
+    dec = knob(cfg, "decoder_seq_length")
+    if dec is not None and dec < 1:
+        raise UserError(f"decoder_seq_length = {dec} must be a positive integer")
+    # the encoder is model.seq_length, the decoder decoder_seq_length (unset: span corruption's derived length);
+    # span corruption's own floor on decoder_seq_length does not apply to fine-tuning pairs
+    lengths = SpanLengths(raw=cfg.model.seq_length, enc=cfg.model.seq_length, dec=dec or t5_lengths(cfg).dec)
     tok = t5_tokenizer(cfg)
     n = len(load_sft(d.sft.prefix)[0])
     fractions = parse_split(d.split)
