@@ -296,8 +296,14 @@ def test_sft_pairs_prompt_to_encoder_response_to_decoder(tmp_path, tok_dirs):
     rows.append({"prompt": "def g(x): " * 30, "response": " Return the first item of the list. " * 10})
     (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess_sft([str(tmp_path / "x.jsonl")], plain, tmp_path / "x", log=lambda _m: None)
+    longest = len(plain.encode(rows[-1]["response"])) + 1  # the long response and its EOD
     cfg = run_cfg(None, tok_dirs[0], seq_length=32, iters=10, gbs=4, sft=str(tmp_path / "x"), decoder_seq_length=16)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="100,0,0"))
+    with pytest.raises(UserError, match=f"1 of 20 examples .* longer than the decoder's 16 tokens.*the longest: "
+                                        f"{longest} .*decoder_seq_length: {longest}"):
+        build_t5_sft_sources(cfg)  # a response that does not fit the decoder: refused, not cut
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, family_knobs=SimpleNamespace(**{**vars(cfg.model.family_knobs), "decoder_seq_length": longest})))
     train, valid = build_t5_sft_sources(cfg)
     tok = t5_tokenizer(cfg)
     assert valid is None and len(train) == 40
@@ -319,7 +325,7 @@ def test_sft_pairs_prompt_to_encoder_response_to_decoder(tmp_path, tok_dirs):
             prompt = ids[: -len(response)]
             assert "the sum" in plain.decode(prompt) and plain.decode(prompt).endswith("<|assistant|>\n")
         assert enc.tolist() == prompt[:31] + [plain.eod_id]  # cut to seq_length - 1, then EOD
-        assert labels.tolist() == response[:16]
+        assert labels.tolist() == response  # whole, EOD included
     assert seen == set(range(len(rows)))  # every example in an epoch (20 examples, 40 samples: two epochs)
     assert [train.example(i) for i in range(20)] != [train.example(i) for i in range(20, 40)]
 

@@ -103,8 +103,12 @@ def export_hf(checkpoint: str | Path, output: str | Path, iteration: int | None 
             del tensors
         writer.close()
         ids = _token_ids(tok_dir)
-        hf_config(cfg, dtype, ids).save_pretrained(str(tmp))
-        GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos")).save_pretrained(str(tmp))
+        config = hf_config(cfg, dtype, ids)
+        config.save_pretrained(str(tmp))
+        gen = {"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}
+        if getattr(config, "is_encoder_decoder", False):  # T5: generate starts the decoder with its start token
+            gen.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id)
+        GenerationConfig(**gen).save_pretrained(str(tmp))
         if tok_dir is not None:
             for f in tok_dir.iterdir():
                 if f.is_file():

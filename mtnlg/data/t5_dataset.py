@@ -176,6 +176,28 @@ def split_prompt_response(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
     return np.asarray(ids[:start], dtype=np.int64), np.asarray(ids[start:end], dtype=np.int64)
 
 
+def response_lengths(mask: Any, examples: np.ndarray) -> np.ndarray:
+    """The length of each example's last run of loss tokens (its response and EOD), read from the loss mask
+    (an ``IndexedDataset``) in one vectorised pass per block of examples."""
+    out = np.zeros(len(examples), dtype=np.int64)
+    for at in range(0, len(examples), 1 << 16):
+        ex = examples[at : at + (1 << 16)]
+        starts = mask.pointers[ex] // mask.dtype.itemsize
+        sizes = mask.sizes[ex].astype(np.int64)
+        flat = np.concatenate([mask._bin[a : a + n] for a, n in zip(starts, sizes)]) != 0
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        first = np.zeros(len(flat), dtype=bool)
+        first[offsets[:-1]] = True
+        run_start = flat & (first | ~np.concatenate([[False], flat[:-1]]))
+        marks = np.where(run_start, np.arange(len(flat)), -1)
+        last = np.maximum.reduceat(marks, offsets[:-1])  # each example's last run start (-1: none)
+        off = np.flatnonzero(~flat)
+        nxt = off[np.minimum(np.searchsorted(off, np.maximum(last, 0)), len(off) - 1)] if len(off) else offsets[1:]
+        end = np.where((nxt > last) & (nxt < offsets[1:]), nxt, offsets[1:])
+        out[at : at + len(ex)] = np.where(last >= 0, end - last, 0)
+    return out
+
+
 class T5SFTDataset:
     """Fine-tuning pairs: sample i is an example of ``examples`` (each epoch in a fresh order, ``seed`` + epoch)."""
 
@@ -188,6 +210,12 @@ class T5SFTDataset:
         if len(self.examples) == 0:
             raise ValueError("a T5SFTDataset needs at least one example")
         self.lengths, self.seed, self.num_samples = lengths, seed, num_samples
+        long = response_lengths(self.mask, self.examples)
+        if long.max() > lengths.dec:
+            raise UserError(
+                f"{int((long > lengths.dec).sum())} of {len(long)} examples of {prefix} have a response longer than "
+                f"the decoder's {lengths.dec} tokens (the longest: {int(long.max())} with its EOD), which would cut "
+                f"it and its EOD; set model.decoder_seq_length: {int(long.max())} (or shorten those responses)")
         self.eos_id, self.pad_id = eos_id, pad_id
 
     def __len__(self) -> int:
@@ -219,7 +247,12 @@ def build_t5_sft_sources(cfg: RunConfig) -> tuple[T5SFTDataset, T5SFTDataset | N
     d, t = cfg.data, cfg.train
     if d.sft is None:
         raise ValueError("build_t5_sft_sources needs data.sft")
-    lengths = t5_lengths(cfg)
+    dec = knob(cfg, "decoder_seq_length")
+    if dec is not None and dec < 1:
+        raise UserError(f"decoder_seq_length = {dec} must be a positive integer")
+    # the encoder is model.seq_length, the decoder decoder_seq_length (unset: span corruption's derived length);
+    # span corruption's own floor on decoder_seq_length does not apply to fine-tuning pairs
+    lengths = SpanLengths(raw=cfg.model.seq_length, enc=cfg.model.seq_length, dec=dec or t5_lengths(cfg).dec)
     tok = t5_tokenizer(cfg)
     n = len(load_sft(d.sft.prefix)[0])
     fractions = parse_split(d.split)

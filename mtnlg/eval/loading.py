@@ -41,6 +41,14 @@ def open_model(checkpoint: str | None = None, hf: str | None = None, iteration: 
         from mtnlg.eval.scorer import hf_scorer, load_hf
 
         model, tok = load_hf(hf, device=str(device))
+        if model.config.is_encoder_decoder:  # T5: generation only (prompt to the encoder, answer from the decoder)
+            from mtnlg.eval.seq2seq import HFSeq2SeqGenerator
+
+            if not for_generation:
+                raise UserError(f"{hf} is an encoder-decoder model ({model.config.model_type}); these tasks score "
+                                "causal language models (generate and --task generate-match take it)")
+            gen = HFSeq2SeqGenerator(model, tok)
+            return OpenedModel(None, gen, gen.eod_id, tok.decode)
         scorer = hf_scorer(model, tok, device=str(device), batch_size=batch_size)
         return OpenedModel(scorer, HFGenerator(model, tok), tok.eos_token_id, tok.decode)
     return _open_native(checkpoint, iteration, device, batch_size, for_generation)
@@ -67,7 +75,8 @@ def _open_native(checkpoint: str, iteration: int | None, device: torch.device, b
 
     ckpt = open_checkpoint(checkpoint, iteration)
     fam = family(ckpt.model_cfg)
-    if not fam.causal_lm:
+    seq2seq = not fam.causal_lm and callable(getattr(fam.model, "generate", None))  # T5: prompt -> answer
+    if not fam.causal_lm and not (seq2seq and for_generation):
         raise UserError(f"{checkpoint} holds a {ckpt.model_cfg.architecture} model ({fam.name} family), which does not "
                         "generate text left to right; these tasks score causal language models")
     if ckpt.tokenizer_dir is None:
@@ -86,6 +95,13 @@ def _open_native(checkpoint: str, iteration: int | None, device: torch.device, b
     else:
         ps = ParallelState.single()
     module, cfg, _ = build_model(checkpoint, iteration, ps, device)
+    if seq2seq:
+        from mtnlg.eval.seq2seq import Seq2SeqGenerator
+
+        if tok.pad_id is None:
+            raise UserError(f"the tokenizer of {checkpoint} has no pad token (the decoder start token); add <pad>")
+        return OpenedModel(None, Seq2SeqGenerator(module, tok.encode, tok.decode, tok.eod_id, tok.pad_id),
+                           tok.eod_id, tok.decode, ps.rank)
     scorer = NativeScorer(module, cfg, ps, tok.encode, device, batch_size)
     generator = None
     if ps.pp_size == 1:

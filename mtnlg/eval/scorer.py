@@ -47,7 +47,7 @@ class TorchScorer:
 
 def load_hf(hf_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a Hugging Face directory, offline, quietly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from mtnlg.errors import UserError
@@ -56,7 +56,9 @@ def load_hf(hf_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     local = Path(hf_dir).is_dir()  # a directory on disk: never ask the hub; a hub name: the hub's rules apply
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=local).to(device).eval()
+        seq2seq = getattr(AutoConfig.from_pretrained(hf_dir, local_files_only=local), "is_encoder_decoder", False)
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM  # T5: mtnlg.eval.seq2seq generates
+        model = auto.from_pretrained(hf_dir, dtype=dtype, local_files_only=local).to(device).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Hugging Face model from {hf_dir} ({str(e).splitlines()[0]})") from None
     return model, tok

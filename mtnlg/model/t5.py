@@ -304,25 +304,29 @@ class T5Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, enc_ids: torch.Tensor, enc_padding: torch.Tensor | None = None,
-                 max_new_tokens: int = 16, eos_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding (pp = 1): the encoder once, then one decoder token at a time with a key/value cache for
+                 max_new_tokens: int = 16, eos_id: int | None = None, start_id: int = 0,
+                 pick=None) -> torch.Tensor:
+        """Decoding (pp = 1, any tp): the encoder once, then one decoder token at a time with a key/value cache for
         the decoder's self-attention and the cross-attention's keys and values of the encoder's output computed
-        once. Returns (B, max_new_tokens) ids (rows that produced ``eos_id`` are continued with the pad id 0)."""
+        once. ``start_id``: the decoder start token (the tokenizer's pad, 0 in T5's layout); ``pick``: full-vocabulary
+        logits (B, vocab) -> next ids (B,) (greedy: argmax). Returns (B, n) ids, n <= max_new_tokens (it stops
+        once every row has produced ``eos_id``; rows that did are continued with ``start_id``, the pad)."""
         if self.ps.pp_size != 1:
             raise ValueError("generate needs the whole model (pp = 1)")
         B, device = enc_ids.size(0), enc_ids.device
         enc_padding = torch.ones_like(enc_ids) if enc_padding is None else enc_padding
         n = encoder_spec_count(self.cfg)
-        start = torch.zeros(B, 1, dtype=torch.long, device=device)  # the decoder start token: the pad id 0
+        start = torch.full((B, 1), start_id, dtype=torch.long, device=device)
         x = (enc_ids, enc_padding, start, torch.ones_like(start))
         for f in self._funcs[:n]:
             x = f(x)
         context = x[0]
         p = next(self.parameters())
-        blocks = [f for f in self._funcs[n + 1 : -2]]
+        blocks = list(self._funcs[n + 1 : -2])
         cache = [KVSlot(B, self.cfg.num_kv_heads // self.ps.tp_size, max_new_tokens, self.cfg.head_dim, device,
                         p.dtype) for _ in blocks]
-        embedding, tokens, done, out = self.tied_modules[TIED_KEY], start, torch.zeros(B, dtype=torch.bool), []
+        embedding, tokens = self.tied_modules[TIED_KEY], start
+        done, out = torch.zeros(B, dtype=torch.bool, device=device), []
         for _ in range(max_new_tokens):
             h = (embedding.embed(tokens), context, enc_padding, torch.ones_like(tokens))
             for block, slot in zip(blocks, cache):
@@ -330,10 +334,15 @@ class T5Model(nn.Module):
             for slot in cache:
                 slot.start += 1
             logits = gather_from_tp(self._funcs[-1](self._funcs[-2](h)), self.ps.tp_group)[..., : self.cfg.vocab_size]
-            tokens = logits[:, -1].argmax(-1, keepdim=True).masked_fill(done[:, None], 0)
+            nxt = logits[:, -1].argmax(-1) if pick is None else pick(logits[:, -1]).to(device)
+            tokens = nxt[:, None].masked_fill(done[:, None], start_id)
             out.append(tokens)
             if eos_id is not None:
                 done |= tokens[:, 0] == eos_id
+                if bool(done.all()):
+                    break
+        for block in blocks:  # let the encoder's output go (the cross-attention keeps it while it may come again)
+            block.cross_attn._context_cache = None
         return torch.cat(out, dim=1)
 
     def spec_modules(self) -> list:
