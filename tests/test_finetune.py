@@ -19,10 +19,11 @@ TINY = {"architecture": "megatron_bert", "num_layers": 2, "hidden_size": 32, "nu
         "seq_length": 64}
 
 
-def write_config(path: Path, tp: int, pp: int, save: Path, lr: float = 1e-3, precision: str = "fp32") -> Path:
+def write_config(path: Path, tp: int, pp: int, save: Path, lr: float = 1e-3, precision: str = "fp32",
+                 seed: int = 5) -> Path:
     cfg = {"model": TINY, "parallel": {"tensor": tp, "pipeline": pp},
-           "train": {"iters": 3, "micro_batch_size": 4, "global_batch_size": 8, "lr": lr, "min_lr": lr / 10,
-                     "warmup_iters": 1, "log_interval": 5, "precision": precision, "seed": 5, "peak_tflops": 1.0},
+           "train": {"iters": 2, "micro_batch_size": 8, "global_batch_size": 16, "lr": lr, "min_lr": lr / 10,
+                     "warmup_iters": 1, "log_interval": 5, "precision": precision, "seed": seed, "peak_tflops": 1.0},
            "checkpoint": {"save": str(save)}, "deepspeed_config": ds_config(1)}
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
@@ -31,7 +32,7 @@ def write_config(path: Path, tp: int, pp: int, save: Path, lr: float = 1e-3, pre
 def _pretrain_then_finetune(rank: int, world: int, pre_cfg: str, ft_cfg: str, mnli: str, save: str) -> int:
     assert main(["train", "--config", pre_cfg]) == 0  # tp 2: the default corpus, MLM + SOP
     return main(["finetune", "--config", ft_cfg, "--task", "mnli", "--train-data", f"{mnli}/train.tsv",
-                 "--valid-data", f"{mnli}/dev_matched.tsv,{mnli}/train.tsv", "--pretrained", save, "--epochs", "2"])
+                 "--valid-data", f"{mnli}/dev_matched.tsv,{mnli}/dev_copy.tsv", "--pretrained", save, "--epochs", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def demo(tmp_path_factory):
 def finetuned(demo, tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     pre = write_config(d / "pre.yaml", 2, 1, d / "pre")
-    ft = write_config(d / "ft.yaml", 1, 2, d / "ft")
+    ft = write_config(d / "ft.yaml", 1, 2, d / "ft", seed=6)  # another seed: another random init than pretraining
+    (demo / "mnli" / "dev_copy.tsv").write_bytes((demo / "mnli" / "dev_matched.tsv").read_bytes())  # a 2nd valid set
     codes = run_distributed(_pretrain_then_finetune, 2, args=(str(pre), str(ft), str(demo / "mnli"), str(d / "pre")))
     assert codes == [0, 0]
     return d
@@ -55,19 +57,33 @@ def test_finetune_writes_task_results(finetuned, demo):
     res = json.loads((finetuned / "ft" / "task_results.json").read_text())
     assert res["task"] == "mnli" and res["labels"] == ["contradiction", "entailment", "neutral"]
     assert [e["epoch"] for e in res["epochs"]] == [1, 2]
-    dev, train = str(demo / "mnli" / "dev_matched.tsv"), str(demo / "mnli" / "train.tsv")
+    dev, copy = str(demo / "mnli" / "dev_matched.tsv"), str(demo / "mnli" / "dev_copy.tsv")
     for e in res["epochs"]:
-        assert set(e["valid"]) == {dev, train}
-        for m in e["valid"].values():
-            assert 0.0 <= m["accuracy"] <= 100.0 and m["total"] > 0
-        assert e["train_loss"] < 5.0  # 3 classes: ln 3 = 1.1 at the start
-    assert res["epochs"][1]["valid"][train]["total"] == 64
-    log = (finetuned / "ft" / "metrics.jsonl").read_text().splitlines()
-    assert len(log) >= 1
+        assert set(e["valid"]) == {dev, copy}
+        assert e["valid"][dev] == e["valid"][copy]  # the same file scored twice: the same metrics
+        assert 0.0 <= e["valid"][dev]["accuracy"] <= 100.0 and e["valid"][dev]["total"] == 12
+        assert 0.5 < e["train_loss"] < 2.0  # 3 classes: ln 3 = 1.1 at the start
+    assert [e["iteration"] for e in res["epochs"]] == [4, 8]  # 64 samples / global batch 16 per epoch
+    assert (finetuned / "ft" / "global_step8" / "complete").exists()
+
+
+def test_the_pretrained_encoder_is_loaded_and_the_head_is_new(finetuned):
+    from mtnlg.checkpoint import full_state_dict
+
+    pre, ft = full_state_dict(finetuned / "pre"), full_state_dict(finetuned / "ft")
+    head = {n for n in ft if ".classifier." in n}
+    assert head and not head & set(pre)  # the classifier is new; the MLM / SOP heads are gone
+    assert not {n for n in ft if ".transform." in n or ".binary." in n or n.endswith("lm.bias")}
+    shared = sorted(set(ft) & set(pre))
+    assert len(shared) == len(ft) - len(head)  # everything else, the pooler included, came from pretraining
+    # 8 Adam steps of lr <= 1e-3 move a weight by < 1e-2; a fresh init (seed 6, not 5) would differ by ~0.1
+    moved = max(float((ft[n] - pre[n]).abs().max()) for n in shared)
+    assert moved < 0.02, moved
 
 
 def test_evaluate_matches_its_predictions_and_hf_export(finetuned, demo, tmp_path):
     from mtnlg.tasks.mnli import read
+    from mtnlg.tasks.registry import get_task
 
     data = demo / "mnli" / "dev_matched.tsv"
     out = tmp_path / "eval.json"
@@ -95,6 +111,19 @@ def test_evaluate_matches_its_predictions_and_hf_export(finetuned, demo, tmp_pat
     hf = json.loads(out_hf.read_text())
     assert [p["prediction"] for p in hf["predictions"]] == [p["prediction"] for p in preds]
     assert hf["metrics"] == res["metrics"]
+    # and HF's own forward, argmax by hand: the class names evaluate predicted
+    import torch
+    import transformers
+
+    from mtnlg.data.tokenizer import load_tokenizer
+    from mtnlg.tasks.mnli import LABELS
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    f = get_task("mnli").features(examples, load_tokenizer(str(hf_dir)), 64)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(f["tokens"]), token_type_ids=torch.from_numpy(f["types"]),
+                       attention_mask=torch.from_numpy(f["padding_mask"])).logits
+    assert [LABELS[i] for i in logits.argmax(-1).tolist()] == [p["prediction"] for p in preds]
 
 
 def _gpt_checkpoint(tmp_path: Path) -> Path:
@@ -107,7 +136,8 @@ def _gpt_checkpoint(tmp_path: Path) -> Path:
 def test_bad_inputs_one_line_nothing_written(finetuned, demo, tmp_path, capsys):
     mnli = demo / "mnli"
     cfg = write_config(tmp_path / "ft.yaml", 1, 1, tmp_path / "save")
-    args = ["--config", str(cfg), "--train-data", str(mnli / "train.tsv"), "--valid-data", str(mnli / "dev_matched.tsv")]
+    args = ["--config", str(cfg), "--train-data", str(mnli / "train.tsv"),
+            "--valid-data", str(mnli / "dev_matched.tsv")]
     gpt = _gpt_checkpoint(tmp_path)
     capsys.readouterr()
     before = digest(tmp_path)

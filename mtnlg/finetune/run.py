@@ -77,7 +77,7 @@ def finetune(cfg: RunConfig, task_name: str, train_path: str, valid_paths: Seque
     """Fine-tune and evaluate (see the module doc); returns what task_results.json holds."""
     from mtnlg.data.tokenizer import load_tokenizer
 
-    task = get_task(task_name)  # every check that needs no peers first: a bad input writes nothing
+    get_task(task_name)  # every check that needs no peers first: a bad input writes nothing
     if not is_task_model(cfg.model):
         raise UserError(f"model.architecture = {cfg.model.architecture} is not a BERT encoder; --task {task_name} "
                         "fine-tunes megatron_bert or bert (docs/bert.md)")

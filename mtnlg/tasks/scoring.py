@@ -22,7 +22,6 @@ from mtnlg.tasks.common import Task
 from mtnlg.tasks.squad import predict_answers
 
 
-
 def predictions(task: Task, examples: list, features: dict[str, np.ndarray], logits: np.ndarray,
                 labels: Sequence[str] | None = None) -> Any:
     """The task's predictions from its head's logits (see the module doc)."""
