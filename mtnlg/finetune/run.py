@@ -104,6 +104,8 @@ def finetune(cfg: RunConfig, task_name: str, train_path: str, valid_paths: Seque
     if ckpt is not None:
         check_pretrained(ckpt, cfg.model, f"--pretrained {pretrained}")
     check_save_target(cfg)
+    if rank == 0:  # task_results.json is written there after the first epoch, before any checkpoint
+        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
     ps = ParallelState.create(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
     engine = Engine(cfg, ps, device)
     t = cfg.train
