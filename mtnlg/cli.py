@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mtnlg.curate.commands import add_commands as add_curate_commands
     from mtnlg.data.commands import add_commands as add_data_commands
     from mtnlg.eval.commands import add_commands as add_eval_commands
+    from mtnlg.finetune.commands import add_commands as add_finetune_commands
     from mtnlg.plan.commands import add_commands as add_plan_commands
     from mtnlg.serve.commands import add_commands as add_serve_commands
     from mtnlg.tasks.commands import add_commands as add_task_commands
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(sub)
     add_curate_commands(sub)
     add_task_commands(sub)
+    add_finetune_commands(sub)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")

@@ -132,7 +132,7 @@ CASES = [
     ("evaluate: two models", ["evaluate", "--checkpoint", "{w}/ckpt", "--hf", "{w}/hf", "--task", "cloze",
                               "--data", "{w}/docs.jsonl"], "give exactly one of --checkpoint", []),
     ("evaluate: unknown task", ["evaluate", "--hf", "{w}/hf", "--task", "poetry", "--data", "{w}/docs.jsonl"],
-     "invalid choice: 'poetry'", []),
+     "--task 'poetry' is not a task", []),
     ("evaluate: data missing", ["evaluate", "--hf", "{w}/hf", "--task", "cloze", "--data", "{w}/none.jsonl"],
      "none.jsonl not found", []),
     ("evaluate: malformed data", ["evaluate", "--hf", "{w}/hf", "--task", "cloze", "--data", "{w}/bad.jsonl",

@@ -18,9 +18,11 @@ from mtnlg.files import write_atomic
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``evaluate``, ``generate`` and ``lm-eval`` on the mtnlg CLI."""
-    p = subparsers.add_parser("evaluate", help="zero-shot perplexity / cloze / multiple-choice evaluation")
+    p = subparsers.add_parser("evaluate", help="zero-shot perplexity / cloze / multiple-choice evaluation, or a "
+                              "fine-tuned BERT model on a task (mnli, qqp, race, squad, classify, multiple-choice)")
     _add_model_args(p)
-    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice", "generate-match"])
+    p.add_argument("--task", required=True, metavar="TASK",
+                   help=f"{', '.join(LM_TASKS)} (causal LMs), or a BERT task: {', '.join(bert_tasks())}")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="the examples (see mtnlg/eval/tasks.py)")
     p.add_argument("--output", metavar="results.json", help="also write the results here")
     p.add_argument("--stride", type=positive_int, default=None,
@@ -29,6 +31,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
     p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="generate-match: longest answer (default 32)")
+    p.add_argument("--labels", default=None, metavar="NAME,NAME,...",
+                   help="BERT classify task: the label names in class order (default: the fine-tuning run's)")
+    p.add_argument("--seq-length", type=positive_int, default=None,
+                   help="BERT tasks: tokens per input (default: the model's seq_length / max_position_embeddings)")
+    p.add_argument("--doc-stride", type=positive_int, default=128, help="squad: window stride in tokens (default 128)")
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("generate", help="generate text with a KV cache (greedy or sampled)")
@@ -65,7 +72,18 @@ def _device(name: str | None) -> str:
     return name or default_device()
 
 
+LM_TASKS = ("perplexity", "cloze", "choice", "generate-match")
+
+
+def bert_tasks() -> list[str]:
+    from mtnlg.tasks.registry import TASKS
+
+    return list(TASKS)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task not in LM_TASKS:
+        return cmd_evaluate_task(args)
     from mtnlg.eval.loading import open_model
     from mtnlg.eval.tasks import read_jsonl, run_task
 
@@ -95,6 +113,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
         if args.output:
             write_atomic(args.output, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_evaluate_task(args: argparse.Namespace) -> int:
+    """``--task`` a BERT task: metrics and every example's prediction (mtnlg.tasks.evaluate)."""
+    from mtnlg.tasks.evaluate import evaluate_task
+
+    if args.task not in bert_tasks():
+        raise UserError(f"--task {args.task!r} is not a task; choose one of {', '.join(LM_TASKS)} (causal LMs) or "
+                        f"{', '.join(bert_tasks())} (fine-tuned BERT)")
+    if args.output is None:
+        raise UserError(f"--task {args.task} writes the metrics and every prediction to --output FILE; give it")
+    labels = [x for x in args.labels.split(",") if x] if args.labels else None
+    results = evaluate_task(args.task, args.data, args.output, args.checkpoint, args.hf, args.iteration,
+                            _device(args.device), args.batch_size, labels, args.seq_length, args.doc_stride)
+    print(json.dumps({k: results[k] for k in ("task", "data", "model", "metrics", "seconds")}, indent=2))
     return 0
 
 

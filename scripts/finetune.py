@@ -1,0 +1,10 @@
+"""Entry point for launchers: `deepspeed --num_gpus N scripts/finetune.py --config RUN.yaml --task TASK
+--train-data PATH --valid-data PATH[,PATH] --pretrained CKPT [--set k=v]` (also torchrun, or plain python).
+Same as `mtnlg finetune`."""
+
+import sys
+
+from mtnlg.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["finetune", *sys.argv[1:]]))
