@@ -109,7 +109,7 @@ def train_recording_blocks(rank: int, world: int, runs: list[dict]) -> list[dict
 
     def forward(self, x, kv=None):
         hidden, *rest = x
-        carried = dict(zip(self.carries, rest))
+        carried = dict(zip(self.carries, [None, *rest] if self.first else rest))  # the first adds the bias
         seen.add(("decoder", tuple(hidden.shape), tuple(carried["context"].shape)) if self.decoder
                  else ("encoder", tuple(hidden.shape)))
         return plain(self, x, kv)
