@@ -1,7 +1,8 @@
 """T5 (``model.architecture: t5``): Hugging Face T5ForConditionalGeneration round trips (v1.1 and the original)
 through a tp = 2 x pp = 2 checkpoint, greedy generation equal to transformers', layouts against (1, 1, 1) in real
 DeepSpeed training (losses, gradient norms, every parameter's first-step gradient; the pipeline with the encoder's
-output carried through the decoder's stages), and the bad input of a pipeline split without a pipeline."""
+output carried through the decoder's stages; sequence parallelism with the encoder's output carried as sequence
+shards), and the bad input of a pipeline split without a pipeline or of a decoder length SP cannot split."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ import io
 import pytest
 import torch
 
-from tests.helpers import RTOL, STEPS, max_rel, parity_results, run_config, sgd_update, update_rel_diff
+from tests.dist_helper import run_distributed
+from tests.helpers import RTOL, STEPS, max_rel, run_config, sgd_update, train_many, update_rel_diff
 
 T5 = {"architecture": "t5", "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_kv_heads": 4,
       "ffn_hidden_size": 48, "vocab_size": 96, "seq_length": 16, "norm_eps": 1e-6,
       "relative_attention_num_buckets": 8, "relative_attention_max_distance": 12,
       "decoder_seq_length": 16}  # the synthetic copy task: the decoder writes the whole window again
 SPLIT = {**T5, "encoder_pipeline_stages": 1}  # (1, 2, 1): the encoder on stage 0, the decoder on stage 1
-# world -> (tp, pp, zero, model): the layouts compared with (1, 1, 1)
-LAYOUTS = {1: [(1, 1, 1, T5)], 2: [(2, 1, 1, T5), (1, 2, 1, SPLIT), (1, 1, 3, T5)], 4: [(1, 4, 1, T5)],
-           8: [(2, 2, 1, T5)]}
+# sequence parallelism: a decoder shorter than the encoder (8 and 16 tokens), the encoder's output carried as
+# sequence shards from the encoder's stage to the decoder's
+SHORT = {**T5, "decoder_seq_length": 8}
+SP_SPLIT = {**SHORT, "encoder_pipeline_stages": 1}
+# world -> (tp, pp, zero, model[, sequence parallel]): the layouts compared with (1, 1, 1) of the same lengths
+LAYOUTS = {1: [(1, 1, 1, T5), (1, 1, 1, SHORT)], 2: [(2, 1, 1, T5), (1, 2, 1, SPLIT), (1, 1, 3, T5)],
+           4: [(1, 4, 1, T5), (2, 2, 1, SP_SPLIT, True)], 8: [(2, 2, 1, T5)]}
 LOGIT_TOL = 1e-5  # relative to the largest logit
 # the SGD step of the gradient comparison: 10x tests/helpers.py's, so that the float32 rounding of a norm weight at
 # 1.0 (1.2e-7) is 1e-6 of its small update, not 1e-5 (measured at 100: 1.0e-5 on an encoder norm at tp = 2)
@@ -94,39 +100,98 @@ def test_hf_roundtrip_through_tp2_pp2(tmp_path, tied):
     assert len({tuple(row) for row in want.tolist()}) == len(want)  # each input decodes to its own tokens
 
 
+def train_recording_blocks(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    """``train_many`` of each run, each result with the shapes this rank's T5 blocks received: ("encoder", x) and
+    ("decoder", y, the carried encoder output), as they travel between blocks (and pipeline stages)."""
+    from mtnlg.model import t5
+
+    plain, seen = t5.T5Block.forward, set()
+
+    def forward(self, x, kv=None):
+        hidden, *rest = x
+        carried = dict(zip(self.carries, [None, *rest] if self.first else rest))  # the first adds the bias
+        seen.add(("decoder", tuple(hidden.shape), tuple(carried["context"].shape)) if self.decoder
+                 else ("encoder", tuple(hidden.shape)))
+        return plain(self, x, kv)
+
+    t5.T5Block.forward = forward
+    try:
+        out = []
+        for run in runs:
+            seen.clear()
+            out.append({**train_many(rank, world, [run])[0], "blocks": sorted(seen)})
+        return out
+    finally:
+        t5.T5Block.forward = plain
+
+
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
-    """(tp, pp, dp, zero) -> {"adamw": result, "sgd": saved one-step SGD result} for every layout of LAYOUTS."""
+    """(tp, pp, dp, zero, decoder length, sp) -> {"adamw": result, "sgd": saved one-step SGD result} for every
+    layout of LAYOUTS."""
     root = tmp_path_factory.mktemp("t5parity")
     out = {}
     for world, layouts in LAYOUTS.items():
         runs, keys = [], []
-        for tp, pp, zero, model in layouts:
-            key = (tp, pp, world // (tp * pp), zero)
-            common = {"architecture": "t5", "tp": tp, "pp": pp, "zero": zero, "model": model}
-            runs += [common, {**common, "sgd": True, "lr": SGD_LR, "save": str(root / "sgd-{}-{}-{}-{}".format(*key))}]
+        for tp, pp, zero, model, *sp in layouts:
+            sp = bool(sp and sp[0])
+            key = (tp, pp, world // (tp * pp), zero, model["decoder_seq_length"], sp)
+            common = {"architecture": "t5", "tp": tp, "pp": pp, "zero": zero, "model": model, "sp": sp}
+            save = str(root / "-".join(map(str, ("sgd", *key))))
+            runs += [common, {**common, "sgd": True, "lr": SGD_LR, "save": save}]
             keys += [(key, "adamw"), (key, "sgd")]
-        for (key, kind), run, result in zip(keys, runs, parity_results(runs, world)):
-            out.setdefault(key, {})[kind] = {**result, "save": run.get("save")}
+        results = run_distributed(train_recording_blocks, world, args=(runs,))
+        for r in results[1:]:  # every rank reports the same (dp-averaged, pipeline-broadcast) losses and norms
+            for a, b in zip(r, results[0]):
+                assert a["losses"] == b["losses"] and a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-12)
+        for i, ((key, kind), run) in enumerate(zip(keys, runs)):
+            blocks = sorted({seen for r in results for seen in r[i]["blocks"]})  # every stage's blocks
+            out.setdefault(key, {})[kind] = {**results[0][i], "blocks": blocks, "save": run.get("save")}
     return out
+
+
+def _compare(parity, key: tuple, model: dict) -> tuple[dict, dict, float]:
+    base, got = parity[(1, 1, 1, 1, *key[4:5], False)], parity[key]
+    loss = max_rel(got["adamw"]["losses"], base["adamw"]["losses"])
+    norm = max_rel(got["adamw"]["grad_norms"], base["adamw"]["grad_norms"])
+    grads = update_rel_diff(sgd_update(got["sgd"]["save"], "t5", model), sgd_update(base["sgd"]["save"], "t5", model))
+    print(f"\nT5 tp,pp,dp,zero={key[:4]} decoder {key[4]} SP {key[5]} vs (1,1,1): losses {loss:.1e}, grad norms "
+          f"{norm:.1e}, first-step gradients {grads:.1e} (max relative)")
+    assert loss < RTOL and norm < RTOL and grads < RTOL
+    return base, got, grads
 
 
 @pytest.mark.parametrize("tp,pp,dp,zero", [(2, 1, 1, 1), (1, 2, 1, 1), (1, 4, 1, 1), (2, 2, 2, 1), (1, 1, 2, 3)])
 def test_layout_parity(parity, tp, pp, dp, zero):
     """Every layout trains T5 as (1, 1, 1) does: losses and gradient norms of 5 AdamW steps, every parameter's
     first SGD step, within 1e-5."""
-    base, got = parity[(1, 1, 1, 1)], parity[(tp, pp, dp, zero)]
-    loss = max_rel(got["adamw"]["losses"], base["adamw"]["losses"])
-    norm = max_rel(got["adamw"]["grad_norms"], base["adamw"]["grad_norms"])
-    grads = update_rel_diff(sgd_update(got["sgd"]["save"], "t5", T5), sgd_update(base["sgd"]["save"], "t5", T5))
-    print(f"\nT5 tp={tp} pp={pp} dp={dp} zero={zero} vs (1,1,1): losses {loss:.1e}, grad norms {norm:.1e}, "
-          f"first-step gradients {grads:.1e} (max relative)")
-    assert loss < RTOL and norm < RTOL and grads < RTOL
+    base, got, _ = _compare(parity, (tp, pp, dp, zero, T5["decoder_seq_length"], False), T5)
     losses = base["adamw"]["losses"]
     assert losses[STEPS] < losses[1] - 0.05  # it is learning (the copy task of synthetic data)
     if zero == 3:
         split, total = got["adamw"]["zero3"]
         assert split == total > 10
+
+
+def test_sequence_parallel_parity(parity):
+    """tp 2 x pp 2 with sequence parallelism trains T5 as (1, 1, 1) does (losses, gradient norms, every parameter's
+    first SGD step within 1e-5), an encoder of 16 tokens and a decoder of 8; between blocks and pipeline stages the
+    hidden states and the carried encoder output are sequence shards (half of each length)."""
+    base, got, _ = _compare(parity, (2, 2, 1, 1, 8, True), SHORT)
+    assert base["adamw"]["losses"][STEPS] < base["adamw"]["losses"][1] - 0.05
+    b, h = 2, T5["hidden_size"]
+    assert got["adamw"]["blocks"] == [("decoder", (b, 4, h), (b, 8, h)), ("encoder", (b, 8, h))]
+    assert base["adamw"]["blocks"] == [("decoder", (b, 8, h), (b, 16, h)), ("encoder", (b, 16, h))]
+
+
+def test_sequence_parallel_needs_a_divisible_decoder_length():
+    """A decoder length tp does not divide: one line naming both."""
+    from mtnlg.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError) as e:
+        resolve(run_config("t5", tp=2, sp=True, model={**T5, "decoder_seq_length": 7}), 2)
+    assert "model.decoder_seq_length = 7" in str(e.value) and "parallel.tensor = 2" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_pipeline_stages_split_the_stacks():

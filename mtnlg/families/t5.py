@@ -115,8 +115,11 @@ def _check(m, par) -> None:
         raise ValueError("model.relative_attention_num_buckets and relative_attention_max_distance must be >= 2")
     if decoder_length(m) < 1:
         raise ValueError(f"model.decoder_seq_length = {k.decoder_seq_length} must be a positive integer")
-    if par.sequence_parallel:
-        raise ValueError("parallel.sequence_parallel is not supported for T5 yet; turn it off")
+    if par.sequence_parallel and decoder_length(m) % par.tensor:
+        raise ValueError(f"parallel.sequence_parallel: model.decoder_seq_length = {decoder_length(m)} is not "
+                         f"divisible by parallel.tensor = {par.tensor} (each rank holds a slice of the decoder's "
+                         "sequence too); set model.decoder_seq_length to a multiple of it or turn sequence "
+                         "parallelism off")
     split = k.encoder_pipeline_stages
     if split is not None:
         if par.pipeline < 2:

@@ -21,6 +21,13 @@ each stage's cross-attention reaches it through the carried tensor: autograd sum
 pipeline sends it back with the rest, down to the encoder. Every tensor with a gradient that enters a stage is
 used on it (the biases are dropped where their stack ends), as DeepSpeed's pipeline engine requires.
 
+Sequence parallelism (``parallel.sequence_parallel``): x, y and the carried encoder output are this rank's
+sequence shards ((B, T/tp, C), each stack at its own length) outside the tensor-parallel GEMMs: the embedding
+reduce-scatters, the column-parallel projections (the cross-attention's keys and values too: the encoder output
+gathered) all-gather their input, the row-parallel ones reduce-scatter their output. The gradient of the gathered
+encoder output is reduce-scattered back to its shards (summing every rank's heads); the paddings and the relative
+position bias stay whole (they belong to the attention core, which sees the whole sequence).
+
 Hugging Face's T5 v1.1 layout (RMSNorm without bias, no biases, no 1/sqrt(d) scaling, gated-GELU, untied output);
 the original T5's ReLU and tied output layer (its input scaled by d_model^-0.5) as knobs (``mtnlg.families.t5``).
 """
@@ -45,7 +52,7 @@ from mtnlg.model.registry import Family, is_block
 from mtnlg.model.stages import build_specs
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mtnlg.parallel.layers import Sharding, set_sharding
+from mtnlg.parallel.layers import Sharding, sequence_shard_dropout, set_sharding, sum_replicated_grads
 from mtnlg.parallel.mappings import group_rank
 from mtnlg.parallel.pipeline import balanced_parts
 
@@ -157,9 +164,10 @@ class T5Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         self.dropout = cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
             cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init,
-            name="embed.word")
+            name="embed.word", sequence_parallel=ps.sequence_parallel)
 
     def forward_flops(self, seq: int) -> float:
         return 0.0
@@ -169,7 +177,8 @@ class T5Embedding(nn.Module):
         return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.word_embeddings(ids), self.dropout, self.training)
+        """ids (B, T) -> (B, T, C), or this rank's (B, T/tp, C) sequence shard under sequence parallelism."""
+        return _dropout(self.word_embeddings(ids), self.dropout, self.training, self.tp_group, self.sequence_parallel)
 
     def forward(self, inputs: tuple) -> tuple:
         enc_ids, enc_padding, dec_ids, dec_padding = inputs
@@ -187,23 +196,31 @@ def tied_head(embedding: T5Embedding, hidden: torch.Tensor) -> torch.Tensor:
     return embedding.word_embeddings(hidden * hidden.size(-1) ** -0.5, logits=True)
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    if sequence_parallel:  # a sequence shard: the whole tensor's mask, cut (every layout drops the same elements)
+        return sequence_shard_dropout(x, p, training, tp_group)
+    return F.dropout(x, p, training)
+
+
 class T5StackNorm(nn.Module):
     """The final RMSNorm of a stack and dropout; the encoder's passes the carried tensors on, the decoder's ends
-    them."""
+    them. Under sequence parallelism x is this rank's sequence shard."""
 
-    def __init__(self, cfg: ModelConfig, group: str):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, group: str):
         super().__init__()
         self.group = group
         self.dropout = cfg.hidden_dropout
+        self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
         self.norm = make_norm(cfg)
 
     def forward_flops(self, seq: int) -> float:
         return 0.0
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        if isinstance(x, tuple):
-            return (F.dropout(self.norm(x[0]), self.dropout, self.training), *x[1:])
-        return F.dropout(self.norm(x), self.dropout, self.training)
+        def out(h: torch.Tensor) -> torch.Tensor:
+            return _dropout(self.norm(h), self.dropout, self.training, self.tp_group, self.sequence_parallel)
+
+        return (out(x[0]), *x[1:]) if isinstance(x, tuple) else out(x)
 
 
 class T5LMHead(nn.Module):
@@ -214,7 +231,8 @@ class T5LMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         self.head = VocabParallelEmbedding(cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size,
-                                           tp_group=ps.tp_group, init=init, name="head")
+                                           tp_group=ps.tp_group, init=init, name="head",
+                                           sequence_parallel=ps.sequence_parallel)
         self.decoder_ratio = decoder_length(cfg) / cfg.seq_length
 
     def forward_flops(self, seq: int) -> float:
@@ -245,10 +263,10 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     return [
         embed(),
         *[LayerSpec(T5Block, cfg, ps, rng, init, i, False, i == 0, i == enc - 1) for i in range(enc)],
-        LayerSpec(T5StackNorm, cfg, "encoder_final_norm"),
+        LayerSpec(T5StackNorm, cfg, ps, "encoder_final_norm"),
         embed(forward_fn=decoder_embedding),
         *[LayerSpec(T5Block, cfg, ps, rng, init, enc + j, True, j == 0, j == dec - 1) for j in range(dec)],
-        LayerSpec(T5StackNorm, cfg, "final_norm"),
+        LayerSpec(T5StackNorm, cfg, ps, "final_norm"),
         embed(forward_fn=tied_head) if cfg.family_knobs.tie_word_embeddings else LayerSpec(T5LMHead, cfg, ps, init),
     ]
 
@@ -283,6 +301,8 @@ class T5Model(nn.Module):
         self.owners: list[tuple[int, str, nn.Module]] = []
         layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
         build_specs(self, layers, range(len(layers)) if specs is None else specs)
+        if self.ps.sequence_parallel:  # norms applied to sequence shards: their gradients summed over tp
+            sum_replicated_grads(self, self.ps.tp_group)
 
     def hidden_and_logits(self, inputs: tuple) -> torch.Tensor:
         x = inputs
@@ -311,8 +331,8 @@ class T5Model(nn.Module):
         once. ``start_id``: the decoder start token (the tokenizer's pad, 0 in T5's layout); ``pick``: full-vocabulary
         logits (B, vocab) -> next ids (B,) (greedy: argmax). Returns (B, n) ids, n <= max_new_tokens (it stops
         once every row has produced ``eos_id``; rows that did are continued with ``start_id``, the pad)."""
-        if self.ps.pp_size != 1:
-            raise ValueError("generate needs the whole model (pp = 1)")
+        if self.ps.pp_size != 1 or self.ps.sequence_parallel:
+            raise ValueError("generate needs the whole model (pp = 1) without sequence parallelism")
         B, device = enc_ids.size(0), enc_ids.device
         enc_padding = torch.ones_like(enc_ids) if enc_padding is None else enc_padding
         n = encoder_spec_count(self.cfg)

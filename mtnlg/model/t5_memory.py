@@ -3,7 +3,10 @@
 
 ``layer_activation_bytes`` is per block, the mean of an encoder block (its sequence: ``seq_length``) and a decoder
 block (``decoder_seq_length``, plus its cross-attention over the encoder's output) weighted by their numbers: the
-memory model multiplies it by the blocks a stage holds. Not yet checked against a measured peak (docs/t5.md).
+memory model multiplies it by the blocks a stage holds. Under sequence parallelism (``sp``) the tensors of the
+replicated region (the norms' inputs, dropout masks, the column-parallel projections' inputs, the encoder output
+the cross-attention's keys and values read) are kept as sequence shards: 1/tp of them. Not yet checked against a
+measured peak (docs/t5.md).
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ def _attention_bytes(e: int, b: int, heads: float, q_tokens: int, k_tokens: int,
     return qkv + e * b * heads * q_tokens * k_tokens * (3 if attention == "dropout" else 1)
 
 
-def _block_bytes(m: ModelConfig, micro: int, tp: int, precision: str, attention: str, device: str,
+def _block_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str, attention: str, device: str,
                  tokens: int, decoder: bool, context: int) -> float:
     e = 4 if precision == "fp32" else 2
     b, h = micro, m.hidden_size
-    sbh = tokens * b * h
+    shard = tp if sp else 1  # sequence parallelism: the replicated region's tensors are sequence shards
+    sbh = tokens * b * h / shard
     if m.recompute == "full":
         return e * sbh
     heads, hd = m.num_attention_heads / tp, m.head_dim
-    norm = (8 if device == "cpu" else e) * sbh + 4 * tokens * b  # RMSNorm: its input (fp32 on a CPU), 1/rms
+    norm = (8 if device == "cpu" else e) * sbh + 4 * tokens * b / shard  # RMSNorm: its input (fp32 on a CPU), 1/rms
     dropout = e * sbh if m.hidden_dropout > 0 else 0
     f = tokens * b * m.ffn_hidden_size / tp
     gated = (m.family_knobs.feed_forward == "gated-gelu") if m.family_knobs else True
@@ -46,7 +50,7 @@ def _block_bytes(m: ModelConfig, micro: int, tp: int, precision: str, attention:
     stored = subs * (norm + e * sbh + dropout)  # each sub-layer: its norm, the projection's input, its dropout
     core = _attention_bytes(e, b, heads, tokens, tokens, hd, attention)
     if decoder:
-        core += _attention_bytes(e, b, heads, tokens, context, hd, attention) + e * context * b * h  # + kv input
+        core += _attention_bytes(e, b, heads, tokens, context, hd, attention) + e * context * b * h / shard  # kv input
     if m.recompute == "selective":
         core = e * b * heads * hd * 3 * tokens * (2 if decoder else 1)
     stored += core + e * tokens * b * heads * hd * (2 if decoder else 1)  # the output projections' inputs
@@ -59,14 +63,15 @@ def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precis
     enc, dec = depths(m)
     s, t = m.seq_length, decoder_length(m)
     attention = attention_kind(m, precision, device) if attention == "flash" else attention
-    e_bytes = _block_bytes(m, micro, tp, precision, attention, device, s, False, s)
-    d_bytes = _block_bytes(m, micro, tp, precision, attention, device, t, True, s)
+    e_bytes = _block_bytes(m, micro, tp, sp, precision, attention, device, s, False, s)
+    d_bytes = _block_bytes(m, micro, tp, sp, precision, attention, device, t, True, s)
     return (enc * e_bytes + dec * d_bytes) / (enc + dec)
 
 
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
     e = 4 if precision == "fp32" else 2
-    return e * (m.seq_length + decoder_length(m)) * micro * m.hidden_size if m.hidden_dropout > 0 else 0.0
+    tokens = (m.seq_length + decoder_length(m)) / (tp if sp else 1)
+    return e * tokens * micro * m.hidden_size if m.hidden_dropout > 0 else 0.0
 
 
 def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
@@ -75,7 +80,8 @@ def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precisi
     e = 4 if precision == "fp32" else 2
     t = decoder_length(m)
     norm = (8 if device == "cpu" else e)
-    return (norm * (t + m.seq_length) * micro * m.hidden_size + e * t * micro * m.hidden_size
+    shard = tp if sp else 1  # the norms' inputs and the output layer's: sequence shards under SP
+    return (norm * (t + m.seq_length) * micro * m.hidden_size / shard + e * t * micro * m.hidden_size / shard
             + e * t * micro * m.padded_vocab_size / tp)
 
 
