@@ -234,3 +234,42 @@ def test_the_gemm_peak_measurement_is_bounded_in_time():
 
     got = measure_gemm(torch.float32, sizes=(256, 8192), repeats=2, budget_s=1.0)
     assert "best_256" in got and "best_8192" not in got and got["best"] == got["best_256"] > 0
+
+
+BERT_TINY = """
+model: {architecture: megatron_bert, num_layers: 2, hidden_size: 64, num_attention_heads: 4, vocab_size: 500,
+        seq_length: 32}
+train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
+deepspeed_config: %s
+"""
+T5_TINY = """
+model: {architecture: t5, num_layers: 4, encoder_layers: 2, hidden_size: 64, num_attention_heads: 4,
+        ffn_hidden_size: 128, vocab_size: 500, seq_length: 32, decoder_seq_length: 16}
+train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
+deepspeed_config: %s
+"""
+
+
+@pytest.mark.parametrize("text, hf_class, attns", [(BERT_TINY, "MegatronBertForPreTraining", {"eager"}),
+                                                   (T5_TINY, "T5ForConditionalGeneration", {"eager", "sdpa"})],
+                         ids=["bert", "t5"])
+def test_bench_rows_of_bert_and_t5(tmp_path, text, hf_class, attns):
+    """The BERT and T5 rows: mtnlg against the HF class the family exports to (MegatronBertForPreTraining,
+    T5ForConditionalGeneration) with every attention implementation that class has, through deepspeed.initialize
+    on the same batches (the family's synthetic samples: masked sentence pairs; the copy task), interleaved."""
+    from mtnlg.bench.runner import BenchOptions, run
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(text % (ROOT / "ds_configs" / "zero1.json"))
+    r = run(BenchOptions(config=str(cfg), steps=1, warmup=1, peer=True, output=str(tmp_path / "out"), dp=False,
+                         layouts=False, memory=False, threads=1, peak_sizes=(256,), peak_repeats=2))
+    e = r["main"]["bf16"]
+    assert set(e["peer_variants"]) == attns and r["peer_attns"] == sorted(attns, key=["eager", "sdpa"].index)
+    for name, s in (("mtnlg", e["mtnlg"]), *e["peer_variants"].items()):
+        assert len(s["times"]) == 1 and s["tokens_per_s_median"] > 0 and s["loss"] > 0, name
+        if name != "mtnlg":
+            assert s["info"]["model_class"] == hf_class and s["info"]["params"] > 0
+    if hf_class.startswith("MegatronBert"):  # same heads, same batches: both near ln(vocab) + ln(2) at init
+        losses = [e["mtnlg"]["loss"], e["peer"]["loss"]]
+        assert all(abs(x - 6.9) < 0.5 for x in losses), losses
+    assert f"HF {hf_class} (" in (tmp_path / "out" / "bench.md").read_text()

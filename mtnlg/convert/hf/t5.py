@@ -146,3 +146,12 @@ def hf_outputs(model, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, .
     enc, enc_pad, dec, dec_pad = inputs
     out = model(input_ids=enc, attention_mask=enc_pad, decoder_input_ids=dec, decoder_attention_mask=dec_pad)
     return (out.logits,)
+
+
+def training_kwargs(inputs: tuple, labels) -> dict:
+    """What T5ForConditionalGeneration takes for one training step on mtnlg's T5 micro batch (``mtnlg bench``'s
+    peer): the encoder's tokens and padding, the decoder's inputs and padding, and its targets (mtnlg's unpredicted
+    positions, labels < 0, as HF's ignored index -100)."""
+    enc, enc_pad, dec, dec_pad = inputs
+    return {"input_ids": enc, "attention_mask": enc_pad, "decoder_input_ids": dec, "decoder_attention_mask": dec_pad,
+            "labels": labels.masked_fill(labels < 0, -100)}
