@@ -93,9 +93,10 @@ class TensorMemory:
 def _tiny(cfg: dict, world: int) -> dict:
     """``cfg`` with a 64-wide model of as few layers as its pipeline allows, in the same layout."""
     heads = 2 * cfg["parallel"]["tensor"]
+    split = {f"model__{k}": None for k in ("encoder_layers", "decoder_layers") if k in cfg["model"]}  # T5: halves
     return config_variant(cfg, world, model__hidden_size=16 * heads, model__num_attention_heads=heads,
                           model__num_kv_heads=None, model__ffn_hidden_size=None, model__vocab_size=256,
-                          model__num_layers=max(2, cfg["parallel"]["pipeline"]))
+                          model__num_layers=max(2, cfg["parallel"]["pipeline"]), **split)
 
 
 def _predict(cfg_dict: dict, world: int, zero: int) -> list[float]:

@@ -1,9 +1,10 @@
 """The T5 family's activation memory per micro batch (what ``mtnlg.training.memory`` adds up for ``model-info`` and
 ``plan``), counted tensor by tensor as autograd keeps mtnlg's T5 blocks (``mtnlg.model.t5``).
 
-``layer_activation_bytes`` is per block, the mean of an encoder block (its sequence: ``seq_length``) and a decoder
-block (``decoder_seq_length``, plus its cross-attention over the encoder's output) weighted by their numbers: the
-memory model multiplies it by the blocks a stage holds. Not yet checked against a measured peak (docs/t5.md).
+``block_activation_bytes`` is one block's: an encoder block (its sequence: ``seq_length``) or a decoder block
+(``decoder_seq_length``, plus its cross-attention over the encoder's output); the memory model adds up the blocks a
+stage holds. ``layer_activation_bytes`` is their mean weighted by their numbers (the figure per block a summary
+shows). Checked against the measured peak of a tp 2 x pp 2 step (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precis
     e_bytes = _block_bytes(m, micro, tp, precision, attention, device, s, False, s)
     d_bytes = _block_bytes(m, micro, tp, precision, attention, device, t, True, s)
     return (enc * e_bytes + dec * d_bytes) / (enc + dec)
+
+
+def block_activation_bytes(m: ModelConfig, index: int, micro: int, tp: int, sp: bool, precision: str,
+                           attention: str = "flash", device: str = "cpu") -> float:
+    """What block ``index`` (``layers.<index>``: the encoder's first, then the decoder's) keeps per micro batch."""
+    enc, _ = depths(m)
+    s, t = m.seq_length, decoder_length(m)
+    attention = attention_kind(m, precision, device) if attention == "flash" else attention
+    if index < enc:
+        return _block_bytes(m, micro, tp, precision, attention, device, s, False, s)
+    return _block_bytes(m, micro, tp, precision, attention, device, t, True, s)
 
 
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:

@@ -98,15 +98,15 @@ def to_hf_config(cfg: ModelConfig, common: dict):
 
 
 def model_section(hf, refuse) -> dict:
-    if hf.d_kv * hf.num_heads != hf.d_model:
-        refuse(f"d_kv {hf.d_kv} x num_heads {hf.num_heads} != d_model {hf.d_model}")
     if hf.feed_forward_proj not in ("gated-gelu", "relu"):
         refuse(f"feed_forward_proj {hf.feed_forward_proj!r}")
     dec = hf.num_decoder_layers if hf.num_decoder_layers is not None else hf.num_layers
     return {
         "architecture": "t5", "num_layers": hf.num_layers + dec, "encoder_layers": hf.num_layers,
         "decoder_layers": dec, "hidden_size": hf.d_model, "num_attention_heads": hf.num_heads,
-        "ffn_hidden_size": hf.d_ff, "seq_length": 512, "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
+        "ffn_hidden_size": hf.d_ff, "seq_length": 512,
+        # heads narrower or wider than d_model / num_heads (T5-11B: 128 x 128 over 1024)
+        "kv_channels": hf.d_kv if hf.d_kv * hf.num_heads != hf.d_model else None, "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
         "relative_attention_num_buckets": hf.relative_attention_num_buckets,
         "relative_attention_max_distance": hf.relative_attention_max_distance,
         "feed_forward": hf.feed_forward_proj, "tie_word_embeddings": bool(getattr(hf, "scale_decoder_outputs", True)),
