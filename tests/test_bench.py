@@ -250,6 +250,7 @@ deepspeed_config: %s
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, hf_class, attns", [(BERT_TINY, "MegatronBertForPreTraining", {"eager"}),
                                                    (T5_TINY, "T5ForConditionalGeneration", {"eager", "sdpa"})],
                          ids=["bert", "t5"])
@@ -273,3 +274,33 @@ def test_bench_rows_of_bert_and_t5(tmp_path, text, hf_class, attns):
         losses = [e["mtnlg"]["loss"], e["peer"]["loss"]]
         assert all(abs(x - 6.9) < 0.5 for x in losses), losses
     assert f"HF {hf_class} (" in (tmp_path / "out" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("text", [BERT_TINY, T5_TINY], ids=["bert", "t5"])
+def test_the_peer_trains_on_the_same_loss(tmp_path, text):
+    """The BERT and T5 peers compute mtnlg's loss: the HF model the bench builds, imported into mtnlg
+    (``import-hf``), gives the same loss on the bench's batch (the family's synthetic samples, through the
+    adapter's ``training_kwargs``: MLM at the predicted positions + sentence order; the decoder's targets)."""
+    import torch
+
+    from mtnlg.bench.runner import BenchOptions, bench_config
+    from mtnlg.bench.setups import bench_batches, hf_model, training_kwargs
+    from mtnlg.checkpoint import load_native_model
+    from mtnlg.cli import main as cli_main
+    from mtnlg.config import from_dict, resolve
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text % (ROOT / "ds_configs" / "zero1.json"))
+    cfg = resolve(from_dict(bench_config(BenchOptions(config=str(path)))), 1)
+    torch.manual_seed(0)
+    hf = hf_model(cfg, "eager").eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert cli_main(["import-hf", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"),
+                     "--set", f"model.seq_length={cfg.model.seq_length}"]) == 0
+    native, _, _ = load_native_model(tmp_path / "ckpt")
+    inputs, labels = bench_batches(cfg, 0, 1, torch.device("cpu"))[0]
+    with torch.no_grad():
+        want = float(hf(**training_kwargs(cfg)(inputs, labels)).loss)
+        got = float(native.eval()(inputs, labels))
+    print(f"\n{cfg.model.architecture}: HF peer loss {want:.6f}, mtnlg {got:.6f}")
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
