@@ -71,9 +71,16 @@ def block_activation_bytes(m: ModelConfig, index: int, micro: int, tp: int, sp: 
     enc, _ = depths(m)
     s, t = m.seq_length, decoder_length(m)
     attention = attention_kind(m, precision, device) if attention == "flash" else attention
-    if index < enc:
-        return _block_bytes(m, micro, tp, precision, attention, device, s, False, s)
+    if index < enc:  # the encoder's last block with the encoder's final norm after it (on its stage)
+        norm = _norm_bytes(m, s * micro, precision, device) if index == enc - 1 else 0.0
+        return _block_bytes(m, micro, tp, precision, attention, device, s, False, s) + norm
     return _block_bytes(m, micro, tp, precision, attention, device, t, True, s)
+
+
+def _norm_bytes(m: ModelConfig, tokens: int, precision: str, device: str) -> float:
+    """What a stack's final RMSNorm keeps: its input (fp32 on a CPU) and 1/rms per token."""
+    e = 4 if precision == "fp32" else 2
+    return (8 if device == "cpu" else e) * tokens * m.hidden_size + 4 * tokens
 
 
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
@@ -83,11 +90,11 @@ def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, pr
 
 def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
                           device: str = "cpu") -> float:
-    """The decoder's final norm and output layer inputs and the logits (B, T_dec, V/tp); the encoder's final norm."""
+    """The decoder's final norm and output layer inputs and the logits (B, T_dec, V/tp) (the encoder's final norm is
+    counted with the encoder's last block: ``block_activation_bytes``)."""
     e = 4 if precision == "fp32" else 2
     t = decoder_length(m)
-    norm = (8 if device == "cpu" else e)
-    return (norm * (t + m.seq_length) * micro * m.hidden_size + e * t * micro * m.hidden_size
+    return (_norm_bytes(m, t * micro, precision, device) + e * t * micro * m.hidden_size
             + e * t * micro * m.padded_vocab_size / tp)
 
 
