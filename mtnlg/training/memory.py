@@ -108,7 +108,8 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int
 def stage_blocks(m: ModelConfig, pp: int, stage: int) -> list[int]:
     """Indices of the transformer blocks (``layers.<i>``) a pipeline stage holds."""
     specs = set(stage_specs(m, pp, stage))
-    return sorted({int(g.name.split(".")[1]) for g in groups(m) if g.spec_index in specs and g.name.startswith("layers.")})
+    return sorted({int(g.name.split(".")[1]) for g in groups(m)
+                   if g.spec_index in specs and g.name.startswith("layers.")})
 
 
 def blocks_activation_bytes(m: ModelConfig, blocks: list[int], micro: int, tp: int, sp: bool, precision: str,

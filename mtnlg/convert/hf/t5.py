@@ -106,7 +106,8 @@ def model_section(hf, refuse) -> dict:
         "decoder_layers": dec, "hidden_size": hf.d_model, "num_attention_heads": hf.num_heads,
         "ffn_hidden_size": hf.d_ff, "seq_length": 512,
         # heads narrower or wider than d_model / num_heads (T5-11B: 128 x 128 over 1024)
-        "kv_channels": hf.d_kv if hf.d_kv * hf.num_heads != hf.d_model else None, "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
+        "kv_channels": hf.d_kv if hf.d_kv * hf.num_heads != hf.d_model else None,
+        "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
         "relative_attention_num_buckets": hf.relative_attention_num_buckets,
         "relative_attention_max_distance": hf.relative_attention_max_distance,
         "feed_forward": hf.feed_forward_proj, "tie_word_embeddings": bool(getattr(hf, "scale_decoder_outputs", True)),
