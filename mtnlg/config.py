@@ -52,6 +52,9 @@ class ModelConfig:
     hidden_size: int = 768
     num_attention_heads: int = 12
     num_kv_heads: int | None = None  # default: num_attention_heads (MHA); 1 = MQA
+    # width of one attention head (Megatron's --kv-channels, HF T5's d_kv); default hidden_size / num_attention_heads.
+    # T5 only (T5-11B: 128 heads of 128 over d_model 1024)
+    kv_channels: int | None = None
     ffn_hidden_size: int | None = None  # default: 4h (gelu), 8h/3 rounded up to 64 (swiglu)
     seq_length: int = 1024
     max_position_embeddings: int | None = None  # learned positions: the table size; default seq_length
@@ -84,7 +87,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -456,7 +459,9 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
             f"model.num_layers = {m.num_layers} is less than parallel.pipeline = {pp}; "
             "every pipeline stage needs at least one transformer layer"
         )
-    if m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is not None and m.kv_channels < 1:
+        raise ConfigError(f"model.kv_channels = {m.kv_channels} must be a positive integer (or removed)")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size = {m.hidden_size} is not divisible by "
             f"model.num_attention_heads = {m.num_attention_heads}"

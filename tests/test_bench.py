@@ -223,6 +223,46 @@ def test_memory_section_measures_what_the_model_predicts(tmp_path):
     assert "| pp2 | 1 | none |" in md
 
 
+BERT_MEM = """
+model: {architecture: megatron_bert, num_layers: 4, hidden_size: 128, num_attention_heads: 4, vocab_size: 4096,
+        seq_length: 128}
+train: {micro_batch_size: 2, global_batch_size: 2, precision: bf16}
+deepspeed_config: %s
+"""
+T5_MEM = """
+model: {architecture: t5, num_layers: 4, encoder_layers: 2, hidden_size: 128, num_attention_heads: 4,
+        ffn_hidden_size: 256, vocab_size: 4096, seq_length: 128, decoder_seq_length: 64}
+train: {micro_batch_size: 2, global_batch_size: 2, precision: bf16}
+deepspeed_config: %s
+"""
+
+
+def test_memory_model_of_bert_and_t5_at_tp2_pp2(tmp_path):
+    """The memory model of the BERT and T5 families against the measured peak of live tensors over a training step at
+    tp 2 x pp 2 (4 micro batches: the first stage keeps two in flight), within 15% on every rank; both models in one
+    4-rank launch. The T5's stages differ: stage 0 holds the encoder and the first decoder block (and the embedding
+    both stacks use), stage 1 the last decoder block and the output layer of its own (no embedding copy)."""
+    from mtnlg.bench.memory import peaks
+    from mtnlg.bench.runner import BenchOptions, bench_config
+
+    bases = {}
+    for name, text in (("bert", BERT_MEM), ("t5", T5_MEM)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text % (ROOT / "ds_configs" / "zero1.json"))
+        bases[name] = bench_config(BenchOptions(config=str(path)))
+    rows = peaks(bases["bert"], 1, tmp_path, rows=[("tp2 pp2", 2, 2, 1, 1, "none", False)],
+                 others={"t5": bases["t5"]})
+    assert [r["architecture"] for r in rows] == ["megatron_bert", "t5"]
+    for row in rows:
+        print(f"\n{row['architecture']} tp2 pp2: measured {[round(x, 2) for x in row['measured_mb']]} MB, predicted "
+              f"{[round(x, 2) for x in row['predicted_mb']]} MB per rank")
+        assert len(row["measured_mb"]) == 4 and row["layout"]["tensor"] == row["layout"]["pipeline"] == 2
+        for ratio in row["measured_over_predicted"]:
+            assert 0.85 <= ratio <= 1.15, row
+    t5 = rows[1]["predicted_mb"]
+    assert t5[0] > t5[2] + 2  # the stages differ: the model sees which blocks and tied copies each holds
+
+
 def test_the_gemm_peak_measurement_is_bounded_in_time():
     """Rank 0 measures the GEMM peak while the other ranks wait in their first collective: a size whose GEMMs
     would take the measurement past its budget is skipped (a 8192^3 GEMM after a 256^3 one, 1 s budget), so a CPU
@@ -234,3 +274,73 @@ def test_the_gemm_peak_measurement_is_bounded_in_time():
 
     got = measure_gemm(torch.float32, sizes=(256, 8192), repeats=2, budget_s=1.0)
     assert "best_256" in got and "best_8192" not in got and got["best"] == got["best_256"] > 0
+
+
+BERT_TINY = """
+model: {architecture: megatron_bert, num_layers: 2, hidden_size: 64, num_attention_heads: 4, vocab_size: 500,
+        seq_length: 32}
+train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
+deepspeed_config: %s
+"""
+T5_TINY = """
+model: {architecture: t5, num_layers: 4, encoder_layers: 2, hidden_size: 64, num_attention_heads: 4,
+        ffn_hidden_size: 128, vocab_size: 500, seq_length: 32, decoder_seq_length: 16}
+train: {micro_batch_size: 2, global_batch_size: 4, precision: bf16}
+deepspeed_config: %s
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text, hf_class, attns", [(BERT_TINY, "MegatronBertForPreTraining", {"eager"}),
+                                                   (T5_TINY, "T5ForConditionalGeneration", {"eager", "sdpa"})],
+                         ids=["bert", "t5"])
+def test_bench_rows_of_bert_and_t5(tmp_path, text, hf_class, attns):
+    """The BERT and T5 rows: mtnlg against the HF class the family exports to (MegatronBertForPreTraining,
+    T5ForConditionalGeneration) with every attention implementation that class has, through deepspeed.initialize
+    on the same batches (the family's synthetic samples: masked sentence pairs; the copy task), interleaved."""
+    from mtnlg.bench.runner import BenchOptions, run
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(text % (ROOT / "ds_configs" / "zero1.json"))
+    r = run(BenchOptions(config=str(cfg), steps=1, warmup=1, peer=True, output=str(tmp_path / "out"), dp=False,
+                         layouts=False, memory=False, threads=1, peak_sizes=(256,), peak_repeats=2))
+    e = r["main"]["bf16"]
+    assert set(e["peer_variants"]) == attns and r["peer_attns"] == sorted(attns, key=["eager", "sdpa"].index)
+    for name, s in (("mtnlg", e["mtnlg"]), *e["peer_variants"].items()):
+        assert len(s["times"]) == 1 and s["tokens_per_s_median"] > 0 and s["loss"] > 0, name
+        if name != "mtnlg":
+            assert s["info"]["model_class"] == hf_class and s["info"]["params"] > 0
+    if hf_class.startswith("MegatronBert"):  # same heads, same batches: both near ln(vocab) + ln(2) at init
+        losses = [e["mtnlg"]["loss"], e["peer"]["loss"]]
+        assert all(abs(x - 6.9) < 0.5 for x in losses), losses
+    assert f"HF {hf_class} (" in (tmp_path / "out" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("text", [BERT_TINY, T5_TINY], ids=["bert", "t5"])
+def test_the_peer_trains_on_the_same_loss(tmp_path, text):
+    """The BERT and T5 peers compute mtnlg's loss: the HF model the bench builds, imported into mtnlg
+    (``import-hf``), gives the same loss on the bench's batch (the family's synthetic samples, through the
+    adapter's ``training_kwargs``: MLM at the predicted positions + sentence order; the decoder's targets)."""
+    import torch
+
+    from mtnlg.bench.runner import BenchOptions, bench_config
+    from mtnlg.bench.setups import bench_batches, hf_model, training_kwargs
+    from mtnlg.checkpoint import load_native_model
+    from mtnlg.cli import main as cli_main
+    from mtnlg.config import from_dict, resolve
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text % (ROOT / "ds_configs" / "zero1.json"))
+    cfg = resolve(from_dict(bench_config(BenchOptions(config=str(path)))), 1)
+    torch.manual_seed(0)
+    hf = hf_model(cfg, "eager").eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert cli_main(["import-hf", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"),
+                     "--set", f"model.seq_length={cfg.model.seq_length}"]) == 0
+    native, _, _ = load_native_model(tmp_path / "ckpt")
+    inputs, labels = bench_batches(cfg, 0, 1, torch.device("cpu"))[0]
+    with torch.no_grad():
+        want = float(hf(**training_kwargs(cfg)(inputs, labels)).loss)
+        got = float(native.eval()(inputs, labels))
+    print(f"\n{cfg.model.architecture}: HF peer loss {want:.6f}, mtnlg {got:.6f}")
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)

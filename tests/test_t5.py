@@ -33,14 +33,15 @@ LOGIT_TOL = 1e-5  # relative to the largest logit
 SGD_LR = 1000.0
 
 
-def _hf_t5(tied: bool):
+def _hf_t5(tied: bool, d_kv: int = 8):
     """A tiny random T5ForConditionalGeneration: v1.1 (gated-GELU, an output layer of its own) or the original
     (ReLU, tied and scaled; its projections 10x transformers' init, else every input decodes to one repeated
-    token); 2 encoder and 3 decoder blocks; random norm weights."""
+    token); 2 encoder and 3 decoder blocks; random norm weights; 4 heads of ``d_kv`` (8: d_model / heads; T5-11B's
+    heads are wider than that)."""
     import transformers
 
     torch.manual_seed(5 + tied)
-    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=d_kv, d_ff=48, num_layers=2, num_decoder_layers=3,
                                 num_heads=4, feed_forward_proj="relu" if tied else "gated-gelu",
                                 tie_word_embeddings=tied, dropout_rate=0.0, relative_attention_num_buckets=8,
                                 relative_attention_max_distance=12)
@@ -56,17 +57,18 @@ def _hf_t5(tied: bool):
     return model
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["v1.1", "original"])
-def test_hf_roundtrip_through_tp2_pp2(tmp_path, tied):
+@pytest.mark.parametrize("tied, d_kv", [(False, 8), (True, 8), (False, 16)], ids=["v1.1", "original", "v1.1-d_kv"])
+def test_hf_roundtrip_through_tp2_pp2(tmp_path, tied, d_kv):
     """HF -> import-hf (tp 2, pp 2) -> export-hf --verify -> HF: the same logits (<= 1e-5 of the largest) from
-    mtnlg's model and from the exported directory, the same weights bit for bit."""
+    mtnlg's model and from the exported directory, the same weights bit for bit. ``d_kv``: 16 is 4 heads x 16 = 64
+    over d_model 32 (``model.kv_channels``, as T5-11B's 128 x 128 over 1024)."""
     import transformers
 
     from mtnlg.checkpoint import load_native_model
     from mtnlg.cli import main as convert_main
     from mtnlg.convert.hf import t5 as adapter
 
-    hf = _hf_t5(tied)
+    hf = _hf_t5(tied, d_kv)
     hf.save_pretrained(str(tmp_path / "hf"))
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     assert convert_main(["import-hf", "--model", str(tmp_path / "hf"), "--output", str(ckpt), "--set",
@@ -75,6 +77,7 @@ def test_hf_roundtrip_through_tp2_pp2(tmp_path, tied):
     native, run_cfg, _ = load_native_model(ckpt)
     assert (run_cfg.parallel.tensor, run_cfg.parallel.pipeline) == (2, 2)
     assert run_cfg.model.family_knobs.tie_word_embeddings is tied
+    assert run_cfg.model.head_dim == d_kv and run_cfg.model.kv_channels == (d_kv if d_kv != 8 else None)
     exported = transformers.T5ForConditionalGeneration.from_pretrained(str(back), local_files_only=True).eval()
     ours = adapter.verify_inputs(run_cfg.model)
     assert ours[1].min() == 0  # a padded encoder row

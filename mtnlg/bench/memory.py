@@ -93,9 +93,10 @@ class TensorMemory:
 def _tiny(cfg: dict, world: int) -> dict:
     """``cfg`` with a 64-wide model of as few layers as its pipeline allows, in the same layout."""
     heads = 2 * cfg["parallel"]["tensor"]
+    split = {f"model__{k}": None for k in ("encoder_layers", "decoder_layers") if k in cfg["model"]}  # T5: halves
     return config_variant(cfg, world, model__hidden_size=16 * heads, model__num_attention_heads=heads,
                           model__num_kv_heads=None, model__ffn_hidden_size=None, model__vocab_size=256,
-                          model__num_layers=max(2, cfg["parallel"]["pipeline"]))
+                          model__num_layers=max(2, cfg["parallel"]["pipeline"]), **split)
 
 
 def _predict(cfg_dict: dict, world: int, zero: int) -> list[float]:
@@ -193,46 +194,67 @@ def live_peak(cfg: dict, world: int, warmup: int, logs: Path) -> dict[str, Any]:
     """One layout's per-rank peak of live tensors over a training step after ``warmup`` steps (the optimizer's
     states exist by then), in a fresh worker group: ``peak`` and ``start`` (live bytes when the step began), the
     resident set's growth over the steps (``rss_mb``) and over building the model (``build_rss_mb``), ``info``."""
+    return live_peaks([cfg], world, warmup, logs)[0]
+
+
+def live_peaks(cfgs: list[dict], world: int, warmup: int, logs: Path) -> list[dict[str, Any]]:
+    """``live_peak`` of several configs of one world size (e.g. one per model family), one after the other in one
+    worker group: one launch. Each setup's live tensors are counted from its own build on (the previous one is
+    dropped first), so the figures are each setup's own; the resident set's growth is only meaningful for the
+    first (the allocator keeps what an earlier setup freed)."""
     from mtnlg.bench.runner import build_command
 
+    out = []
     workers = start_workers({"peak": (world, 1)}, logs)
     w = workers["peak"]
     try:
         # a tiny model in the same layout first: the modules, buffers and communicators a first engine
         # brings (an accelerator's context, not the model's memory) are in place before the one measured
-        w.build("mtnlg", _tiny(cfg, world))
-        info = w.call({**build_command("mtnlg", cfg), "tensor_memory": True})["info"]
-        built = w.steps(0)["mem_mb"]  # the resident peak while building
-        run = w.call({"op": "steps", "n": max(warmup, 1), "reset_peak": True})
-        live = w.call({"op": "tensor_peak"})
-        before = w.call({"op": "rss"})["mb"]
+        w.build("mtnlg", _tiny(cfgs[0], world))
+        for cfg in cfgs:
+            info = w.call({**build_command("mtnlg", cfg), "tensor_memory": True})["info"]
+            built = w.steps(0)["mem_mb"]  # the resident peak while building
+            run = w.call({"op": "steps", "n": max(warmup, 1), "reset_peak": True})
+            live = w.call({"op": "tensor_peak"})
+            before = w.call({"op": "rss"})["mb"]
+            out.append({"peak": live["peak"], "start": live["start"], "info": info,
+                        "rss_mb": [p - b for p, b in zip(run["mem_mb"], before)],
+                        "build_rss_mb": [p - b for p, b in zip(built, before)]})
     finally:
         close_workers(workers)
-    return {"peak": live["peak"], "start": live["start"], "info": info,
-            "rss_mb": [p - b for p, b in zip(run["mem_mb"], before)],
-            "build_rss_mb": [p - b for p, b in zip(built, before)]}
+    return out
 
 
-def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None) -> list[dict[str, Any]]:
+def peaks(base: dict, warmup: int, logs: Path, rows: list[tuple] | None = None,
+          others: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """Each ``PEAK_ROWS`` layout's per-rank peak of live tensors over a training step (``live_peak``), measured and
-    predicted; the resident set's growth over the same steps and over building the model alongside."""
-    micro = base["train"]["micro_batch_size"]
+    predicted; the resident set's growth over the steps and over building the model alongside. ``others``: more
+    run configs (name -> config dict, e.g. a BERT and a T5 model) measured in each row's layout too, in the same
+    launch; their rows are named ``"<row> <name>"``."""
     out = []
     for name, tp, pp, dp, zero, recompute, sp in rows or PEAK_ROWS:
         world = tp * pp * dp
         m_count = 4 if pp > 1 else 1
-        cfg = _variant(base, world, parallel__tensor=tp, parallel__pipeline=pp, parallel__sequence_parallel=sp,
-                       model__recompute=recompute, train__global_batch_size=micro * dp * m_count)
-        cfg["deepspeed_config"] = _zero_json(zero, logs)
-        got = live_peak(cfg, world, warmup, logs)
-        measured = [b / MB for b in got["peak"]]
-        predicted = [x / MB for x in _predict(cfg, world, zero)]
-        ratio = [a / b for a, b in zip(measured, predicted)]
-        out.append({"name": name, "layout": got["info"]["layout"], "zero": zero, "recompute": recompute,
-                    "measured_mb": measured, "predicted_mb": predicted, "measured_over_predicted": ratio,
-                    "step_start_mb": [b / MB for b in got["start"]], "rss_peak_mb": got["rss_mb"],
-                    "build_rss_peak_mb": got["build_rss_mb"]})
-        _log(f"[memory] {name}: peak of live tensors {[round(x) for x in measured]} MB, predicted "
-             f"{[round(x) for x in predicted]} MB per rank (measured/predicted {min(ratio):.2f}-{max(ratio):.2f}; "
-             f"resident set grew {[round(x) for x in got['rss_mb']]} MB)")
+        named = {"": base, **(others or {})}
+        cfgs = {}
+        for tag, b in named.items():
+            cfg = _variant(b, world, parallel__tensor=tp, parallel__pipeline=pp, parallel__sequence_parallel=sp,
+                           model__recompute=recompute,
+                           train__global_batch_size=b["train"]["micro_batch_size"] * dp * m_count)
+            cfg["deepspeed_config"] = _zero_json(zero, logs)
+            cfgs[tag] = cfg
+        got_all = live_peaks(list(cfgs.values()), world, warmup, logs)
+        for (tag, cfg), got in zip(cfgs.items(), got_all):
+            row_name = f"{name} {tag}".strip()
+            measured = [b / MB for b in got["peak"]]
+            predicted = [x / MB for x in _predict(cfg, world, zero)]
+            ratio = [a / b for a, b in zip(measured, predicted)]
+            out.append({"name": row_name, "architecture": cfg["model"].get("architecture"),
+                        "layout": got["info"]["layout"], "zero": zero, "recompute": recompute,
+                        "measured_mb": measured, "predicted_mb": predicted, "measured_over_predicted": ratio,
+                        "step_start_mb": [b / MB for b in got["start"]], "rss_peak_mb": got["rss_mb"],
+                        "build_rss_peak_mb": got["build_rss_mb"]})
+            _log(f"[memory] {row_name}: peak of live tensors {[round(x) for x in measured]} MB, predicted "
+                 f"{[round(x) for x in predicted]} MB per rank (measured/predicted {min(ratio):.2f}-{max(ratio):.2f}; "
+                 f"resident set grew {[round(x) for x in got['rss_mb']]} MB)")
     return out

@@ -21,6 +21,7 @@ figure is reported as min and median over the timed steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import platform
 import secrets
@@ -279,6 +280,17 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     threads = opts.threads or (cores if device == "cpu" else 1)
     cfg = resolve(from_dict(base), 1)
     fpt = flops_per_token(cfg.model)
+    if opts.peer:  # the peer's class may lack an implementation (T5's: eager only)
+        from mtnlg.bench.setups import hf_class, peer_attns
+
+        has = [a for a in opts.peer_attns if a in peer_attns(cfg)]
+        if not has:
+            raise UserError(f"--peer-attn {','.join(opts.peer_attns)}: {hf_class(cfg).__name__} has "
+                            f"{', '.join(peer_attns(cfg))} only")
+        if len(has) < len(opts.peer_attns):
+            _log(f"the peer ({hf_class(cfg).__name__}) has no {', '.join(set(opts.peer_attns) - set(has))} "
+                 "attention; timing it with " + ", ".join(has))
+        opts = dataclasses.replace(opts, peer_attns=tuple(has))
     result: dict[str, Any] = {
         "machine": {"device": device, "cpu": platform.processor() or platform.machine(), "cores": cores,
                     "torch": torch.__version__, "python": platform.python_version()},

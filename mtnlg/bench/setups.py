@@ -38,6 +38,22 @@ def synthetic_batches(cfg: RunConfig, seed: int = 1234) -> list[tuple[torch.Tens
     return out
 
 
+def bench_batches(cfg: RunConfig, dp_rank: int, dp_size: int, device: torch.device) -> list:
+    """This dp rank's micro batches of one fixed global batch, on ``device``: uniform random token windows for a GPT
+    (``synthetic_batches``), or a family's own synthetic samples (``data.synthetic``: BERT's masked sentence pairs,
+    T5's copy task) through its ``collate``, as training reads them. mtnlg and the peer get the same ones."""
+    from types import SimpleNamespace
+
+    from mtnlg.model.registry import family
+    from mtnlg.training.loop import micro_batches
+    from mtnlg.training.sources import build_sources
+
+    if family(cfg.model).sources is None:
+        return [(ids.to(device), lab.to(device)) for ids, lab in synthetic_batches(cfg, seed=1234 + dp_rank)]
+    train, _ = build_sources(cfg)
+    return micro_batches(train, 0, cfg, SimpleNamespace(dp_rank=dp_rank, dp_size=dp_size), device)
+
+
 def optimizer_flags(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The implementation switches of a torch AdamW (what the peer must match)."""
     d = optimizer.defaults
@@ -66,8 +82,7 @@ class MtnlgSetup:
         self.rss_before_build_mb = rss_before
         self.device = device
         # each dp rank trains on its own micro batches (the same ones at every step)
-        self.batches = [(ids.to(device), lab.to(device))
-                        for ids, lab in synthetic_batches(self.cfg, seed=1234 + self.ps.dp_rank)]
+        self.batches = bench_batches(self.cfg, self.ps.dp_rank, self.ps.dp_size, device)
         self.iteration = 0
 
     def step(self) -> float:
@@ -138,22 +153,60 @@ class MtnlgSetup:
 PEER_ATTNS = ("eager", "sdpa")  # the HF attention implementations the bench times
 
 
+def hf_class(cfg: RunConfig):
+    """The transformers class mtnlg exports the model to (``mtnlg.convert.hf``'s adapter: MegatronBertForPreTraining,
+    T5ForConditionalGeneration; a causal LM: AutoModelForCausalLM's class for the config)."""
+    import transformers
+
+    from mtnlg.convert.hf import adapter_for
+
+    adapter = adapter_for(cfg.model)
+    if not hasattr(adapter, "training_kwargs"):
+        return transformers.AutoModelForCausalLM
+    return getattr(transformers, adapter.class_name(cfg.model) if hasattr(adapter, "class_name") else adapter.HF_CLASS)
+
+
+def peer_attns(cfg: RunConfig) -> tuple[str, ...]:
+    """The attention implementations of ``PEER_ATTNS`` the peer's class has (T5's has eager only: its relative
+    position bias)."""
+    cls = hf_class(cfg)
+    if cls.__name__.startswith("Auto"):
+        return PEER_ATTNS
+    return tuple(a for a in PEER_ATTNS if a == "eager" or getattr(cls, "_supports_sdpa", False))
+
+
+def training_kwargs(cfg: RunConfig):
+    """(inputs, labels) of a micro batch -> the HF class's keyword arguments for a training step (the adapter's
+    ``training_kwargs``; a causal LM: the ids and the already shifted labels, as ``shift_labels``, so that HF's loss
+    makes the same T predictions as mtnlg's)."""
+    from mtnlg.convert.hf import adapter_for
+
+    adapter = adapter_for(cfg.model)
+    if hasattr(adapter, "training_kwargs"):
+        return adapter.training_kwargs
+    return lambda ids, labels: {"input_ids": ids, "labels": labels, "shift_labels": labels}
+
+
+# HF names of the tanh GELU computed in Python ops; ``gelu_pytorch_tanh`` is the same function, fused
+_TANH_GELUS = ("gelu_new", "gelu_fast")
+
+
 def hf_model(cfg: RunConfig, attn: str = "sdpa") -> torch.nn.Module:
     """A randomly initialised HF model with mtnlg's model dims, of the class mtnlg exports the architecture to
-    (``mtnlg.convert.hf_export.hf_config``: GPT2LMHeadModel, LlamaForCausalLM, ...), attention implementation
-    ``attn`` (one of ``PEER_ATTNS``); GPT-2's tanh GELU is HF's fused ``gelu_pytorch_tanh`` (the same function)."""
-    from transformers import AutoModelForCausalLM
-
+    (``hf_class``), attention implementation ``attn`` (one of ``peer_attns(cfg)``); a tanh GELU (GPT-2's, Megatron
+    BERT's, T5 v1.1's gated one) is HF's fused ``gelu_pytorch_tanh`` (the same function)."""
     from mtnlg.convert.hf_export import hf_config
 
-    if attn not in PEER_ATTNS:
-        raise ValueError(f"attention implementation {attn!r}: use one of {', '.join(PEER_ATTNS)}")
+    if attn not in peer_attns(cfg):
+        raise ValueError(f"attention implementation {attn!r}: use one of {', '.join(peer_attns(cfg))}")
     hf_cfg = hf_config(cfg.model, "fp32", {})
     hf_cfg.use_cache = False
-    if hasattr(hf_cfg, "activation_function"):
-        hf_cfg.activation_function = "gelu_pytorch_tanh"
+    for key in ("activation_function", "hidden_act", "dense_act_fn"):
+        if getattr(hf_cfg, key, None) in _TANH_GELUS or (key == "activation_function" and hasattr(hf_cfg, key)):
+            setattr(hf_cfg, key, "gelu_pytorch_tanh")
     hf_cfg._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(hf_cfg)
+    cls = hf_class(cfg)
+    return cls.from_config(hf_cfg) if cls.__name__.startswith("Auto") else cls._from_config(hf_cfg)
 
 
 class PeerSetup:
@@ -188,15 +241,14 @@ class PeerSetup:
         self.build_s = time.perf_counter() - t0
         self.opt = opt
         # each dp rank trains on its own micro batches, the same ones as mtnlg's rank with that dp rank
-        self.batches = [(ids.to(device), lab.to(device))
-                        for ids, lab in synthetic_batches(cfg, seed=1234 + self.dp_rank)]
+        self.batches = bench_batches(cfg, self.dp_rank, dist.get_world_size(), device)
+        self.kwargs = training_kwargs(cfg)
 
     def step(self) -> float:
         self.engine.train()
         total = None
-        for ids, labels in self.batches:
-            # labels already shifted: HF's loss uses ``shift_labels`` as given (the same T predictions as mtnlg)
-            loss = self.engine(input_ids=ids, labels=labels, shift_labels=labels).loss
+        for inputs, labels in self.batches:
+            loss = self.engine(**self.kwargs(inputs, labels)).loss
             self.engine.backward(loss)
             self.engine.step()
             total = loss.detach().float() if total is None else total + loss.detach().float()

@@ -61,6 +61,9 @@ def _check(m, par) -> None:
         raise ValueError(f"model.num_classes = {k.num_classes} must be >= 2 for the classification head")
     if k.max_ngram < 1:
         raise ValueError(f"model.max_ngram = {k.max_ngram} must be >= 1")
+    if m.kv_channels is not None:
+        raise ValueError(f"model.kv_channels = {m.kv_channels}: a head width other than hidden_size / "
+                          "num_attention_heads is for T5 models only; remove model.kv_channels")
     if m.num_kv_heads != m.num_attention_heads:
         raise ValueError(f"model.num_kv_heads = {m.num_kv_heads}: BERT has one key/value head per query head; "
                           "remove model.num_kv_heads")

@@ -19,4 +19,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
               "qkv_bias": True, "tie_embeddings": False, "rope_theta": 1000000.0},
 }
 
-CHECKS: tuple = ()  # the generic model checks of mtnlg.config.resolve are all a GPT needs
+def _no_kv_channels(m, par) -> None:
+    """Heads of hidden_size / num_attention_heads only (the HF classes a GPT exports to say no other width)."""
+    if m.kv_channels is not None:
+        raise ValueError(f"model.kv_channels = {m.kv_channels}: a head width other than hidden_size / "
+                          "num_attention_heads is for T5 models only; remove model.kv_channels")
+
+
+CHECKS: tuple = (_no_kv_channels,)  # beside the generic model checks of mtnlg.config.resolve

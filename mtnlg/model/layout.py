@@ -139,6 +139,22 @@ def stage_specs(cfg: ModelConfig, pp_size: int, pp_rank: int) -> range:
     return range(parts[pp_rank], parts[pp_rank + 1])
 
 
+def tied_users(cfg: ModelConfig) -> dict[str, frozenset[int]]:
+    """The spec indices that run each tied module (its prefix ``tied_modules.<key>.`` -> indices): DeepSpeed builds
+    a copy of a tied module on every stage holding one of them (a GPT's tied output layer on the last stage; a T5 v1.1
+    has none there, its output layer being its own)."""
+    return dict(_tied_users(_key(cfg)))
+
+
+@functools.lru_cache(maxsize=32)
+def _tied_users(key: tuple) -> tuple[tuple[str, frozenset[int]], ...]:
+    model = _meta_model(key)
+    funcs = model.spec_modules()
+    return tuple((prefix, frozenset(i for i, f in enumerate(funcs)
+                                    if f is module or getattr(f, "args", (None,))[:1] == (module,)))
+                 for _, prefix, module in model.owners if prefix.startswith("tied_modules."))
+
+
 def saved_layers(cfg: ModelConfig, pp_size: int, pp_rank: int) -> list[int]:
     """The spec indices of pipeline stage ``pp_rank`` that DeepSpeed saves a layer file for: the specs of the stage
     that own parameters (not a tied output layer, which reuses the embedding's)."""

@@ -1,12 +1,13 @@
 """The T5 family's activation memory per micro batch (what ``mtnlg.training.memory`` adds up for ``model-info`` and
 ``plan``), counted tensor by tensor as autograd keeps mtnlg's T5 blocks (``mtnlg.model.t5``).
 
-``layer_activation_bytes`` is per block, the mean of an encoder block (its sequence: ``seq_length``) and a decoder
-block (``decoder_seq_length``, plus its cross-attention over the encoder's output) weighted by their numbers: the
-memory model multiplies it by the blocks a stage holds. Under sequence parallelism (``sp``) the tensors of the
-replicated region (the norms' inputs, dropout masks, the column-parallel projections' inputs, the encoder output
-the cross-attention's keys and values read) are kept as sequence shards: 1/tp of them. Not yet checked against a
-measured peak (docs/t5.md).
+``block_activation_bytes`` is one block's: an encoder block (its sequence: ``seq_length``) or a decoder block
+(``decoder_seq_length``, plus its cross-attention over the encoder's output); the memory model adds up the blocks a
+stage holds. ``layer_activation_bytes`` is their mean weighted by their numbers (the figure per block a summary
+shows). Checked against the measured peak of a tp 2 x pp 2 step (tests/test_bench.py). Under sequence parallelism
+(``sp``) the tensors of the replicated region (the norms' inputs, dropout masks, the column-parallel projections'
+inputs, the encoder output the cross-attention's keys and values read) are kept as sequence shards: 1/tp of them
+(not yet checked against a measured peak).
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ def layer_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precis
     return (enc * e_bytes + dec * d_bytes) / (enc + dec)
 
 
+def block_activation_bytes(m: ModelConfig, index: int, micro: int, tp: int, sp: bool, precision: str,
+                           attention: str = "flash", device: str = "cpu") -> float:
+    """What block ``index`` (``layers.<index>``: the encoder's first, then the decoder's) keeps per micro batch."""
+    enc, _ = depths(m)
+    s, t = m.seq_length, decoder_length(m)
+    attention = attention_kind(m, precision, device) if attention == "flash" else attention
+    if index < enc:  # the encoder's last block with the encoder's final norm after it (on its stage)
+        shard = tp if sp else 1
+        norm = _norm_bytes(m, s * micro / shard, precision, device) if index == enc - 1 else 0.0
+        return _block_bytes(m, micro, tp, sp, precision, attention, device, s, False, s) + norm
+    return _block_bytes(m, micro, tp, sp, precision, attention, device, t, True, s)
+
+
+def _norm_bytes(m: ModelConfig, tokens: float, precision: str, device: str) -> float:
+    """What a stack's final RMSNorm keeps: its input (fp32 on a CPU) and 1/rms per token."""
+    e = 4 if precision == "fp32" else 2
+    return (8 if device == "cpu" else e) * tokens * m.hidden_size + 4 * tokens
+
+
 def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str) -> float:
     e = 4 if precision == "fp32" else 2
     tokens = (m.seq_length + decoder_length(m)) / (tp if sp else 1)
@@ -76,12 +96,12 @@ def embedding_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, pr
 
 def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precision: str,
                           device: str = "cpu") -> float:
-    """The decoder's final norm and output layer inputs and the logits (B, T_dec, V/tp); the encoder's final norm."""
+    """The decoder's final norm and output layer inputs and the logits (B, T_dec, V/tp) (the encoder's final norm is
+    counted with the encoder's last block: ``block_activation_bytes``)."""
     e = 4 if precision == "fp32" else 2
     t = decoder_length(m)
-    norm = (8 if device == "cpu" else e)
-    shard = tp if sp else 1  # the norms' inputs and the output layer's: sequence shards under SP
-    return (norm * (t + m.seq_length) * micro * m.hidden_size / shard + e * t * micro * m.hidden_size / shard
+    shard = tp if sp else 1  # the norm's input and the output layer's: sequence shards under SP
+    return (_norm_bytes(m, t * micro / shard, precision, device) + e * t * micro * m.hidden_size / shard
             + e * t * micro * m.padded_vocab_size / tp)
 
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from mtnlg.config import ModelConfig, RunConfig
-from mtnlg.model.layout import groups, stage_specs
+from mtnlg.model.layout import groups, stage_specs, tied_users
 from mtnlg.model.registry import family
 
 GB = 2**30
@@ -87,12 +87,13 @@ def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, dev
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int]:
     """(parameters on one rank of the stage, transformer blocks on the stage): each group of the stage's specs at
-    its tensor-parallel shard size; a tied embedding counts on both stages that hold it."""
+    its tensor-parallel shard size; a tied embedding counts on every stage that runs it (DeepSpeed's copies)."""
     specs = set(stage_specs(m, pp, stage))
+    users = tied_users(m)
     total, blocks = 0, 0
     for g in groups(m):
         held = g.spec_index in specs
-        tied_copy = g.prefix.startswith("tied_modules.") and stage == pp - 1 and pp > 1 and not held
+        tied_copy = not held and bool(users.get(g.prefix, frozenset()) & specs)  # a later spec running it
         if not (held or tied_copy):
             continue
         if g.name.startswith("layers."):
@@ -102,6 +103,30 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int
                 continue  # the last stage's copy is the word embeddings only
             total += math.prod(sharding.local_shape(tp, m.padded_vocab_size))
     return total, blocks
+
+
+def stage_blocks(m: ModelConfig, pp: int, stage: int) -> list[int]:
+    """Indices of the transformer blocks (``layers.<i>``) a pipeline stage holds."""
+    specs = set(stage_specs(m, pp, stage))
+    return sorted({int(g.name.split(".")[1]) for g in groups(m)
+                   if g.spec_index in specs and g.name.startswith("layers.")})
+
+
+def blocks_activation_bytes(m: ModelConfig, blocks: list[int], micro: int, tp: int, sp: bool, precision: str,
+                            attention: str, device: str) -> tuple[float, float]:
+    """(what the blocks ``blocks`` keep per micro batch, the most one of them keeps without recompute). A family
+    whose blocks differ (T5's encoder and decoder blocks: other lengths, cross-attention) says each block's bytes
+    with ``block_activation_bytes(m, index, ...)``; otherwise every block keeps ``layer_activation_bytes``."""
+    mem = family(m).memory
+    one = getattr(mem, "block_activation_bytes", None)
+    plain = _no_recompute(m)
+    if one is None:
+        per = mem.layer_activation_bytes(m, micro, tp, sp, precision, attention, device)
+        whole = mem.layer_activation_bytes(plain, micro, tp, sp, precision, attention, device)
+        return len(blocks) * per, whole if blocks else 0.0
+    kept = sum(one(m, i, micro, tp, sp, precision, attention, device) for i in blocks)
+    whole = max((one(plain, i, micro, tp, sp, precision, attention, device) for i in blocks), default=0.0)
+    return kept, whole
 
 
 def model_state_bytes(params: float, dp: int, zero_stage: int, precision: str,
@@ -176,18 +201,18 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
     tp, pp, dp = par.tensor, par.pipeline, par.data
     attention = attention_kind(m, t.precision, device)
     sp = par.sequence_parallel
-    per_layer = layer_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, attention, device)
     buffers = reduction_buffer_bytes({**(zero or {}), "stage": zero_stage}, dp, t.precision)
     out = []
     for stage in range(pp):
         params, blocks = stage_params(m, tp, pp, stage)
         weights, grads, opt = model_state_bytes(params, dp, zero_stage, t.precision, optimizer)
         in_flight = min(pp - stage, t.grad_accum_steps) if pp > 1 else 1
-        acts = blocks * per_layer * in_flight
+        kept, whole = blocks_activation_bytes(m, stage_blocks(m, pp, stage),
+                                              t.micro_batch_size, tp, sp, t.precision, attention, device)
+        acts = kept * in_flight
         if m.recompute != "none" and blocks:  # the block (full) or attention core (selective) being recomputed
-            whole = layer_activation_bytes(_no_recompute(m), t.micro_batch_size, tp, sp, t.precision, attention,
-                                           device)   # holds its activations once more
-            acts += whole if m.recompute == "full" else whole - per_layer
+            # holds its activations once more
+            acts += whole if m.recompute == "full" else whole - kept / blocks
         if stage == 0:
             acts += embedding_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision) * in_flight
         head = 0.0

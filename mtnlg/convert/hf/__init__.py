@@ -14,6 +14,8 @@ mtnlg needs to export to and import from that type:
     verify_inputs(cfg), hf_outputs(model, inputs)  (optional) what ``export-hf --verify`` runs both models on and
                                   what the HF model returns for it, as mtnlg's model does (class: ``class_name(cfg)``
                                   or HF_CLASS; default: AutoModelForCausalLM's logits on token ids)
+    training_kwargs(inputs, labels)  (optional) the HF class's keyword arguments for a training step on mtnlg's
+                                  micro batch (``mtnlg bench``'s peer; default: a causal LM's ids and shifted labels)
 
 A family lists the model types it maps to (``Family.hf_model_types``, preferred first); export picks the first that
 represents a model exactly (its own architecture's first). Adding a type is a new module here and its name in the

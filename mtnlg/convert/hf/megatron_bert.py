@@ -160,3 +160,13 @@ def hf_outputs(model, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, .
     if hasattr(out, "start_logits"):
         return (torch.stack([out.start_logits, out.end_logits], dim=-1),)
     return (out.logits,)
+
+
+def training_kwargs(inputs: tuple, labels: tuple) -> dict:
+    """What the HF pretraining class takes for one training step on mtnlg's BERT micro batch (``mtnlg bench``'s peer):
+    the MLM labels at the predicted positions (-100 elsewhere: HF's ignored index) and the sentence-order label; HF's
+    loss is then mtnlg's, the MLM mean over predicted tokens plus the SOP cross-entropy."""
+    tokens, types, padding = inputs
+    mlm, loss_mask, is_random = labels
+    return {"input_ids": tokens, "token_type_ids": types, "attention_mask": padding,
+            "labels": mlm.masked_fill(loss_mask == 0, -100), "next_sentence_label": is_random}

@@ -98,15 +98,16 @@ def to_hf_config(cfg: ModelConfig, common: dict):
 
 
 def model_section(hf, refuse) -> dict:
-    if hf.d_kv * hf.num_heads != hf.d_model:
-        refuse(f"d_kv {hf.d_kv} x num_heads {hf.num_heads} != d_model {hf.d_model}")
     if hf.feed_forward_proj not in ("gated-gelu", "relu"):
         refuse(f"feed_forward_proj {hf.feed_forward_proj!r}")
     dec = hf.num_decoder_layers if hf.num_decoder_layers is not None else hf.num_layers
     return {
         "architecture": "t5", "num_layers": hf.num_layers + dec, "encoder_layers": hf.num_layers,
         "decoder_layers": dec, "hidden_size": hf.d_model, "num_attention_heads": hf.num_heads,
-        "ffn_hidden_size": hf.d_ff, "seq_length": 512, "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
+        "ffn_hidden_size": hf.d_ff, "seq_length": 512,
+        # heads narrower or wider than d_model / num_heads (T5-11B: 128 x 128 over 1024)
+        "kv_channels": hf.d_kv if hf.d_kv * hf.num_heads != hf.d_model else None,
+        "vocab_size": hf.vocab_size, "norm_eps": hf.layer_norm_epsilon,
         "relative_attention_num_buckets": hf.relative_attention_num_buckets,
         "relative_attention_max_distance": hf.relative_attention_max_distance,
         "feed_forward": hf.feed_forward_proj, "tie_word_embeddings": bool(getattr(hf, "scale_decoder_outputs", True)),
@@ -146,3 +147,12 @@ def hf_outputs(model, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, .
     enc, enc_pad, dec, dec_pad = inputs
     out = model(input_ids=enc, attention_mask=enc_pad, decoder_input_ids=dec, decoder_attention_mask=dec_pad)
     return (out.logits,)
+
+
+def training_kwargs(inputs: tuple, labels) -> dict:
+    """What T5ForConditionalGeneration takes for one training step on mtnlg's T5 micro batch (``mtnlg bench``'s
+    peer): the encoder's tokens and padding, the decoder's inputs and padding, and its targets (mtnlg's unpredicted
+    positions, labels < 0, as HF's ignored index -100)."""
+    enc, enc_pad, dec, dec_pad = inputs
+    return {"input_ids": enc, "attention_mask": enc_pad, "decoder_input_ids": dec, "decoder_attention_mask": dec_pad,
+            "labels": labels.masked_fill(labels < 0, -100)}
