@@ -228,11 +228,11 @@ def _train_with_downstream(rank, world, d, tasks_dir, save, tp, zero):
         "model": {"architecture": "gpt2", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "seq_length": 64},
         "parallel": {"tensor": tp},
-        "train": {"iters": 60, "micro_batch_size": 8 // (world // tp), "global_batch_size": 8, "lr": 3e-3,
-                  "log_interval": 30, "peak_tflops": 1.0},
+        "train": {"iters": 12, "micro_batch_size": 8 // (world // tp), "global_batch_size": 8, "lr": 3e-3,
+                  "log_interval": 6, "peak_tflops": 1.0},
         "data": {"prefix": f"{d}/corpus", "tokenizer": f"{d}/tok", "split": "100,0,0"},
         "checkpoint": {"save": save},
-        "eval": {"tasks": ["lambada_local"], "include_path": tasks_dir, "interval": 30},
+        "eval": {"tasks": ["lambada_local"], "include_path": tasks_dir, "interval": 6},
         "deepspeed_config": ds_config(zero),
     })).zero3_partitioned
 
@@ -250,7 +250,7 @@ def test_downstream_eval_during_training(env, tmp_path, tp, zero):
     assert zero3 is None if zero < 3 else zero3[0] == zero3[1]  # ZeRO-3: the tied weight is partitioned too
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/lambada_local/acc" in r]
-    assert [r["iteration"] for r in evals] == [30, 60]
+    assert [r["iteration"] for r in evals] == [6, 12]
     # the in-training number (tp=2, live model) equals an offline evaluation of the final checkpoint
     model = open_model(checkpoint=str(save))
     offline = run_task("cloze", model.scorer, read_jsonl(env / "cloze.jsonl"), model.eod_id)
