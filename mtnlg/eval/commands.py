@@ -76,9 +76,9 @@ LM_TASKS = ("perplexity", "cloze", "choice", "generate-match")
 
 
 def bert_tasks() -> list[str]:
-    from mtnlg.tasks.registry import TASKS
+    from mtnlg.tasks.registry import NAMES
 
-    return list(TASKS)
+    return list(NAMES)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
