@@ -12,9 +12,7 @@
 #   GLOO_SOCKET_IFNAME  (CPU/gloo) and NCCL_SOCKET_IFNAME / NCCL_IB_HCA (GPUs): your cluster network's
 #                interfaces. mtnlg picks gloo's itself (the interface routing to MASTER_ADDR) when unset.
 #   These, OMP_NUM_THREADS, TORCH_EXTENSIONS_DIR and HF_HUB_OFFLINE reach every rank on every node
-#   through the environment file the launcher reads: DS_ENV_FILE (default: .deepspeed_env in the checkout),
-#   and PATH with the venv's bin first: the ranks build DeepSpeed's ops with the venv's ninja (another ninja
-#   on a node's default PATH hashes the build commands differently and rebuilds the shared op cache each time).
+#   through the environment file the launcher reads: DS_ENV_FILE (default: .deepspeed_env in the checkout).
 #   EXTRA        more launcher flags, e.g. "--no_ssh_check" (needed when testing on localhost)
 #   MTNLG_VENV   the virtual environment (default: .venv in the checkout)
 set -euo pipefail
@@ -33,7 +31,6 @@ for v in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG OMP_NUM_TH
          HF_HUB_OFFLINE; do
   if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$ENV_FILE"; fi
 done
-echo "PATH=${MTNLG_VENV:-$ROOT/.venv}/bin:$PATH" >> "$ENV_FILE"
 cd "$ROOT"
 # shellcheck disable=SC2086
 exec "${MTNLG_VENV:-$ROOT/.venv}/bin/deepspeed" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \

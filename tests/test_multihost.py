@@ -50,10 +50,6 @@ class Cluster:
         self.hostfile = self._hostfile("hostfile", 2)
         self.env_file = work / "deepspeed_env"  # what DeepSpeed's runner exports to every rank (DS_ENV_FILE)
         keep = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ}
-        # the venv's tools first, as on this host: the ranks build DeepSpeed's op with the venv's ninja (ssh's
-        # default PATH finds the system's, whose build-command hashes differ: every switch between the two rebuilt
-        # the shared op cache, ~2 minutes of both cores each time, several times per suite run)
-        keep["PATH"] = f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in {"OMP_NUM_THREADS": "1", **keep}.items()))
 
     def _hostfile(self, name: str, slots: int) -> Path:
