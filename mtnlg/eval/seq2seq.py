@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from mtnlg.errors import UserError
-from mtnlg.eval.generate import Generator, sample
+from mtnlg.eval.generate import Generator, HFGenerator, sample
 
 
 def encoder_input(prompt: list[int], eod_id: int) -> list[int]:
@@ -66,18 +66,12 @@ class Seq2SeqGenerator:
         return Generator.complete(self, context, max_new_tokens, stop)  # type: ignore[arg-type]
 
 
-class HFSeq2SeqGenerator:
+class HFSeq2SeqGenerator(HFGenerator):
     """The same interface over a Hugging Face encoder-decoder model (its own ``generate``)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
         self.eod_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -99,6 +93,3 @@ class HFSeq2SeqGenerator:
             ids = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), **kwargs)
             out.append(cut_at_eod(ids[0, 1:].tolist(), self.eod_id, stop_at_eod))  # after the start token
         return out
-
-    def complete(self, context: str, max_new_tokens: int = 64, stop: list[str] | None = None) -> str:
-        return Generator.complete(self, context, max_new_tokens, stop)  # type: ignore[arg-type]
