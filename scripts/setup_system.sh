@@ -2,7 +2,7 @@
 # System packages the multi-host tests need (Debian): openssh-server (each simulated host's sshd), pdsh
 # (DeepSpeed's default multi-node runner) and strace (the Ray test checks whom Ray's processes contact). Run as
 # root; scripts/test.sh runs it when it can. Does nothing when they are there; without root or apt-get it says
-# what is missing, and the multi-host tests fail saying why (unless MTNLG_SKIP_NAMESPACE_TESTS=1 skips them).
+# what is missing, and the multi-host tests fail saying why (they are never skipped).
 set -euo pipefail
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)

@@ -196,12 +196,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 1200
 
 
 def skip_unless_required(reason: str) -> None:
-    """A test that needs what this machine lacks (root, namespaces) fails, saying why: it is never switched off
-    silently. A machine that cannot have them (no root) runs the suite with ``MTNLG_SKIP_NAMESPACE_TESTS=1``, which
-    turns these failures into skips by the user's explicit choice."""
+    """A test that needs what this machine lacks (root, namespaces) fails, saying why: it is never switched off."""
     import pytest
 
-    if os.environ.get("MTNLG_SKIP_NAMESPACE_TESTS") == "1":
-        pytest.skip(f"{reason} (MTNLG_SKIP_NAMESPACE_TESTS=1)")
-    pytest.fail(f"{reason}; these tests need root and `ip netns` (on a machine without them, run the suite with "
-                "MTNLG_SKIP_NAMESPACE_TESTS=1 to skip them)")
+    pytest.fail(f"{reason}; these tests need root and `ip netns` (scripts/setup_system.sh lists what they need)")
