@@ -194,7 +194,7 @@ def hf_step(model, import_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
     total = 0.0
     for m in range(GLOBAL // MICRO):
-        (tokens, types, padding), labels = family(cfg.model).collate(
+        (tokens, types, padding, *_), labels = family(cfg.model).collate(
             [train_src[i] for i in range(m * MICRO, (m + 1) * MICRO)])
         kwargs = {"input_ids": tokens, "token_type_ids": types, "attention_mask": padding}
         if head == "pretrain":
@@ -355,7 +355,8 @@ def test_synthetic_samples_and_collate():
     for x in samples:
         assert np.all((x["labels"] >= 0) == (x["loss_mask"] == 1))
     inputs, labels = family(cfg.model).collate(samples[:3])
-    assert [t.shape for t in inputs] == [(3, SEQ)] * 3 and [t.shape for t in labels] == [(3, SEQ), (3, SEQ), (3,)]
+    assert [t.shape for t in inputs] == [(3, SEQ)] * 4 and [t.shape for t in labels] == [(3, SEQ), (3, SEQ), (3,)]
+    assert torch.equal(inputs[3], labels[1])  # ``predicted``: the rows the MLM head runs on
 
 
 @pytest.mark.parametrize("key,value,message", [

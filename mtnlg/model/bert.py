@@ -7,6 +7,11 @@ Inputs are ``(tokens, types, padding)`` (B, T) each (``padding``: 1 = real token
 loss_mask, is_random)``: the original token at predicted positions, where they are (1), and the sentence-order
 label (B,). What travels through the blocks (and DeepSpeed's pipeline) is ``(hidden, padding)``.
 
+Pretraining batches (``collate``) add a fourth input, ``predicted`` (B, T): the loss mask. It travels with the
+hidden states, and the MLM transform and decoder run on those rows only (~15% of the tokens: the decoder, a
+[V, h] matrix per token, is most of a small BERT's work); the loss is the same, computed over the same logits.
+Without it (or under sequence parallelism, where the rows are split across ranks) every token gets logits.
+
 The MLM decoder reuses the word embeddings (a ``TiedLayerSpec``, as the GPT's tied head); the vocabulary bias
 lives in the last spec, not in the tied module: DeepSpeed saves and synchronises only the first stage's copy of a
 tied module and only its tied weight. ``BertModel`` builds the same specs in one module (pp = 1) with the names
@@ -57,6 +62,12 @@ def gather_sequence_once(x: torch.Tensor, group) -> torch.Tensor:
     return gather_from_tp(x.transpose(1, 2), group).transpose(1, 2)
 
 
+def predicted_share(cfg: ModelConfig, ps: ParallelState) -> float:
+    """The share of a pretraining batch's tokens the MLM head runs on (FLOPs; ``predicted``): ``mask_prob`` of them,
+    all under sequence parallelism."""
+    return 1.0 if ps.sequence_parallel else cfg.family_knobs.mask_prob
+
+
 class Dense(nn.Module):
     """A replicated Linear (the pooler, the MLM transform, the binary head: small, the same on every tp rank) whose
     weight is drawn by name (layout-independent) when the module is made (ZeRO-3 partitions it right then)."""
@@ -81,6 +92,7 @@ class BertEmbedding(nn.Module):
         super().__init__()
         self.dropout = cfg.hidden_dropout
         self.tp_group, self.sequence_parallel = ps.tp_group, ps.sequence_parallel
+        self.predicted_share = predicted_share(cfg, ps)
         self.word_embeddings = VocabParallelEmbedding(
             cfg.vocab_size, cfg.padded_vocab_size, cfg.hidden_size, tp_group=ps.tp_group, init=init, name="embed.word",
             sequence_parallel=ps.sequence_parallel)
@@ -100,13 +112,15 @@ class BertEmbedding(nn.Module):
         return 0.0
 
     def head_flops(self) -> float:
-        """Forward FLOPs per token of the tied MLM decoder: one [V, h] matrix."""
-        return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape)
+        """Forward FLOPs per token of the tied MLM decoder: one [V, h] matrix for each predicted token."""
+        return 2.0 * math.prod(self.word_embeddings.weight.sharding.full_shape) * self.predicted_share
 
-    def forward(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, types, padding) (B, T) each -> (x (B, T, C), padding); multiple choice: (B, C, T) each, run as
-        B * C rows."""
-        tokens, types, padding = (t.flatten(0, 1) if t.dim() == 3 else t for t in inputs)
+    def forward(self, inputs: tuple) -> tuple:
+        """(tokens, types, padding[, predicted]) (B, T) each -> (x (B, T, C), padding[, predicted]); multiple
+        choice: (B, C, T) each, run as B * C rows. ``predicted`` (pretraining) is dropped under sequence
+        parallelism: the head then runs on every token."""
+        tokens, types, padding = (t.flatten(0, 1) if t.dim() == 3 else t for t in inputs[:3])
+        carried = (padding,) if len(inputs) < 4 or self.sequence_parallel else (padding, inputs[3])
         x = self.word_embeddings(tokens)  # (B, T, C), or this rank's (B, T/tp, C) under sequence parallelism
         pos = torch.arange(tokens.size(1), device=tokens.device)
         if self.sequence_parallel:  # this rank's positions and types
@@ -118,8 +132,8 @@ class BertEmbedding(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.sequence_parallel:
-            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group), padding
-        return F.dropout(x, self.dropout, self.training), padding
+            return sequence_shard_dropout(x, self.dropout, self.training, self.tp_group), *carried
+        return F.dropout(x, self.dropout, self.training), *carried
 
 
 class EncoderFinalNorm(nn.Module):
@@ -134,8 +148,9 @@ class EncoderFinalNorm(nn.Module):
     def forward_flops(self, seq: int) -> float:
         return 0.0
 
-    def forward(self, x: tuple) -> torch.Tensor:
-        return self.norm(x[0])
+    def forward(self, x: tuple) -> torch.Tensor | tuple:
+        """(x, padding) -> normalised x; (x, padding, predicted) -> (normalised x, padding, predicted)."""
+        return self.norm(x[0]) if len(x) < 3 else (self.norm(x[0]), *x[1:])
 
 
 class PretrainHead(nn.Module):
@@ -144,9 +159,10 @@ class PretrainHead(nn.Module):
 
     group = "head"
 
-    def __init__(self, cfg: ModelConfig, init: Init):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init: Init):
         super().__init__()
         h = cfg.hidden_size
+        self.predicted_share = predicted_share(cfg, ps)
         self.approximate = "none" if cfg.activation == "gelu_erf" else "tanh"
         self.pooler = Dense(init, "head.pooler", h, h) if cfg.family_knobs.binary_head else None
         self.transform = Dense(init, "head.transform", h, h)
@@ -154,22 +170,27 @@ class PretrainHead(nn.Module):
 
     def forward_flops(self, seq: int) -> float:
         h = self.transform.weight.shape[0]
-        return 2.0 * h * h * (1 + (1 / seq if self.pooler is not None else 0))
+        return 2.0 * h * h * (self.predicted_share + (1 / seq if self.pooler is not None else 0))
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        if isinstance(x, tuple):  # ``bert`` (post-LN) has no final norm: the blocks' (x, padding) comes here
-            x = x[0]
-        h = self.norm(F.gelu(self.transform(x), approximate=self.approximate))  # (B, T, C)
+        """x (B, T, C), (x, padding) (``bert``: no final norm) or (x, padding, predicted) -> the transformed rows
+        (B, T, C), or (N, C) for the N predicted tokens in row-major order; and the pooled first tokens (B, C)."""
+        predicted = None
+        if isinstance(x, tuple):
+            x, predicted = x[0], (x[2] if len(x) > 2 else None)
+        rows = x if predicted is None else x[predicted.bool()]  # (B, T, C) or (N, C)
+        h = self.norm(F.gelu(self.transform(rows), approximate=self.approximate))
         if self.pooler is None:
             return h
-        return h, torch.tanh(self.pooler(x[:, 0]))  # (B, T, C), (B, C)
+        # a copy of the first tokens: a view would keep all of x alive for the pooler's backward
+        return h, torch.tanh(self.pooler(x[:, 0].contiguous()))  # ..., (B, C)
 
 
 def tied_decoder(embedding: BertEmbedding, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
     """The MLM decoder: this rank's vocabulary slice of the logits from the word embeddings (bias in the next
     spec). The pooled output passes through."""
     if isinstance(x, tuple):
-        return embedding.word_embeddings(x[0], logits=True), x[1]  # (B, T, V_padded / tp), (B, C)
+        return embedding.word_embeddings(x[0], logits=True), x[1]  # (B, T or N, V_padded / tp), (B, C)
     return embedding.word_embeddings(x, logits=True)
 
 
@@ -225,7 +246,10 @@ class BertLoss:
     def __call__(self, outputs: torch.Tensor | tuple, labels: tuple) -> torch.Tensor:
         lm_labels, loss_mask, is_random = labels
         logits = outputs[0] if self.binary_head else outputs
-        target = lm_labels.masked_fill(loss_mask == 0, IGNORE)
+        if logits.dim() == 2:  # (N, V/tp): the predicted tokens' rows only, in row-major order (``predicted``)
+            target = lm_labels[loss_mask.bool()]
+        else:
+            target = lm_labels.masked_fill(loss_mask == 0, IGNORE)
         per_token = vocab_parallel_cross_entropy(logits, target, self.tp_group, self.vocab_size, IGNORE)
         lm = per_token.sum() / loss_mask.sum().clamp(min=1)
         if not self.binary_head:
@@ -316,7 +340,7 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     final = [LayerSpec(EncoderFinalNorm, cfg)] if cfg.norm_position == "pre" else []
     if cfg.family_knobs.head != "pretrain":  # the embedding keeps its (tied) name: a pretrained model loads as is
         return [first, *blocks, *final, LayerSpec(TaskHead, cfg, ps, init)]
-    return [first, *blocks, *final, LayerSpec(PretrainHead, cfg, init), decoder,
+    return [first, *blocks, *final, LayerSpec(PretrainHead, cfg, ps, init), decoder,
             LayerSpec(PretrainOutput, cfg, ps, init)]
 
 
@@ -363,6 +387,8 @@ class BertModel(nn.Module):
     def forward(self, inputs: tuple, labels: tuple | None = None) -> torch.Tensor | tuple:
         """The loss (scalar) with ``labels``; else the full-vocabulary MLM logits (B, T, vocab_size) and, with the
         binary head, the SOP logits (B, 2)."""
+        if labels is None:
+            inputs = inputs[:3]  # logits for every token
         out = self.outputs(inputs)
         if labels is not None:
             return self.loss_fn(out, labels)
@@ -402,7 +428,8 @@ def collate(samples: list[dict]) -> tuple[tuple, tuple | torch.Tensor]:
         return inputs, stack("label").reshape(-1)
     if "start_position" in first:
         return inputs, torch.stack([stack("start_position").reshape(-1), stack("end_position").reshape(-1)], 1)
-    return inputs, (*(stack(k) for k in FIELDS_LABELS), stack("is_random").reshape(-1))
+    labels = (*(stack(k) for k in FIELDS_LABELS), stack("is_random").reshape(-1))
+    return (*inputs, labels[1]), labels  # the loss mask also as input ``predicted``: the head's rows
 
 
 def sources(cfg):

@@ -81,7 +81,8 @@ def norm_stats_bytes(m: ModelConfig, tokens: float, tp: int, sp: bool) -> float:
     return (8 if m.norm == "layernorm" else 4) * tokens / (tp if sp else 1)
 
 
-def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
+def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu",
+                        sp: bool = False) -> float:
     """The last stage's working set on top of what is saved, at its peak (the loss's backward): the gradient of the
     logits (B, T, V/tp) in their dtype and two fp32 chunks of rows (the chunk converted and its softmax; see
     ``mtnlg.parallel.cross_entropy``)."""

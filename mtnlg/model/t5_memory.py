@@ -105,7 +105,8 @@ def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precisi
             + e * t * micro * m.padded_vocab_size / tp)
 
 
-def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
+def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu",
+                        sp: bool = False) -> float:
     from mtnlg.parallel.cross_entropy import CHUNK_ELEMENTS_CPU, CHUNK_ELEMENTS_DEVICE
 
     e = 4 if precision == "fp32" else 2

@@ -80,9 +80,10 @@ def head_activation_bytes(m: ModelConfig, micro: int, tp: int, sp: bool, precisi
     return family(m).memory.head_activation_bytes(m, micro, tp, sp, precision, device)
 
 
-def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu") -> float:
+def loss_backward_bytes(m: ModelConfig, micro: int, tp: int, precision: str, device: str = "cpu",
+                        sp: bool = False) -> float:
     """The last stage's working set on top of what is saved, at the loss's backward."""
-    return family(m).memory.loss_backward_bytes(m, micro, tp, precision, device)
+    return family(m).memory.loss_backward_bytes(m, micro, tp, precision, device, sp)
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> tuple[int, int]:
@@ -218,7 +219,7 @@ def predict_memory(cfg: RunConfig, zero_stage: int, optimizer: str = "adamw",
         head = 0.0
         if stage == pp - 1:
             head = (head_activation_bytes(m, t.micro_batch_size, tp, sp, t.precision, device)
-                    + loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device))
+                    + loss_backward_bytes(m, t.micro_batch_size, tp, t.precision, device, sp))
         after = reduction_bytes({**(zero or {}), "stage": zero_stage}, params, dp, pp, t.precision)
         out.append(StageMemory(stage, blocks, params, weights, grads, opt, acts + head, in_flight, buffers, head,
                                buffers_after_head=zero_stage == 2, after=after))

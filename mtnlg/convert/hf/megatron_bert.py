@@ -166,7 +166,7 @@ def training_kwargs(inputs: tuple, labels: tuple) -> dict:
     """What the HF pretraining class takes for one training step on mtnlg's BERT micro batch (``mtnlg bench``'s peer):
     the MLM labels at the predicted positions (-100 elsewhere: HF's ignored index) and the sentence-order label; HF's
     loss is then mtnlg's, the MLM mean over predicted tokens plus the SOP cross-entropy."""
-    tokens, types, padding = inputs
+    tokens, types, padding = inputs[:3]  # (a pretraining batch's fourth input is the loss mask again)
     mlm, loss_mask, is_random = labels
     return {"input_ids": tokens, "token_type_ids": types, "attention_mask": padding,
             "labels": mlm.masked_fill(loss_mask == 0, -100), "next_sentence_label": is_random}
