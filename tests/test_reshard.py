@@ -32,6 +32,8 @@ CASES = {  # name -> preset, (world, tp, pp, zero) before, (world, tp, pp, zero)
     "212-to-122": ("qwen2", (4, 2, 1, 1), (4, 1, 2, 1), None),  # q, k, v biases: fused sub-blocks, merged per block
     # DeepSpeed's ZeRO-3 universal loader cannot re-pad a vocabulary: use one that needs no padding
     "zero1-to-zero3": ("gpt2", (2, 1, 1, 1), (2, 1, 1, 3), 128),
+    # BERT (masked pairs, the MLM decoder tied to the embedding across the two stages) from tp 2 x pp 2 to one rank
+    "bert-221-to-111": ("megatron_bert", (4, 2, 2, 1), (1, 1, 1, 1), None),
 }
 
 

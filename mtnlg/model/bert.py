@@ -41,7 +41,7 @@ from mtnlg.model.stages import build_specs
 from mtnlg.parallel import Init, ParallelState, Sharding, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtnlg.parallel.layers import sequence_shard_dropout, set_sharding, sum_replicated_grads
-from mtnlg.parallel.mappings import group_rank, group_size
+from mtnlg.parallel.mappings import group_rank, scatter_to_tp
 
 TIED_KEY = "embed"
 TIED_ATTR = "word_embeddings.weight"
@@ -195,15 +195,24 @@ def tied_decoder(embedding: BertEmbedding, x: torch.Tensor | tuple) -> torch.Ten
 
 
 class VocabBias(nn.Module):
-    """The MLM decoder's bias over the vocabulary, split across tp like the logits it is added to (padding: zeros)."""
+    """The MLM decoder's bias over the vocabulary, added to this rank's slice of the (padded) logits.
+
+    The bias is kept whole, (vocab_size,), on every tp rank (replicated), not split like the logits: DeepSpeed's
+    universal checkpoint (``mtnlg checkpoint reshard``) cannot merge or re-pad a one-dimensional vocabulary-split
+    tensor. Each rank adds its slice of the padded bias; the slice's backward gives every rank the whole gradient
+    (all-gathered; under sequence parallelism the replicated weights' gradient sum over tp does it)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
-        per_rank = cfg.padded_vocab_size // group_size(ps.tp_group)
-        self.bias = set_sharding(nn.Parameter(torch.zeros(per_rank)), Sharding("vocab", (cfg.vocab_size,)))
+        self.padded, self.tp_group, self.sequence_parallel = cfg.padded_vocab_size, ps.tp_group, ps.sequence_parallel
+        self.bias = set_sharding(nn.Parameter(torch.zeros(cfg.vocab_size)), Sharding("replicated", (cfg.vocab_size,)))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.bias  # (B, T, V_padded / tp)
+        full = F.pad(self.bias, (0, self.padded - self.bias.numel()))  # (V_padded,), zeros past the vocabulary
+        if self.sequence_parallel:
+            per_rank = logits.size(-1)
+            return logits + full.narrow(0, group_rank(self.tp_group) * per_rank, per_rank)
+        return logits + scatter_to_tp(full, self.tp_group)  # (B, T or N, V_padded / tp)
 
 
 class PretrainOutput(nn.Module):

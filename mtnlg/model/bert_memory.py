@@ -4,8 +4,8 @@ The blocks are the GPT family's ``TransformerBlock`` with a bidirectional mask, 
 the GPT family's memory model counts (plus, with selective recompute, the padding mask the checkpointed core keeps).
 Past the blocks: the final norm (megatron_bert), the MLM transform (dense input, GELU input, LayerNorm input and
 statistics), the decoder's input and the logits the loss keeps, for the predicted tokens only (at most
-``round(mask_prob * (T - 3))`` per row; every token under sequence parallelism: ``mtnlg.model.bert``); the pooler and the
-binary head work on one token per row (negligible).
+``round(mask_prob * (T - 3))`` per row; every token under sequence parallelism: ``mtnlg.model.bert``); the pooler
+and the binary head work on one token per row (negligible).
 """
 
 from __future__ import annotations
