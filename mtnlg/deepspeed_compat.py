@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from mtnlg.files import temp_path
 
@@ -152,21 +151,21 @@ def allow_cpu_fp16() -> None:
     set_accelerator(CPUAcceleratorFP16())
 
 
-def release_shm_buffer() -> None:
-    """[DeepSpeed 0.19.8's shm comm op; pinned by tests/test_faults.py::test_a_dead_rank_ends_the_job] Unlink this
-    rank's DeepSpeed CPU all-reduce buffer in /dev/shm once every rank has mapped it.
+def skip_shm_comm_op() -> None:
+    """[DeepSpeed 0.19.8's CPU backend; pinned by tests/test_faults.py::test_a_dead_rank_ends_the_job] Keep
+    DeepSpeed from building and starting its shared-memory all-reduce op on the CPU accelerator; call before
+    ``deepspeed.init_distributed``.
 
-    DeepSpeed's shm comm op (CPU accelerator) creates a 67 MB file per rank at initialisation and
-    removes none: every killed or crashed job would leave them behind until /dev/shm fills up.
-    The mappings stay valid after the unlink, so nothing changes for the running job.
-    """
-    dist.barrier()  # every rank has opened every other rank's buffer
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except OSError:
-        pass
+    ``TorchBackend.__init__`` JIT-compiles ``deepspeed_shm_comm`` (a C++ build with ninja: about 2 minutes of two
+    cores the first time, again whenever the build command's hash changes, e.g. between two ninja versions, and a
+    killed build's lock file makes every later start wait forever) and, when every rank is on one host, creates a
+    67 MB file per rank in /dev/shm that it never removes. The op serves only DeepSpeed's ``inference_all_reduce``
+    (its AutoTP inference), which mtnlg never calls: training's collectives are torch.distributed's (gloo here).
+    Marked incompatible, the op is skipped (``build_shm_op`` returns None; ``inference_all_reduce`` would fall back
+    to torch's all-reduce). Other accelerators have no such op: nothing changes there."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    device = init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer
+    device = init_distributed()  # (skips DeepSpeed's unused shm op: no /dev/shm buffer)
     world, rank = dist.get_world_size(), dist.get_rank()
     base = bench_config(BenchOptions(config=args.config, overrides=args.overrides))
     rows = []

@@ -127,7 +127,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     host, port = os.environ["MTNLG_BENCH_ADDR"].rsplit(":", 1)
     key = bytes.fromhex(os.environ["MTNLG_BENCH_KEY"])
-    device = init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer
+    device = init_distributed()  # (skips DeepSpeed's unused shm op: no /dev/shm buffer)
     conn = Client((host, int(port)), authkey=key) if dist.get_rank() == 0 else None
     try:
         _run(conn, device)

@@ -138,15 +138,15 @@ def init_distributed(timeout_s: float = 1800, show_deepspeed: bool = False) -> t
             from mtnlg.parallel.hosts import set_gloo_interface
 
             set_gloo_interface()  # a job across hosts: the interface facing them, not loopback
+        if accel.device_name() == "cpu":
+            from mtnlg.deepspeed_compat import skip_shm_comm_op
+
+            skip_shm_comm_op()  # an op mtnlg does not use: no C++ build, no 67 MB per rank in /dev/shm
         with deepspeed_output(show_deepspeed):
             deepspeed.init_distributed(
                 dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
-        if accel.device_name() == "cpu":
-            from mtnlg.deepspeed_compat import release_shm_buffer
-
-            release_shm_buffer()
     return device
 
 
