@@ -52,8 +52,9 @@ def test_torchrun(tmp_path):
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], tmp_path)
 
 
+# (DeepSpeed's "... built successfully" of its shm op is gone with the op: mtnlg skips it on CPU)
 DEEPSPEED_CHATTER = ["Using topology", "SEED_LAYERS", "CPU Virtual Memory", "begin bf16_optimizer",
-                     "built successfully", "untested optimizer"]
+                     "untested optimizer"]
 
 
 @pytest.mark.parametrize("show", [False, True])
@@ -73,7 +74,7 @@ def test_defaults_work_for_pipelines_and_bf16_without_deepspeed_chatter(tmp_path
     assert (save / "global_step3" / "complete").is_file()
     seen = [c for c in DEEPSPEED_CHATTER if c in out]
     if show:
-        assert {"Using topology", "begin bf16_optimizer", "built successfully"} <= set(seen), out[-3000:]
+        assert {"Using topology", "begin bf16_optimizer"} <= set(seen), out[-3000:]
     else:
         assert seen == [], out[-3000:]
 
