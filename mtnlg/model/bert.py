@@ -178,7 +178,7 @@ class PretrainHead(nn.Module):
         predicted = None
         if isinstance(x, tuple):
             x, predicted = x[0], (x[2] if len(x) > 2 else None)
-        rows = x if predicted is None else x[predicted.roll(1, dims=1).bool()]  # (B, T, C) or (N, C)
+        rows = x if predicted is None else x[predicted.bool()]  # (B, T, C) or (N, C)
         h = self.norm(F.gelu(self.transform(rows), approximate=self.approximate))
         if self.pooler is None:
             return h
