@@ -59,6 +59,13 @@ def _layer_checks(rank: int, world: int) -> dict[str, float]:
     x = torch.randn(4, requires_grad=True)
     r = reduce_from_tp(x * (rank + 1), g)
     out["reduce_fwd"] = _max_diff(r, x.detach() * sum(range(1, world + 1)))
+    from mtnlg.parallel.mappings import GLOO_GATHER_BYTES
+
+    for name, n in (("reduce_inference", 5), ("reduce_inference_large", GLOO_GATHER_BYTES // 4 + 1)):
+        x = torch.randn(n)
+        with torch.inference_mode():  # small: all-gathered and summed (gloo); large: gloo's all-reduce
+            r = reduce_from_tp(x * (rank + 1), g)
+        out[name] = _max_diff(r, x * sum(range(1, world + 1)))
 
     # --- column parallel followed by row parallel (a plain MLP)
     col = ColumnParallelLinear(12, [16 * world], tp_group=g, init=init, name="col", bias=True)
@@ -150,7 +157,7 @@ def layer_results(request):
 
 
 CHECKS = [
-    "scatter_fwd", "scatter_bwd", "gather_fwd", "gather_bwd", "copy_bwd", "reduce_fwd",
+    "scatter_fwd", "scatter_bwd", "gather_fwd", "gather_bwd", "copy_bwd", "reduce_fwd", "reduce_inference", "reduce_inference_large",
     "mlp_init", "mlp_fwd", "mlp_dx", "mlp_col_w_grad", "mlp_col_b_grad", "mlp_row_w_grad", "mlp_row_b_grad",
     "fused_fwd", "fused_dx", "fused_w_grad",
     "col_gather_fwd", "row_scatter_dx", "emb_fwd", "emb_grad", "emb_pad_rows_zero",

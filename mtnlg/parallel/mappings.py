@@ -22,11 +22,27 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+# gloo (CPU), inference: a tensor up to this size is summed faster as an all-gather and a local sum than by gloo's
+# all-reduce, which costs ~2 ms whatever the size on a 2-core machine (all-gather ~0.8 ms at 6-64 KB; the all-reduce
+# wins from ~0.5 MB on). Decoding a few tokens, as the server does, all-reduces only a few KB per block. Training
+# keeps the all-reduce (no gathered copies at its memory peak).
+GLOO_GATHER_BYTES = 256 * 1024
+
+
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``x`` over ``group`` in place (x must not be needed elsewhere)."""
-    if group_size(group) > 1:
+    """Sum ``x`` over ``group`` in place (x must not be needed elsewhere). Every rank gets the same bits."""
+    n = group_size(group)
+    if n > 1:
         x = x.contiguous()
-        dist.all_reduce(x, group=group)
+        if (torch.is_inference_mode_enabled() and x.numel() * x.element_size() <= GLOO_GATHER_BYTES
+                and dist.get_backend(group) == "gloo"):
+            parts = [torch.empty_like(x) for _ in range(n)]
+            dist.all_gather(parts, x, group=group)
+            x.copy_(parts[0])
+            for part in parts[1:]:  # in rank order on every rank; no buffer beyond the gathered parts
+                x.add_(part)
+        else:
+            dist.all_reduce(x, group=group)
     return x
 
 

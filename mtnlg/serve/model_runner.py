@@ -151,7 +151,7 @@ class NativeRunner:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # (and gloo's small all-reduces as all-gathers: mtnlg.parallel.mappings)
     def _execute(self, step: Step) -> StepOut:
         prefill_logits = []
         for row, ids in step.prefill:
