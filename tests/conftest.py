@@ -9,9 +9,11 @@ A test is ``multirank`` when it (or a fixture it uses) starts ranks: ``run_distr
 hosts (``tests/hosts.py``). Both are found from the source, so a new test is marked without anyone remembering to;
 ``slow`` is set by hand on single tests that take long anyway.
 
-Hygiene: DeepSpeed's CPU all-reduce keeps a 67 MB buffer per rank in /dev/shm (``deepspeed_allreduce_buffer_*``)
-and a rank that is killed never removes its own. The fault tests kill ranks on purpose; this removes the buffers
-they leave, so a long session does not fill the machine's shared memory."""
+Parallel workers (``-n 2``) take whole files, the slowest first (``FILE_SECONDS``), so that neither worker is left
+alone with a long file at the end.
+
+Hygiene: the fault tests kill ranks on purpose; the CLI's one-report-per-host markers they leave in /dev/shm
+(``mtnlg-lost-contact-*``) are removed at the end."""
 
 from __future__ import annotations
 
@@ -97,7 +99,24 @@ def _sources(item) -> str:
     return "\n".join(parts)
 
 
+# seconds each file took in a full run (``--durations=0``, summed per file; 2 workers, 2026-12-07): files start slowest
+# first, the rest in name order. Stale figures only cost balance, never correctness.
+FILE_SECONDS = {
+    "test_bench.py": 321, "test_multihost.py": 220, "test_reshard.py": 190, "test_bad_inputs.py": 162,
+    "test_eval.py": 159, "test_faults.py": 156, "test_sequence_parallel.py": 134, "test_launchers.py": 122,
+    "test_precision.py": 113, "test_stopping.py": 101, "test_training.py": 95, "test_construction.py": 94,
+    "test_curate.py": 87, "test_bert.py": 84, "test_serve.py": 81, "test_convert_train.py": 52,
+    "test_checkpoints.py": 51, "test_t5.py": 51, "test_accelerate.py": 46, "test_sft.py": 44,
+    "test_convert_hf.py": 37, "test_contracts.py": 25, "test_data_training.py": 22,
+}
+
+
+def _file_weight(item) -> float:
+    return FILE_SECONDS.get(item.nodeid.split("::", 1)[0].removeprefix("tests/"), 0.0)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_weight, reverse=True)  # stable: a file's tests keep their order
     for item in items:
         src = _sources(item)
         hosts = _MULTIHOST.search(src) or "cluster" in getattr(item, "fixturenames", ())
@@ -120,6 +139,7 @@ else:
 
         def __init__(self, config, log=None):
             super().__init__(config, log)
+            config.option.loadscopereorder = False  # files in collection order (slowest first), not by test count
             tests = Path(__file__).resolve().parent
             self._netns = {f"tests/{p.name}" for p in tests.glob("test_*.py") if "SimHosts(" in p.read_text()}
 
@@ -132,21 +152,8 @@ else:
 
 
 SHM = Path("/dev/shm")
-PATTERN = "deepspeed_allreduce_buffer_*"
 LOST_CONTACT = "mtnlg-lost-contact-*"  # the CLI's one-report-per-host markers (0 bytes) from fault tests
 _started = time.time()
-
-
-def _mapped() -> set[str]:
-    """Paths of /dev/shm files some live process still maps."""
-    paths: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            text = maps.read_text()
-        except OSError:  # the process ended, or is not ours to read
-            continue
-        paths.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if "/dev/shm/" in line)
-    return paths
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -155,13 +162,6 @@ def pytest_sessionfinish(session, exitstatus):
     for f in SHM.glob(LOST_CONTACT):
         try:
             if f.stat().st_mtime >= _started - 1:
-                f.unlink()
-        except OSError:
-            pass
-    mapped = _mapped()
-    for f in SHM.glob(PATTERN):
-        try:
-            if f.stat().st_mtime >= _started - 1 and str(f) not in mapped:
                 f.unlink()
         except OSError:
             pass
