@@ -1,5 +1,3 @@
-import sys
+from mtnlg.cli import run
 
-from mtnlg.cli import main
-
-sys.exit(main())
+run()

@@ -8,7 +8,9 @@ A user error (``UserError``) prints one line on stderr and exits with status 2; 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from mtnlg.errors import LostContact, UserError
 
@@ -182,6 +184,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The console entry (``mtnlg``, ``python -m mtnlg``, ``scripts/*.py``): ``main``, then exit with its code.
+
+    A rank of a multi-process launch (``WORLD_SIZE`` > 1) exits without the interpreter's teardown, once its output
+    is flushed and the ``atexit`` handlers have run: DeepSpeed keeps references to its process groups in module
+    globals, so their gloo threads (two run loops and a TCP loop per group, five groups) outlive
+    ``destroy_process_group``, and destroying them in teardown's arbitrary order aborted a rank now and then with
+    "terminate called without an active exception" (exit 134) after a run that had saved and said goodbye."""
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import atexit
+        import logging
+
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _release_process_group() -> None:

@@ -2,7 +2,7 @@
 
 import sys
 
-from mtnlg.cli import main
+from mtnlg.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    run(["evaluate", *sys.argv[1:]])

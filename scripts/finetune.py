@@ -4,7 +4,7 @@ Same as `mtnlg finetune`."""
 
 import sys
 
-from mtnlg.cli import main
+from mtnlg.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    run(["finetune", *sys.argv[1:]])

@@ -3,7 +3,7 @@
 
 import sys
 
-from mtnlg.cli import main
+from mtnlg.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -33,5 +33,6 @@ if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
-# DeepSpeed JIT-compiles a small comm op on first use; keep it with this venv (torch's cache is per user)
+# ops DeepSpeed JIT-compiles stay with this venv (torch's cache is per user); CPU runs build none at start
+# (mtnlg.deepspeed_compat.skip_shm_comm_op skips the shm all-reduce op, the one DeepSpeed would build there)
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
