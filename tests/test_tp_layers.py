@@ -157,7 +157,8 @@ def layer_results(request):
 
 
 CHECKS = [
-    "scatter_fwd", "scatter_bwd", "gather_fwd", "gather_bwd", "copy_bwd", "reduce_fwd", "reduce_inference", "reduce_inference_large",
+    "scatter_fwd", "scatter_bwd", "gather_fwd", "gather_bwd", "copy_bwd", "reduce_fwd", "reduce_inference",
+    "reduce_inference_large",
     "mlp_init", "mlp_fwd", "mlp_dx", "mlp_col_w_grad", "mlp_col_b_grad", "mlp_row_w_grad", "mlp_row_b_grad",
     "fused_fwd", "fused_dx", "fused_w_grad",
     "col_gather_fwd", "row_scatter_dx", "emb_fwd", "emb_grad", "emb_pad_rows_zero",

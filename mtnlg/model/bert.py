@@ -36,11 +36,11 @@ from torch import nn
 from mtnlg.config import ModelConfig
 from mtnlg.model import bert_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
-from mtnlg.model.registry import Family, is_block
-from mtnlg.model.stages import build_specs
+from mtnlg.model.registry import Family
+from mtnlg.model.stages import SpecModel
 from mtnlg.parallel import Init, ParallelState, Sharding, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mtnlg.parallel.layers import sequence_shard_dropout, set_sharding, sum_replicated_grads
+from mtnlg.parallel.layers import sequence_shard_dropout, set_sharding
 from mtnlg.parallel.mappings import group_rank, scatter_to_tp
 
 TIED_KEY = "embed"
@@ -357,48 +357,20 @@ def tied_weight_names(cfg: ModelConfig) -> list[str]:
     return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"] if cfg.family_knobs.head == "pretrain" else []
 
 
-class BertModel(nn.Module):
+class BertModel(SpecModel):
     """The layer specs built into one module, named as DeepSpeed's PipelineModule names them (``specs=range(a, b)``:
     one pipeline stage)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
                  rng: TPRandom | None = None, specs: range | None = None):
-        super().__init__()
-        if cfg.padded_vocab_size is None:
-            raise ValueError("BertModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
-        self.cfg = cfg
-        self.ps = ps or ParallelState.single()
-        if self.ps.pp_size != 1 and specs is None:
-            raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
-                             "with specs=")
-        self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
-        self.loss_fn = make_loss(cfg, self.ps)
-        self.tied_modules = nn.ModuleDict()
-        self._funcs: list = []
-        self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
-        layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        build_specs(self, layers, range(len(layers)) if specs is None else specs)
-        if self.ps.sequence_parallel:  # weights applied to sequence shards: their gradients summed over tp
-            sum_replicated_grads(self, self.ps.tp_group)
-
-    def outputs(self, inputs: tuple) -> torch.Tensor | tuple:
-        """Run every spec: this rank's vocabulary slice of the MLM logits (and the SOP logits), or the task head's
-        logits. Multiple choice: inputs (B, C, T) are run as B * C rows."""
-        x = inputs
-        checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
-        for f in self._funcs:
-            if checkpoint and is_block(f):
-                x = self.rng.checkpoint(f.forward_args, *x)
-            else:
-                x = f(x)
-        return x
+        super().__init__(cfg, ps, seed, rng, specs, layer_specs, make_loss)
 
     def forward(self, inputs: tuple, labels: tuple | None = None) -> torch.Tensor | tuple:
         """The loss (scalar) with ``labels``; else the full-vocabulary MLM logits (B, T, vocab_size) and, with the
         binary head, the SOP logits (B, 2)."""
         if labels is None:
             inputs = inputs[:3]  # logits for every token
-        out = self.outputs(inputs)
+        out = self.hidden_and_logits(inputs)  # (multiple choice: inputs (B, C, T) run as B * C rows)
         if labels is not None:
             return self.loss_fn(out, labels)
         head = self.cfg.family_knobs.head
@@ -408,9 +380,6 @@ class BertModel(nn.Module):
             return gather_from_tp(out, self.ps.tp_group)[..., : self.cfg.vocab_size]
         logits, sop = out
         return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size], sop
-
-    def spec_modules(self) -> list:
-        return list(self._funcs)
 
     def spec_flops(self, seq: int) -> list[float]:
         return [f.args[0].head_flops() if isinstance(f, partial) else f.forward_flops(seq) for f in self._funcs]

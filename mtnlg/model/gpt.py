@@ -36,10 +36,10 @@ from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.documents import segment_positions, split_inputs
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.model.registry import Family, is_block
-from mtnlg.model.stages import build_specs
+from mtnlg.model.stages import SpecModel
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp, replicated
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mtnlg.parallel.layers import sequence_shard_dropout, sum_replicated_grads
+from mtnlg.parallel.layers import sequence_shard_dropout
 from mtnlg.parallel.mappings import group_rank
 
 TIED_KEY = "embed"
@@ -177,34 +177,14 @@ def tied_weight_names(cfg: ModelConfig) -> list[str]:
     return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"] if cfg.tie_embeddings else []
 
 
-class GPTModel(nn.Module):
-    """The layer specs built into one module, named as DeepSpeed's PipelineModule names them.
-
-    With the default ``specs=None`` it is the whole model (pp = 1, training and inference);
-    ``specs=range(a, b)`` builds only those specs, e.g. one pipeline stage
-    (``mtnlg.model.layout.stage_specs``; for inference: its forward takes the previous stage's
-    hidden states, or token ids on the first stage).
-    """
+class GPTModel(SpecModel):
+    """The layer specs built into one module, named as DeepSpeed's PipelineModule names them (``SpecModel``: the
+    whole model with ``specs=None``; ``specs=range(a, b)`` one stage, whose forward takes the previous stage's
+    hidden states, or token ids on the first stage)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
                  rng: TPRandom | None = None, specs: range | None = None):
-        super().__init__()
-        if cfg.padded_vocab_size is None:
-            raise ValueError("GPTModel needs a resolved ModelConfig (see mtnlg.config.resolve)")
-        self.cfg = cfg
-        self.ps = ps or ParallelState.single()
-        if self.ps.pp_size != 1 and specs is None:
-            raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
-                             "with specs=")
-        self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
-        self.loss_fn = GPTLoss(self.ps.tp_group, cfg.vocab_size)
-        self.tied_modules = nn.ModuleDict()
-        self._funcs: list = []
-        self.owners: list[tuple[int, str, nn.Module]] = []  # (spec index, name prefix, module) holding parameters
-        layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        build_specs(self, layers, range(len(layers)) if specs is None else specs)
-        if self.ps.sequence_parallel:
-            sum_replicated_grads(self, self.ps.tp_group)
+        super().__init__(cfg, ps, seed, rng, specs, layer_specs, lambda c, p: GPTLoss(p.tp_group, c.vocab_size))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | str | Path | ModelConfig | RunConfig, seed: int = 1234,
@@ -219,17 +199,6 @@ class GPTModel(nn.Module):
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, **overrides),
                                      parallel=dataclasses.replace(config.parallel, tensor=1, pipeline=1, data=None))
         return cls(resolve(config, world_size=1).model, seed=seed)
-
-    def hidden_and_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run every spec; returns this rank's vocab slice of the logits (B, T, V_padded / tp)."""
-        x = input_ids
-        checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
-        for f in self._funcs:
-            if checkpoint and is_block(f):
-                x = self.rng.checkpoint(f.forward_args, *(x if isinstance(x, tuple) else (x,)))
-            else:
-                x = f(x)
-        return x
 
     def forward(self, input_ids: torch.Tensor | tuple, labels: torch.Tensor | tuple | None = None) -> torch.Tensor:
         """Loss (scalar) when ``labels`` is given, else full-vocabulary logits (B, T, vocab_size). ``input_ids`` may
@@ -266,10 +235,6 @@ class GPTModel(nn.Module):
         for slot in cache:
             slot.start[rows] += input_ids.size(1)
         return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
-
-    def spec_modules(self) -> list:
-        """What each spec this model holds runs: its module, or a tied output layer's forward (a partial)."""
-        return list(self._funcs)
 
     def spec_flops(self, seq: int) -> list[float]:
         """Forward FLOPs per token of each spec this model holds, at full (tp = 1) size, read off its parameters."""

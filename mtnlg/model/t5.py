@@ -49,10 +49,10 @@ from mtnlg.model import t5_memory
 from mtnlg.model.blocks import TransformerBlock, make_norm
 from mtnlg.model.kv_cache import KVSlot
 from mtnlg.model.registry import Family, is_block
-from mtnlg.model.stages import build_specs
+from mtnlg.model.stages import SpecModel
 from mtnlg.parallel import Init, ParallelState, TPRandom, VocabParallelEmbedding, gather_from_tp
 from mtnlg.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mtnlg.parallel.layers import Sharding, sequence_shard_dropout, set_sharding, sum_replicated_grads
+from mtnlg.parallel.layers import Sharding, sequence_shard_dropout, set_sharding
 from mtnlg.parallel.mappings import group_rank
 from mtnlg.parallel.pipeline import balanced_parts
 
@@ -280,39 +280,13 @@ def tied_weight_names(cfg: ModelConfig) -> list[str]:
     return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"]  # the shared embedding: both stacks (and a tied head) use it
 
 
-class T5Model(nn.Module):
+class T5Model(SpecModel):
     """The layer specs built into one module, named as DeepSpeed's PipelineModule names them (``specs=range(a, b)``:
     one pipeline stage)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
                  rng: TPRandom | None = None, specs: range | None = None):
-        super().__init__()
-        if cfg.padded_vocab_size is None:
-            raise ValueError("T5Model needs a resolved ModelConfig (see mtnlg.config.resolve)")
-        self.cfg = cfg
-        self.ps = ps or ParallelState.single()
-        if self.ps.pp_size != 1 and specs is None:
-            raise ValueError("for pp > 1 train with a PipelineModule (mtnlg.training.pipeline), or build one stage "
-                             "with specs=")
-        self.rng = rng or TPRandom(seed, self.ps.tp_rank, self.ps.pp_rank)
-        self.loss_fn = T5Loss(self.ps.tp_group, cfg.vocab_size)
-        self.tied_modules = nn.ModuleDict()
-        self._funcs: list = []
-        self.owners: list[tuple[int, str, nn.Module]] = []
-        layers = layer_specs(cfg, self.ps, self.rng, Init(seed, cfg.init_std))
-        build_specs(self, layers, range(len(layers)) if specs is None else specs)
-        if self.ps.sequence_parallel:  # norms applied to sequence shards: their gradients summed over tp
-            sum_replicated_grads(self, self.ps.tp_group)
-
-    def hidden_and_logits(self, inputs: tuple) -> torch.Tensor:
-        x = inputs
-        checkpoint = self.cfg.recompute == "full" and self.training and torch.is_grad_enabled()
-        for f in self._funcs:
-            if checkpoint and is_block(f):
-                x = self.rng.checkpoint(f.forward_args, *(x if isinstance(x, tuple) else (x,)))
-            else:
-                x = f(x)
-        return x
+        super().__init__(cfg, ps, seed, rng, specs, layer_specs, lambda c, p: T5Loss(p.tp_group, c.vocab_size))
 
     def forward(self, inputs: tuple, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``inputs`` = (enc_ids, enc_padding, dec_ids, dec_padding), each (B, T_enc or T_dec); the loss (scalar)
@@ -364,9 +338,6 @@ class T5Model(nn.Module):
         for block in blocks:  # let the encoder's output go (the cross-attention keeps it while it may come again)
             block.cross_attn._context_cache = None
         return torch.cat(out, dim=1)
-
-    def spec_modules(self) -> list:
-        return list(self._funcs)
 
     def spec_flops(self, seq: int) -> list[float]:
         """Forward FLOPs of each spec this model holds per encoder token (a sample's FLOPs / its encoder tokens) at
