@@ -25,7 +25,6 @@ DeepSpeed's ``PipelineModule`` gives them.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 import torch
@@ -381,8 +380,6 @@ class BertModel(SpecModel):
         logits, sop = out
         return gather_from_tp(logits, self.ps.tp_group)[..., : self.cfg.vocab_size], sop
 
-    def spec_flops(self, seq: int) -> list[float]:
-        return [f.args[0].head_flops() if isinstance(f, partial) else f.forward_flops(seq) for f in self._funcs]
 
 
 # --------------------------------------------------------------------------- data

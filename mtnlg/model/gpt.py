@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +170,10 @@ def layer_specs(cfg: ModelConfig, ps: ParallelState, rng: TPRandom, init: Init) 
     return [first, *blocks, LayerSpec(FinalNorm, cfg), last]
 
 
+def gpt_loss(cfg: ModelConfig, ps: ParallelState) -> GPTLoss:
+    return GPTLoss(ps.tp_group, cfg.vocab_size)
+
+
 def tied_weight_names(cfg: ModelConfig) -> list[str]:
     """Full names of the weights shared by two specs (the tied embedding), which DeepSpeed's pipeline engine keeps a
     copy of on the last stage (``ds_pipe_replicated``)."""
@@ -184,7 +187,7 @@ class GPTModel(SpecModel):
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
                  rng: TPRandom | None = None, specs: range | None = None):
-        super().__init__(cfg, ps, seed, rng, specs, layer_specs, lambda c, p: GPTLoss(p.tp_group, c.vocab_size))
+        super().__init__(cfg, ps, seed, rng, specs, layer_specs, gpt_loss)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | str | Path | ModelConfig | RunConfig, seed: int = 1234,
@@ -236,16 +239,6 @@ class GPTModel(SpecModel):
             slot.start[rows] += input_ids.size(1)
         return gather_from_tp(x, self.ps.tp_group)[..., : self.cfg.vocab_size]
 
-    def spec_flops(self, seq: int) -> list[float]:
-        """Forward FLOPs per token of each spec this model holds, at full (tp = 1) size, read off its parameters."""
-        out = []
-        for f in self._funcs:
-            if isinstance(f, partial):  # a tied output layer: the embedding's matrix again
-                out.append(f.args[0].head_flops())
-            else:
-                out.append(f.forward_flops(seq))
-        return out
-
 
 def next_token_batch(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples of seq_length + 1 tokens -> (input ids, labels): each token predicts the next."""
@@ -260,7 +253,7 @@ FAMILY = Family(
     name="gpt",
     layer_specs=layer_specs,
     model=GPTModel,
-    loss=lambda cfg, ps: GPTLoss(ps.tp_group, cfg.vocab_size),
+    loss=gpt_loss,
     micro_batch=next_token_batch,
     tied_weight_names=tied_weight_names,
     token_lookups=token_lookups,

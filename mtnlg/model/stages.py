@@ -58,6 +58,11 @@ class SpecModel(nn.Module):
         """What each spec this model holds runs: its module, or a tied output layer's forward (a partial)."""
         return list(self._funcs)
 
+    def spec_flops(self, seq: int) -> list[float]:
+        """Forward FLOPs per token of each spec this model holds, at full (tp = 1) size, read off its parameters (a
+        tied output layer: its embedding's ``head_flops``)."""
+        return [f.args[0].head_flops() if isinstance(f, partial) else f.forward_flops(seq) for f in self._funcs]
+
 
 def build_specs(model: nn.Module, layers: list, indices) -> None:
     """Build ``layers[i]`` for each i of ``indices`` into ``model``, filling its ``tied_modules`` (an

@@ -276,6 +276,10 @@ def encoder_spec_count(cfg: ModelConfig) -> int:
     return depths(cfg)[0] + 2
 
 
+def t5_loss(cfg: ModelConfig, ps: ParallelState) -> T5Loss:
+    return T5Loss(ps.tp_group, cfg.vocab_size)
+
+
 def tied_weight_names(cfg: ModelConfig) -> list[str]:
     return [f"tied_modules.{TIED_KEY}.{TIED_ATTR}"]  # the shared embedding: both stacks (and a tied head) use it
 
@@ -286,7 +290,7 @@ class T5Model(SpecModel):
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234,
                  rng: TPRandom | None = None, specs: range | None = None):
-        super().__init__(cfg, ps, seed, rng, specs, layer_specs, lambda c, p: T5Loss(p.tp_group, c.vocab_size))
+        super().__init__(cfg, ps, seed, rng, specs, layer_specs, t5_loss)
 
     def forward(self, inputs: tuple, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``inputs`` = (enc_ids, enc_padding, dec_ids, dec_padding), each (B, T_enc or T_dec); the loss (scalar)
@@ -428,7 +432,7 @@ FAMILY = Family(
     name="t5",
     layer_specs=layer_specs,
     model=T5Model,
-    loss=lambda cfg, ps: T5Loss(ps.tp_group, cfg.vocab_size),
+    loss=t5_loss,
     micro_batch=seq2seq_batch,
     tied_weight_names=tied_weight_names,
     token_lookups=token_lookups,
