@@ -14,7 +14,11 @@ from typing import NoReturn
 
 from mtnlg.errors import LostContact, UserError
 
-QUIET_RANK_EXIT_DELAY_S = 3.0
+# A quiet rank (see _quiet_rank) on the reporting rank's host waits at most this long for it to print the error:
+# its exit makes their launcher stop them both, so the reporting rank must print first. It leaves as soon as that
+# rank has printed (a marker file). A quiet rank on another host has no such race; it pauses briefly.
+QUIET_RANK_EXIT_WAIT_S = 60.0
+QUIET_RANK_REMOTE_PAUSE_S = 3.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -174,12 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         if not had_group and not isinstance(e, LostContact):  # with peers gone, teardown could wait on them
             _release_process_group()
         if _quiet_rank(e):
-            # rank 0 reports it; give it the moment to do so before this exit makes the launcher stop the job
-            import time
-
-            time.sleep(QUIET_RANK_EXIT_DELAY_S)
+            _wait_for_report(e)
         else:
             print(f"mtnlg {args.command}: error: {e}", file=sys.stderr, flush=True)
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                _first_on_this_host(_report_marker(e))  # tells this host's quiet ranks that it has been printed
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
@@ -236,19 +239,59 @@ def _quiet_rank(e: UserError) -> bool:
     return e.on_every_rank and os.environ.get("RANK", "0") != "0"
 
 
-def _first_on_this_host(what: str) -> bool:
-    """Whether this rank is the first of its launch on this host to ask (a file created exclusively in /dev/shm,
-    named by the local launcher's pid and the job's port; the ranks of a host share both)."""
-    import os
+def _report_marker(e: UserError) -> str:
+    """The marker name of a reported error: the ranks that stay quiet about it wait for it (``_wait_for_report``)."""
+    return "lost-contact-reported" if isinstance(e, LostContact) else "error-reported"
+
+
+def _wait_for_report(e: UserError) -> None:
+    """Leave once the reporting rank of this host has printed ``e`` (at most ``QUIET_RANK_EXIT_WAIT_S``). A fixed
+    3-second pause was too short on a loaded machine: rank 0 reached the same error later, this rank's exit made the
+    launcher stop the job first, and nothing was printed at all."""
+    import time
+
+    reporter_here = isinstance(e, LostContact) or os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0")
+    if not reporter_here:  # rank 0 runs under another host's launcher, which this rank's exit does not stop
+        time.sleep(QUIET_RANK_REMOTE_PAUSE_S)
+        return
+    deadline = time.monotonic() + QUIET_RANK_EXIT_WAIT_S
+    path = _marker_path(_report_marker(e))
+    while time.monotonic() < deadline and not os.path.exists(path):
+        time.sleep(0.05)
+    time.sleep(0.2)  # the reporting rank's flushed line on its way through the launcher's pipe
+
+
+def _marker_path(what: str) -> str:
+    """A file in /dev/shm named by the local launcher's pid and the job's port (the ranks of a host share both)."""
     import tempfile
 
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    name = f"mtnlg-{what}-{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    return os.path.join(base, f"mtnlg-{what}-{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}")
+
+
+def _first_on_this_host(what: str) -> bool:
+    """Whether this rank is the first of its launch on this host to ask (a file created exclusively in /dev/shm,
+    named by the local launcher's pid and the job's port; the ranks of a host share both)."""
+    path = _marker_path(what)
     try:
-        os.close(os.open(os.path.join(base, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         return False
     except OSError:  # cannot tell: speak
         return True
+    _remove_stale_markers(os.path.dirname(path))
     return True
+
+
+def _remove_stale_markers(base: str, older_than_s: float = 600.0) -> None:
+    """Markers of jobs long over (their ranks waited a minute at most): removed by the next job that reports."""
+    import glob
+    import time
+
+    for old in glob.glob(os.path.join(base, f"mtnlg-*-{os.getuid()}-*")):
+        try:
+            if time.time() - os.stat(old).st_mtime > older_than_s:
+                os.unlink(old)
+        except OSError:
+            pass
 

@@ -321,7 +321,10 @@ def ray_cluster(tmp_path_factory):
     # own launcher would write in HOME: with a provider named there, Ray's dashboard does not probe the cloud
     # metadata address (169.254.169.254) to name one
     (work / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
-    env = {**ENV, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(work), "TMPDIR": str(work)}
+    # RAY_worker_niceness: Ray runs its workers at nice 15, which on this shared 2-core machine left the tasks ~3% of
+    # a core beside another test's ranks (a CI run timed out with both tasks still importing spaCy for the Gopher
+    # filter); a Ray cluster of its own has no such neighbours
+    env = {**ENV, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "HOME": str(work), "TMPDIR": str(work)}
     temp = f"/tmp/mtnlg-ray-{os.getpid()}"  # short: Ray's unix socket paths must fit in 107 bytes
     traces = [work / f"connect-{h}.strace" for h in hosts.names]
     try:

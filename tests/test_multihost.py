@@ -301,3 +301,34 @@ def test_a_lost_contact_is_reported_by_one_rank_per_host(monkeypatch):
     assert not _quiet_rank(LostContact("x")) and _quiet_rank(LostContact("x"))
     for f in Path("/dev/shm").glob(f"mtnlg-lost-contact-*-test{os.getpid()}"):
         f.unlink()
+
+
+def test_a_quiet_rank_leaves_once_rank_0_has_reported(monkeypatch):
+    """A config error every rank raises: rank 1 (on rank 0's host) stays until rank 0 has printed it, however late
+    (its exit would make the launcher stop rank 0 first); on another host it leaves after a short pause."""
+    import threading
+
+    from mtnlg import cli
+    from mtnlg.errors import JobError
+
+    monkeypatch.setenv("MASTER_PORT", f"test{os.getpid()}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "QUIET_RANK_REMOTE_PAUSE_S", 0.0)
+    marker = Path(cli._marker_path(cli._report_marker(JobError("x"))))
+    try:
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert cli._quiet_rank(JobError("x"))
+        rank0 = threading.Timer(4.0, lambda: cli._first_on_this_host(cli._report_marker(JobError("x"))))
+        t0 = time.monotonic()
+        rank0.start()
+        cli._wait_for_report(JobError("x"))
+        waited = time.monotonic() - t0
+        assert marker.exists() and 4.0 <= waited < 30, waited
+        monkeypatch.setenv("LOCAL_RANK", "0")  # rank 1 is the first rank of the second host
+        marker.unlink()
+        t0 = time.monotonic()
+        cli._wait_for_report(JobError("x"))
+        assert time.monotonic() - t0 < 2 and not marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
