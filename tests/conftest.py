@@ -152,14 +152,15 @@ else:
 
 
 SHM = Path("/dev/shm")
-LOST_CONTACT = "mtnlg-lost-contact-*"  # the CLI's one-report-per-host markers (0 bytes) from fault tests
+# the CLI's report markers (0 bytes, ``cli._marker_path``) of the multi-rank error and fault tests
+REPORT_MARKERS = ("mtnlg-lost-contact-*", "mtnlg-error-reported-*")
 _started = time.time()
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not SHM.is_dir() or hasattr(session.config, "workerinput"):
         return  # a parallel worker: the controlling process cleans up once all of them are done
-    for f in SHM.glob(LOST_CONTACT):
+    for f in (f for pattern in REPORT_MARKERS for f in SHM.glob(pattern)):
         try:
             if f.stat().st_mtime >= _started - 1:
                 f.unlink()
