@@ -315,7 +315,9 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         _log(f"GEMM peak with {threads} threads (sizes {list(opts.peak_sizes)}, {opts.peak_repeats} repeats)")
         peaks = gemm_peaks(sizes=opts.peak_sizes, repeats=opts.peak_repeats)
         torch.set_num_threads(1)
-        peaks_1 = gemm_peaks(sizes=(1024, 2048), repeats=max(3, opts.peak_repeats // 2))
+        # one thread: the sizes up to 2048 from 1024 (a 4096 GEMM on one thread takes long), else the smallest
+        sizes_1 = tuple(n for n in opts.peak_sizes if 1024 <= n <= 2048) or (min(opts.peak_sizes),)
+        peaks_1 = gemm_peaks(sizes=sizes_1, repeats=max(3, opts.peak_repeats // 2))
         torch.set_num_threads(saved)
         peak_of = {"bf16": peaks["bf16"]["best"], "fp32": peaks["fp32"]["best"], "fp16": None}
         peak_1 = {"bf16": peaks_1["bf16"]["best"], "fp32": peaks_1["fp32"]["best"], "fp16": None}
