@@ -1,7 +1,7 @@
 """The test session: an offline environment, the markers (``multirank``, ``multihost``, ``slow``) that make a quick
 inner loop one command, and hygiene.
 
-    bash scripts/test.sh                                            # everything (what CI runs), 3 workers
+    bash scripts/test.sh                                            # everything (what CI runs), 2 workers
     bash scripts/test.sh -m "not multirank and not multihost and not slow"   # the inner loop: one process each
 
 A test is ``multirank`` when it (or a fixture it uses) starts ranks: ``run_distributed``, or a launcher
